@@ -1,0 +1,314 @@
+"""Typed records passed between the pipeline stages.
+
+Data flows one way:
+
+    RunConfig/ServeSpec -> (servers) Endpoint -> (tasks) Item -> (runner) Record
+        -> (scoring) Score -> (compare) TaskComparison/Comparison -> (report) files
+
+Each stage imports the records it consumes and produces from here and never reaches back into
+an earlier stage's module.  Records are plain dataclasses so that they serialise to JSON and SQLite
+without surprises (`to_dict` / `from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+ROLES = ("reference", "candidate")
+Role = Literal["reference", "candidate"]
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON form of `obj` (sorted keys, no whitespace), hex, 16 chars."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+class _Serialisable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------- run spec stage
+
+
+@dataclass(frozen=True)
+class FlagGemsSpec(_Serialisable):
+    """How (and whether) FlagGems is switched on inside a server.
+
+    route: "off"       -- native operators; every known route is switched off positively.
+           "plugin"    -- our own vLLM general plugin calls flag_gems.enable()/only_enable().
+           "fl"        -- vllm-plugin-FL (VLLM_PLUGINS=fl, USE_FLAGGEMS=1).
+           "flagscale" -- FlagScale's patched vLLM (USE_FLAGGEMS=1).
+           "embedded"  -- the embedded server's `--ops flaggems`.
+    """
+
+    route: str = "off"
+    include: tuple[str, ...] = ()  # only_enable(include=...) when non-empty
+    exclude: tuple[str, ...] = ()  # enable(unused=...)
+    record: bool = True  # write a per-process op log
+
+
+@dataclass(frozen=True)
+class ServeSpec(_Serialisable):
+    """One backend: what to start (or where to find it) and how to talk to it."""
+
+    name: str  # human label, e.g. "native-cuda" or "flaggems"
+    engine: str  # embedded | vllm | flagscale | external | stub
+    model: str = ""  # local path / hub id; "" = the engine's default model
+    served_model_name: str = ""  # "" = derived from the model
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port at start
+    base_url: str = ""  # external engine: http://host:port/v1
+    api_key: str = "EMPTY"
+    dtype: str = "auto"
+    device: str = "auto"
+    ops: str = "aten"  # aten | flaggems (the operator stack, as the report shows it)
+    flaggems: FlagGemsSpec = field(default_factory=FlagGemsSpec)
+    args: tuple[str, ...] = ()  # extra engine flags passed through verbatim
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables
+    gpu_memory_utilization: float = 0.0  # 0 = engine default
+    cuda_visible_devices: str = ""
+    startup_timeout_s: float = 900.0
+    warmup: bool = True
+    max_restarts: int = 2
+    source: str = ""  # the file this spec came from, for error messages
+
+
+@dataclass(frozen=True)
+class GenParams(_Serialisable):
+    """Sampling parameters sent with every request of a task (identical for both backends)."""
+
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    max_tokens: int = 512
+    seed: Optional[int] = 0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    stream: bool = True
+    extra_body: tuple[tuple[str, Any], ...] = ()  # e.g. (("chat_template_kwargs", {...}),)
+
+    def request_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `client.chat.completions.create` (model/messages excluded)."""
+        kw: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.top_p is not None:
+            kw["top_p"] = self.top_p
+        if self.seed is not None:
+            kw["seed"] = self.seed
+        if self.stop:
+            kw["stop"] = list(self.stop)
+        if self.logprobs:
+            kw["logprobs"] = True
+            if self.top_logprobs:
+                kw["top_logprobs"] = self.top_logprobs
+        if self.extra_body:
+            kw["extra_body"] = dict(self.extra_body)
+        return kw
+
+
+# --------------------------------------------------------------------------- server stage
+
+
+@dataclass(frozen=True)
+class Endpoint(_Serialisable):
+    """A live OpenAI-compatible server, as the runner sees it."""
+
+    role: str  # reference | candidate
+    label: str  # ServeSpec.name
+    base_url: str  # ends in /v1
+    model: str  # served model name
+    api_key: str = "EMPTY"
+    server_version: str = ""
+
+    def identity(self) -> str:
+        """Part of every cache key: two endpoints never share an answer."""
+        return stable_hash([self.role, self.base_url, self.model, self.server_version])
+
+
+@dataclass
+class ServerEvidence(_Serialisable):
+    """What a started server proved about itself; goes into the run manifest and the report."""
+
+    role: str
+    spec: dict[str, Any]
+    command: list[str] = field(default_factory=list)
+    env_switches: dict[str, str] = field(default_factory=dict)
+    version: dict[str, Any] = field(default_factory=dict)  # GET /version
+    models: list[str] = field(default_factory=list)  # GET /v1/models ids
+    packages: dict[str, str] = field(default_factory=dict)  # seen inside the server process
+    gpu: str = ""
+    ops_registered: list[str] = field(default_factory=list)
+    ops_called: list[str] = field(default_factory=list)
+    startup_s: float = 0.0
+    warmup_s: float = 0.0
+    log_path: str = ""
+    restarts: int = 0
+
+
+# --------------------------------------------------------------------------- task stage
+
+
+@dataclass(frozen=True)
+class Item(_Serialisable):
+    """One benchmark question, ready to send.
+
+    `messages` are OpenAI chat messages; image parts hold data URLs.  Loaders yield items one at a
+    time so a 10k-item multimodal task never sits in memory at once.
+    """
+
+    task: str
+    item_id: str
+    messages: list[dict[str, Any]]
+    gold: Any
+    meta: dict[str, Any] = field(default_factory=dict)  # subject, question_type, options, ...
+
+    def prompt_hash(self) -> str:
+        return stable_hash(self.messages)
+
+
+# --------------------------------------------------------------------------- runner / store stage
+
+ErrorKind = Literal["", "timeout", "connection", "http_4xx", "http_5xx", "rate_limit", "malformed", "stream_cut"]
+
+
+@dataclass
+class Record(_Serialisable):
+    """One finished request (successful or failed), as stored durably by the runner."""
+
+    run_id: str
+    role: str
+    endpoint_id: str  # Endpoint.identity()
+    task: str
+    item_id: str
+    prompt_hash: str
+    params: dict[str, Any]  # GenParams.to_dict()
+    response_text: str = ""
+    reasoning_content: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: Optional[list[dict[str, Any]]] = None  # [{token, logprob, top_logprobs:[{token, logprob}]}]
+    latency_s: float = 0.0  # end-to-end
+    ttft_s: Optional[float] = None
+    itl_s: list[float] = field(default_factory=list)  # gaps between content chunks (streaming)
+    attempts: int = 1
+    error: str = ""  # non-empty = infrastructure failure, never a model answer
+    error_kind: str = ""
+    started_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def cache_key(self) -> str:
+        return stable_hash([self.endpoint_id, self.task, self.item_id, self.prompt_hash, self.params])
+
+
+# --------------------------------------------------------------------------- scoring stage
+
+Outcome = Literal["correct", "wrong", "partial", "unparsed", "error"]
+
+
+@dataclass(frozen=True)
+class ScoreResult(_Serialisable):
+    """What a scorer function returns for one response.
+
+    value:     the item's score in [0, 1] (binary tasks use exactly 0.0 / 1.0)
+    extracted: the answer the scorer read out of the response ("" when nothing could be read)
+    parsed:    False when no answer could be extracted -> outcome "unparsed", value 0
+    """
+
+    value: float
+    extracted: str = ""
+    parsed: bool = True
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Score(_Serialisable):
+    """A scored record: the unit the comparison stage pairs across backends."""
+
+    role: str
+    task: str
+    item_id: str
+    value: float
+    outcome: str  # Outcome
+    extracted: str = ""
+    gold: str = ""
+    response_text: str = ""
+    finish_reason: str = ""
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    ttft_s: Optional[float] = None
+    error: str = ""
+    group: str = ""  # sub-category for per-group breakdowns (subject, LiveBench category, ...)
+
+
+# --------------------------------------------------------------------------- comparison stage
+
+
+@dataclass
+class Interval(_Serialisable):
+    low: float
+    high: float
+
+
+@dataclass
+class TaskComparison(_Serialisable):
+    """Paired statistics of one benchmark row.  Scores and deltas are in points (0-100)."""
+
+    task: str
+    title: str  # row name as in the model card
+    n: int
+    binary: bool
+    reference_score: float
+    candidate_score: float
+    reference_ci: Interval
+    candidate_ci: Interval
+    delta: float  # candidate - reference
+    delta_ci: Interval  # paired 95 %
+    delta_ci90: Interval  # for TOST
+    p_value: float  # McNemar exact (binary) or paired permutation/bootstrap (graded)
+    p_holm: float
+    flips_ref_only: int  # reference right, candidate wrong
+    flips_cand_only: int
+    answer_agreement: float  # extracted answers equal, fraction
+    output_agreement: float  # response texts identical, fraction
+    mde: float  # minimum detectable effect, points
+    equivalent: bool  # TOST at margin
+    within_release_gate: bool  # drop <= release_gate points
+    verdict: str  # consistent | inconclusive | regression | improvement
+    errors_reference: int = 0
+    errors_candidate: int = 0
+    unparsed_reference: int = 0
+    unparsed_candidate: int = 0
+    divergence: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class PerfSummary(_Serialisable):
+    """Per-backend latency/throughput with `vllm bench serve` definitions."""
+
+    role: str
+    requests: int
+    duration_s: float
+    ttft_ms_p50: Optional[float] = None
+    ttft_ms_p99: Optional[float] = None
+    tpot_ms_p50: Optional[float] = None
+    tpot_ms_p99: Optional[float] = None
+    itl_ms_p50: Optional[float] = None
+    itl_ms_p99: Optional[float] = None
+    e2el_ms_p50: Optional[float] = None
+    e2el_ms_p99: Optional[float] = None
+    output_tok_s: float = 0.0
+    request_s: float = 0.0
