@@ -128,10 +128,13 @@ class Endpoint(_Serialisable):
     model: str  # served model name
     api_key: str = "EMPTY"
     server_version: str = ""
+    # Hash of the serve spec for managed servers, whose port changes at every start; a rerun after a
+    # crash must find its answers again, so the identity rests on what was started, not where.
+    spec_id: str = ""
 
     def identity(self) -> str:
         """Part of every cache key: two endpoints never share an answer."""
-        return stable_hash([self.role, self.base_url, self.model, self.server_version])
+        return stable_hash([self.role, self.spec_id or self.base_url, self.model, self.server_version])
 
 
 @dataclass

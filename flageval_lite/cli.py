@@ -1,0 +1,123 @@
+"""Command line: `flageval-lite run | compare | report | tasks`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="start both backends, run the tasks, compare and write the report")
+    p.add_argument("--config", help="run config YAML (default: embedded reference vs candidate)")
+    p.add_argument("--suite", help="task suite: demo, omni, vision, text")
+    p.add_argument("--tasks", help="comma-separated task names (instead of a suite)")
+    p.add_argument("--limit", type=int, help="deterministic subset of N items per task")
+    p.add_argument("--reference", help="serve spec name or path for the reference backend")
+    p.add_argument("--candidate", help="serve spec name or path for the candidate backend")
+    p.add_argument("--placement", choices=["sequential", "concurrent"])
+    p.add_argument("--concurrency", type=int, help="requests in flight per backend")
+    p.add_argument("--margin", type=float, help="equivalence margin in points (TOST)")
+    p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
+    p.add_argument("--noise-floor", action="store_true", default=None, help="also run an A/A repeat of the reference")
+    p.add_argument("--run-id", help="resume or name a run (runs/<run-id>)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--gate", action="store_true", help="exit with the verdict's code (0 consistent, 1 regression, 3 inconclusive)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (CI, logs)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .pipeline import Pipeline
+
+    config = load_run_config(args.config, suite=args.suite, tasks=args.tasks, limit=args.limit,
+                             reference=args.reference, candidate=args.candidate, placement=args.placement,
+                             concurrency=args.concurrency, margin=args.margin, data_dir=args.data_dir,
+                             noise_floor=args.noise_floor)
+    result = Pipeline(config, run_id=args.run_id, runs_root=Path(args.runs_dir),
+                      reports_root=Path(args.reports_dir), quiet=args.quiet).run()
+    return _print_result(result, args.gate)
+
+
+def _print_result(result, gate: bool) -> int:
+    print(f"verdict: {result.verdict}")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    return result.exit_code if gate else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import rerender
+
+    return _print_result(rerender(args.run, Path(args.runs_dir), Path(args.reports_dir)), args.gate)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .pipeline import compare_stored_runs
+
+    result = compare_stored_runs(args.run_a, args.run_b, role_a=args.role_a, role_b=args.role_b,
+                                 runs_root=Path(args.runs_dir), reports_root=Path(args.reports_dir),
+                                 margin=args.margin)
+    return _print_result(result, args.gate)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import list_tasks
+
+    rows = list_tasks()
+    headers = ["name", "title", "modality", "scorer", "suites", "items"]
+    table = [[str(r.get(h, "") if not isinstance(r.get(h), (list, tuple)) else ",".join(r[h])) for h in headers]
+             for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flageval-lite", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    p = sub.add_parser("report", help="re-render the report of a stored run without re-running it")
+    p.add_argument("run", help="run id or run directory")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--gate", action="store_true")
+    p = sub.add_parser("compare", help="compare two stored runs (RUN_A's role A against RUN_B's role B)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--role-a", default="reference")
+    p.add_argument("--role-b", default="candidate")
+    p.add_argument("--margin", type=float, default=1.0)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--gate", action="store_true")
+    sub.add_parser("tasks", help="list tasks and suites")
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished answers are stored; rerun with the same --run-id to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Run configuration: which two backends, which tasks, and how to judge them.
+
+A run config is a YAML file (see `serve/compare.yaml`); every field has a default, so
+`flageval-lite run --suite demo` works with none.  Backends are serve-spec names (files under
+`serve/`), paths, or a list of names of which the first one that can run on this machine is used.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+from .records import ServeSpec
+from .servers.spec import load_serve_spec
+
+DEFAULT_REFERENCE = "embedded_fp32"
+# On a CUDA machine with FlagGems the candidate is the FlagGems stack; on CPU, bfloat16 stands in.
+DEFAULT_CANDIDATE = ("embedded_flaggems", "embedded_bf16")
+PLACEMENTS = ("sequential", "concurrent")
+
+
+@dataclass
+class PerfConfig:
+    """A fixed synthetic load (vLLM `bench serve` style) run against each backend, one at a time."""
+
+    enabled: bool = False
+    concurrency: tuple[int, ...] = (1, 8)
+    requests: int = 32
+    prompt_words: int = 128
+    output_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    reference: ServeSpec
+    candidate: ServeSpec
+    suite: str = "demo"
+    tasks: tuple[str, ...] = ()
+    limit: Optional[int] = None
+    placement: str = "sequential"
+    allow_fallback: bool = True
+    concurrency: int = 8
+    request_timeout_s: float = 600.0
+    max_attempts: int = 4
+    interleave: bool = True
+    margin: float = 1.0
+    release_gate: float = 5.0
+    data_dir: str = ""
+    max_image_pixels: Optional[int] = None
+    judge: dict[str, Any] = field(default_factory=dict)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
+    source: str = ""
+
+
+def cuda_with_flaggems() -> bool:
+    """True when this machine can run FlagGems (a CUDA device and the flag_gems package)."""
+    if importlib.util.find_spec("flag_gems") is None or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def runnable_here(spec: ServeSpec) -> bool:
+    if spec.engine == "embedded" and spec.ops == "flaggems":
+        return cuda_with_flaggems()
+    return True
+
+
+def resolve_backend(value: Any, path: str, field_name: str) -> ServeSpec:
+    """A spec name/path, an inline mapping, or a list of alternatives (first runnable one wins)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(path, field_name, "empty list of serve specs")
+        specs = [resolve_backend(v, path, field_name) for v in value]
+        for spec in specs:
+            if runnable_here(spec):
+                return spec
+        raise ConfigError(path, field_name, f"none of {[s.name for s in specs]} can run on this machine")
+    if isinstance(value, str):
+        return load_serve_spec(value)
+    if isinstance(value, dict):
+        return load_serve_spec(value, source=f"{path}:{field_name}")
+    raise ConfigError(path, field_name, f"expected a serve spec name, path or mapping, got {type(value).__name__}")
+
+
+def _check_type(path: str, name: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    if not isinstance(value, expected) or isinstance(value, bool) and expected in (int, float, (int, float)):
+        want = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
+        raise ConfigError(path, name, f"expected {want}, got {value!r}")
+
+
+def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Read a run config file (or the defaults) and apply command-line overrides (None = keep)."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, "", "no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else ""
+            raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(source, "", "expected a mapping at the top level")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+
+    known = {f.name for f in fields(RunConfig)} - {"source"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(source, key, f"unknown field (known: {', '.join(sorted(known))})")
+
+    reference = resolve_backend(raw.pop("reference", DEFAULT_REFERENCE), source, "reference")
+    candidate = resolve_backend(raw.pop("candidate", list(DEFAULT_CANDIDATE)), source, "candidate")
+
+    perf_raw = raw.pop("perf", {}) or {}
+    if not isinstance(perf_raw, dict):
+        raise ConfigError(source, "perf", "expected a mapping")
+    perf_known = {f.name for f in fields(PerfConfig)}
+    for key in perf_raw:
+        if key not in perf_known:
+            raise ConfigError(source, f"perf.{key}", f"unknown field (known: {', '.join(sorted(perf_known))})")
+    if "concurrency" in perf_raw:
+        perf_raw["concurrency"] = tuple(int(c) for c in perf_raw["concurrency"])
+    perf = PerfConfig(**perf_raw)
+
+    if isinstance(raw.get("tasks"), str):
+        raw["tasks"] = tuple(t for t in raw["tasks"].split(",") if t)
+    if "tasks" in raw:
+        raw["tasks"] = tuple(raw["tasks"])
+    types = {"suite": str, "limit": int, "placement": str, "allow_fallback": bool, "concurrency": int,
+             "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
+             "margin": (int, float), "release_gate": (int, float), "data_dir": str,
+             "max_image_pixels": int, "judge": dict, "noise_floor": bool}
+    for key, expected in types.items():
+        if raw.get(key) is not None:
+            _check_type(source, key, raw[key], expected)
+    if raw.get("placement", "sequential") not in PLACEMENTS:
+        raise ConfigError(source, "placement", f"must be one of {', '.join(PLACEMENTS)}")
+    if raw.get("limit") is not None and raw["limit"] < 1:
+        raise ConfigError(source, "limit", "must be at least 1")
+    return RunConfig(reference=reference, candidate=candidate, perf=perf, source=source, **raw)

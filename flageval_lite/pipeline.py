@@ -1,0 +1,301 @@
+"""The whole run: config -> servers -> requests -> records -> scores -> comparison -> report.
+
+Each step only consumes what the previous one stored, so a run can be resumed (`--run-id`), its
+report re-rendered (`report RUN`) or two stored runs compared (`compare RUN_A RUN_B`) without
+touching a server.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from . import __version__
+from .compare import compare_run, compare_task
+from .config import RunConfig
+from .errors import UserError
+from .records import Endpoint, GenParams, Item, ServeSpec, stable_hash
+from .report import render_report
+from .runner import Job, Runner
+from .scoring import score_task
+from .servers.evidence import check_candidate
+from .servers.lifecycle import ServerGroup
+from .servers.placement import plan_placement
+from .store import Store
+from .tasks import iter_items, load_suite, load_task
+
+log = logging.getLogger(__name__)
+
+AA_ROLE = "reference_repeat"  # the reference asked again, for the A/A noise floor
+PERF_TASK_PREFIX = "perf@c"
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    report_dir: Path
+    files: dict[str, Path]
+    verdict: str
+    exit_code: int
+
+
+def new_run_id(suite: str) -> str:
+    return f"{suite}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def select_tasks(config: RunConfig) -> list[Any]:
+    return [load_task(t) for t in config.tasks] if config.tasks else load_suite(config.suite)
+
+
+def task_params(spec: Any) -> GenParams:
+    return spec.generation if isinstance(spec.generation, GenParams) else GenParams(**(spec.generation or {}))
+
+
+def spec_identity(spec: ServeSpec) -> str:
+    """What was started, minus where and how patiently: stable across restarts on new ports."""
+    keep = spec.to_dict()
+    for volatile in ("port", "startup_timeout_s", "warmup", "max_restarts", "source", "name"):
+        keep.pop(volatile, None)
+    return stable_hash(keep)
+
+
+def perf_items(config: RunConfig, concurrency: int) -> Iterator[Item]:
+    """Fixed-length synthetic prompts: the same load for both backends."""
+    words = " ".join(f"w{i % 97}" for i in range(config.perf.prompt_words))
+    for i in range(config.perf.requests):
+        text = f"Request {i}. Repeat these words back, then keep counting upwards: {words}"
+        yield Item(task=f"{PERF_TASK_PREFIX}{concurrency}", item_id=f"p{i}",
+                   messages=[{"role": "user", "content": text}], gold=None)
+
+
+class Pipeline:
+    def __init__(self, config: RunConfig, run_id: Optional[str] = None, runs_root: Path = Path("runs"),
+                 reports_root: Path = Path("reports"), quiet: bool = False):
+        self.config = config
+        self.tasks = select_tasks(config)
+        self.run_id = run_id or new_run_id(config.suite if not config.tasks else "tasks")
+        self.run_dir = runs_root / self.run_id
+        self.report_dir = reports_root / self.run_id
+        self.quiet = quiet
+
+    # ----------------------------------------------------------------- stages
+
+    def preflight(self) -> None:
+        """Fail before any server starts: every task must yield its first item."""
+        for spec in self.tasks:
+            next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
+                                 max_image_pixels=self.config.max_image_pixels)), None)
+
+    def items(self, spec: Any) -> Iterator[Item]:
+        return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,
+                          max_image_pixels=self.config.max_image_pixels)
+
+    def jobs_for(self, endpoint: Endpoint) -> list[Job]:
+        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec), params=task_params(spec))
+                for spec in self.tasks]
+
+    def run(self) -> RunResult:
+        self.preflight()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(self.run_dir / "results.sqlite")
+        try:
+            self.write_manifest(store)
+            self.serve_and_ask(store)
+            self.score(store)
+            return self.report(store)
+        finally:
+            store.close()
+
+    def write_manifest(self, store: Store) -> None:
+        cfg = self.config
+        store.set_meta("config", {
+            "run_id": self.run_id, "suite": cfg.suite, "tasks": [t.name for t in self.tasks], "limit": cfg.limit,
+            "placement": cfg.placement, "margin": cfg.margin, "release_gate": cfg.release_gate,
+            "concurrency": cfg.concurrency, "noise_floor": cfg.noise_floor, "source": cfg.source,
+            "flageval_lite": __version__, "host": platform.node(), "python": platform.python_version(),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        })
+        store.set_meta("specs", {"reference": cfg.reference.to_dict(), "candidate": cfg.candidate.to_dict()})
+        store.set_meta("task_specs", {t.name: {"title": t.title, "scorer": t.scorer,
+                                               "scorer_args": dict(t.scorer_args or {}),
+                                               "metric": t.metric, "group_by": t.group_by or ""}
+                                      for t in self.tasks})
+
+    def serve_and_ask(self, store: Store) -> None:
+        cfg = self.config
+        placement = plan_placement(cfg.reference, cfg.candidate, cfg.placement,
+                                   allow_fallback=cfg.allow_fallback)
+        store.set_meta("placement", dataclasses.asdict(placement))
+        runner = Runner(store, self.run_id, concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
+                        max_attempts=cfg.max_attempts, progress=not self.quiet)
+        evidence: dict[str, Any] = {}
+        specs = {"reference": placement.apply(cfg.reference, "reference"),
+                 "candidate": placement.apply(cfg.candidate, "candidate")}
+
+        def endpoint_of(server: Any, spec: ServeSpec) -> Endpoint:
+            return dataclasses.replace(server.endpoint, spec_id=spec_identity(spec))
+
+        with ServerGroup(self.run_dir) as group:
+            if placement.mode == "concurrent":
+                servers = {role: group.start(specs[role], role) for role in ("reference", "candidate")}
+                endpoints = {role: endpoint_of(s, specs[role]) for role, s in servers.items()}
+                runner.supervisors = {role: servers[role] for role in servers}
+                jobs = self.jobs_for(endpoints["reference"]) + self.jobs_for(endpoints["candidate"])
+                asyncio.run(runner.run_jobs(jobs, interleave=cfg.interleave))
+                self.after_main(runner, endpoints, store)
+                evidence = {role: s.evidence for role, s in servers.items()}
+            else:
+                for role in ("reference", "candidate"):
+                    server = group.start(specs[role], role)
+                    endpoint = endpoint_of(server, specs[role])
+                    runner.supervisors = {role: server}
+                    asyncio.run(runner.run_jobs(self.jobs_for(endpoint)))
+                    self.after_main(runner, {role: endpoint}, store)
+                    evidence[role] = server.evidence
+                    group.stop(server)
+        store.set_meta("servers", {role: ev.to_dict() for role, ev in evidence.items()})
+        check_candidate(evidence["candidate"], specs["candidate"])
+
+    def after_main(self, runner: Runner, endpoints: dict[str, Endpoint], store: Store) -> None:
+        """A/A repeat of the reference and the perf sweep, one backend at a time."""
+        cfg = self.config
+        if cfg.noise_floor and "reference" in endpoints:
+            repeat = dataclasses.replace(endpoints["reference"], role=AA_ROLE)
+            # Reverse order and another concurrency: a different batch composition on the same stack.
+            jobs = [Job(endpoint=repeat, task=spec.name, items=reversed(list(self.items(spec))),
+                        params=task_params(spec)) for spec in self.tasks]
+            runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
+            asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))
+        if cfg.perf.enabled:
+            params = GenParams(max_tokens=cfg.perf.output_tokens, stream=True,
+                               extra_body=(("ignore_eos", True),))
+            for endpoint in endpoints.values():
+                for level in cfg.perf.concurrency:
+                    job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}",
+                              items=perf_items(cfg, level), params=params)
+                    asyncio.run(runner.run_jobs([job], concurrency=level))
+
+    def score(self, store: Store) -> None:
+        score_run(store, self.run_id, self.config.judge)
+
+    def report(self, store: Store) -> RunResult:
+        return render_run(store, self.run_id, self.run_dir, self.report_dir)
+
+
+# --------------------------------------------------------------------------- stored-run helpers
+
+
+def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] = None) -> None:
+    task_specs = store.get_meta("task_specs", {})
+    judge = None
+    for name, spec in task_specs.items():
+        items = {it["item_id"]: it for it in store.items(run_id, task=name)}
+        args = dict(spec.get("scorer_args") or {})
+        if spec["scorer"] == "mmvet_judge":
+            judge = judge or make_judge(judge_config, store)
+            args["judge"] = judge
+        roles = sorted({r.role for r in store.records(run_id, task=name)})
+        for role in roles:
+            scores = score_task(store.records(run_id, role=role, task=name), items, spec["scorer"], args,
+                                spec.get("group_by", ""))
+            store.put_scores(run_id, scores)
+
+
+def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
+    from .scorers.judge import JudgeClient
+
+    if not judge_config or not judge_config.get("base_url"):
+        raise UserError("MM-Vet v2 needs an LLM judge: set `judge: {base_url: ..., model: ...}` in the run config")
+    return JudgeClient(cache_path=Path(store.path).parent / "judge.sqlite", **judge_config)
+
+
+def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str]) -> list[dict[str, Any]]:
+    """Pair the scores of (store, run_id, role) A as reference with those of B as candidate, per task of A."""
+    store_a, run_a, role_a = side_a
+    store_b, run_b, role_b = side_b
+    out = []
+    for name, spec in store_a.get_meta("task_specs", {}).items():
+        items = {it["item_id"]: it for it in store_a.items(run_a, task=name)}
+        out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
+                    "reference": store_a.scores(run_a, role=role_a, task=name),
+                    "candidate": store_b.scores(run_b, role=role_b, task=name),
+                    "items": items})
+    return out
+
+
+def perf_samples(store: Store, run_id: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """role -> perf task -> timing samples of the synthetic load."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rec in store.records(run_id):
+        if rec.task.startswith(PERF_TASK_PREFIX):
+            out.setdefault(rec.role, {}).setdefault(rec.task, []).append(
+                {"started_at": rec.started_at, "latency_s": rec.latency_s, "ttft_s": rec.ttft_s,
+                 "itl_s": rec.itl_s, "completion_tokens": rec.completion_tokens, "error": rec.error})
+    return out
+
+
+def build_comparison(store: Store, run_id: str, margin: float, release_gate: float) -> Any:
+    noise = None
+    if store.scores(run_id, role=AA_ROLE):
+        noise = compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, AA_ROLE)),
+                            margin=margin, release_gate=release_gate)
+    return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate")),
+                       margin=margin, release_gate=release_gate, perf=perf_samples(store, run_id),
+                       noise_floor=noise)
+
+
+def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:
+    config = store.get_meta("config", {})
+    comparison = build_comparison(store, run_id, config.get("margin", 1.0), config.get("release_gate", 5.0))
+    manifest = {"run_id": run_id, "config": config, "specs": store.get_meta("specs", {}),
+                "servers": store.get_meta("servers", {}), "placement": store.get_meta("placement", {}),
+                "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    files = render_report(comparison, manifest, report_dir)
+    return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)
+
+
+def open_run(run: str, runs_root: Path = Path("runs")) -> tuple[Store, str, Path]:
+    run_dir = Path(run) if Path(run).is_dir() else runs_root / run
+    db = run_dir / "results.sqlite"
+    if not db.is_file():
+        raise UserError(f"{run}: no stored run (looked for {db})")
+    return Store(db), run_dir.name, run_dir
+
+
+def rerender(run: str, runs_root: Path = Path("runs"), reports_root: Path = Path("reports")) -> RunResult:
+    store, run_id, run_dir = open_run(run, runs_root)
+    try:
+        return render_run(store, run_id, run_dir, reports_root / run_id)
+    finally:
+        store.close()
+
+
+def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_b: str = "candidate",
+                        runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
+                        margin: float = 1.0, release_gate: float = 5.0) -> RunResult:
+    """Compare role A of one stored run with role B of another (e.g. two single-stack runs)."""
+    store_a, id_a, dir_a = open_run(run_a, runs_root)
+    store_b, id_b, _ = open_run(run_b, runs_root)
+    try:
+        if not store_b.scores(id_b, role=role_b):
+            raise UserError(f"{run_b}: no scores for role {role_b!r}")
+        comparison = compare_run(comparison_inputs((store_a, id_a, role_a), (store_b, id_b, role_b)),
+                                 margin=margin, release_gate=release_gate)
+        specs_a, specs_b = store_a.get_meta("specs", {}), store_b.get_meta("specs", {})
+        servers_a, servers_b = store_a.get_meta("servers", {}), store_b.get_meta("servers", {})
+        run_id = f"{id_a}__vs__{id_b}"
+        manifest = {"run_id": run_id, "config": {**store_a.get_meta("config", {}), "compared": [run_a, run_b]},
+                    "specs": {"reference": specs_a.get(role_a, {}), "candidate": specs_b.get(role_b, {})},
+                    "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})}}
+        files = render_report(comparison, manifest, reports_root / run_id)
+        return RunResult(run_id, dir_a, reports_root / run_id, files, comparison.verdict, comparison.exit_code)
+    finally:
+        store_a.close()
+        store_b.close()
