@@ -37,7 +37,6 @@ class FlipRow:
     label: str
     lost: int  # reference right, candidate wrong
     gained: int  # candidate right, reference wrong
-    n: int
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _fmt(value: float) -> str:
     return f"{value:+.2f}" if value else "0.00"
 
 
-def _nice_step(span: float, ticks: int = 6) -> float:
+def _nice_step(span: float, ticks: int = 10) -> float:
     raw = span / ticks
     magnitude = 10 ** math.floor(math.log10(raw))
     for factor in (1, 2, 2.5, 5, 10):
@@ -123,7 +122,7 @@ def forest_plot(rows: Sequence[ForestRow], margin: float, release_gate: Optional
         body.append(
             f'<rect x="{x(row.delta) - 5:.1f}" y="{cy - 5:.1f}" width="10" height="10" fill="{colour}"/>'
             f'<text x="{label_w + plot_w + 8}" y="{cy + 4:.1f}" fill="{colour}">'
-            f"{_fmt(row.delta)} [{row.low:.2f}, {row.high:.2f}]</text>"
+            f"{_fmt(row.delta)} [{_fmt(row.low)}, {_fmt(row.high)}]</text>"
         )
     legend_y = plot_bottom + 34
     body.append(

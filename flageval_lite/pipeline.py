@@ -225,6 +225,8 @@ def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, 
         out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
                     "reference": store_a.scores(run_a, role=role_a, task=name),
                     "candidate": store_b.scores(run_b, role=role_b, task=name),
+                    "records": {"reference": list(store_a.records(run_a, role=role_a, task=name)),
+                                "candidate": list(store_b.records(run_b, role=role_b, task=name))},
                     "items": items})
     return out
 

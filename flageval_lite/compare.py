@@ -1,0 +1,473 @@
+"""Compare stage: the Scores of both backends -> paired statistics per task and one verdict per run.
+
+Items are paired by `item_id`.  An item scored on one side only is listed and left out of every
+paired number.  Infrastructure errors count as score 0 (the user saw no answer) and are also counted
+on their own; unparsed answers are scored 0 by the scorer and counted on their own.
+
+Scores and deltas are in points (proportion × 100).  Two headline metrics exist:
+
+* ``accuracy``  -- the mean of the per-item values.
+* ``livebench`` -- LiveBench's headline: the mean of the category means of the task means, where
+  ``Score.group`` is ``"category/task"`` (a group without ``/`` is a category with one task).  The
+  paired statistics run on per-item values rescaled by that weighting (value × n × weight, weights
+  summing to 1), so the mean of the rescaled values is exactly the headline and Δ, its intervals and
+  p-values describe the headline.  The approximation: the weights are held at their observed values
+  and not resampled, which ignores the (small) variance of the cell sizes themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from . import divergence, perf, stats
+from .errors import UserError
+from .records import Interval, PerfSummary, Record, Score, TaskComparison
+
+METRICS = ("accuracy", "livebench")
+DRILLDOWN_LIMIT = 50
+# Long reasoning outputs keep their head and their tail (where the final answer sits) in the drill-down.
+DRILLDOWN_TEXT_CHARS = 16_000
+
+
+@dataclass
+class PairedTaskComparison(TaskComparison):
+    """TaskComparison plus what the report needs to explain the pairing."""
+
+    metric: str = "accuracy"
+    only_reference: list[str] = field(default_factory=list)  # item ids scored on the reference only
+    only_candidate: list[str] = field(default_factory=list)
+    excluded_errors: int = 0  # pairs dropped because errors were not counted as 0
+    answer_disagreements: int = 0  # pairs whose extracted answers or outcomes differ
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PairedTaskComparison":
+        obj = super().from_dict(data)
+        for name in ("reference_ci", "candidate_ci", "delta_ci", "delta_ci90"):
+            value = getattr(obj, name)
+            if isinstance(value, dict):
+                setattr(obj, name, Interval(**value))
+        return obj
+
+
+@dataclass
+class DrillItem:
+    """One disagreeing item, with everything a reader needs to judge it by eye."""
+
+    task: str
+    item_id: str
+    kind: str  # "flip" (outcome/value differs) | "answer" (same credit, different extracted answer)
+    prompt: str
+    images: list[str]  # data: URLs of thumbnails
+    gold: str
+    reference_response: str
+    candidate_response: str
+    reference_extracted: str
+    candidate_extracted: str
+    reference_outcome: str
+    candidate_outcome: str
+    reference_value: float
+    candidate_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Comparison:
+    """A whole A/B run: task rows in card order, perf, drill-down, and the optional A/A noise floor."""
+
+    tasks: list[PairedTaskComparison]
+    verdict: str
+    exit_code: int
+    margin: float
+    release_gate: float
+    alpha: float = 0.05
+    perf: dict[str, dict[str, PerfSummary]] = field(default_factory=dict)  # load -> role -> summary
+    perf_ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # load -> perf.perf_ratios(...)
+    perf_gate: float = 0.8
+    drilldown: dict[str, list[DrillItem]] = field(default_factory=dict)  # task -> items
+    noise_floor: Optional["Comparison"] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def divergence(self) -> dict[str, dict[str, Any]]:
+        return {t.task: t.divergence for t in self.tasks}
+
+    def task(self, name: str) -> PairedTaskComparison:
+        for row in self.tasks:
+            if row.task == name:
+                return row
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": [t.to_dict() for t in self.tasks],
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "margin": self.margin,
+            "release_gate": self.release_gate,
+            "alpha": self.alpha,
+            "perf": {load: {role: s.to_dict() for role, s in roles.items()} for load, roles in self.perf.items()},
+            "perf_ratios": self.perf_ratios,
+            "perf_gate": self.perf_gate,
+            "drilldown": {task: [d.to_dict() for d in items] for task, items in self.drilldown.items()},
+            "noise_floor": self.noise_floor.to_dict() if self.noise_floor else None,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Comparison":
+        """Inverse of `to_dict`, so a report can be re-rendered from summary.json alone."""
+        return cls(
+            tasks=[PairedTaskComparison.from_dict(t) for t in data["tasks"]],
+            verdict=data["verdict"],
+            exit_code=data["exit_code"],
+            margin=data["margin"],
+            release_gate=data["release_gate"],
+            alpha=data.get("alpha", 0.05),
+            perf={load: {role: PerfSummary.from_dict(s) for role, s in roles.items()}
+                  for load, roles in (data.get("perf") or {}).items()},
+            perf_ratios=data.get("perf_ratios") or {},
+            perf_gate=data.get("perf_gate", 0.8),
+            drilldown={task: [DrillItem(**d) for d in items] for task, items in (data.get("drilldown") or {}).items()},
+            noise_floor=cls.from_dict(data["noise_floor"]) if data.get("noise_floor") else None,
+            warnings=list(data.get("warnings") or []),
+        )
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+@dataclass
+class _Pair:
+    item_id: str
+    reference: Score
+    candidate: Score
+
+
+def _index(task: str, role: str, scores: Iterable[Score]) -> dict[str, Score]:
+    out: dict[str, Score] = {}
+    for score in scores:
+        if score.task != task:
+            raise UserError(f"task {task}: {role} score for item {score.item_id} belongs to task {score.task!r}")
+        if score.item_id in out:
+            raise UserError(f"task {task}: item {score.item_id} is scored twice on the {role}")
+        if not 0.0 <= score.value <= 1.0:
+            raise UserError(f"task {task}: {role} item {score.item_id} has value {score.value} outside [0, 1]")
+        out[score.item_id] = score
+    return out
+
+
+def _pair(task: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score]):
+    ref, cand = _index(task, "reference", ref_scores), _index(task, "candidate", cand_scores)
+    pairs = [_Pair(item_id, ref[item_id], cand[item_id]) for item_id in ref if item_id in cand]
+    only_ref = [item_id for item_id in ref if item_id not in cand]
+    only_cand = [item_id for item_id in cand if item_id not in ref]
+    return pairs, only_ref, only_cand, ref, cand
+
+
+def _value(score: Score, errors_as_zero: bool) -> float:
+    return 0.0 if score.outcome == "error" and errors_as_zero else score.value
+
+
+def _disagree_kind(pair: _Pair) -> str:
+    """"flip" when the credit differs, "answer" when only the extracted answer does, else ""."""
+    ref, cand = pair.reference, pair.candidate
+    if ref.value != cand.value or (ref.outcome == "error") != (cand.outcome == "error"):
+        return "flip"
+    if ref.extracted != cand.extracted or ref.outcome != cand.outcome:
+        return "answer"
+    return ""
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _livebench_cell(group: str) -> tuple[str, str]:
+    category, _, task = group.partition("/")
+    return category, task or category
+
+
+def livebench_weights(groups: Sequence[str]) -> list[float]:
+    """Per-item weights (summing to 1) under which a weighted mean is LiveBench's headline."""
+    cells = Counter(_livebench_cell(g) for g in groups)
+    tasks_per_category = Counter(category for category, _ in cells)
+    n_categories = len(tasks_per_category)
+    return [1.0 / (n_categories * tasks_per_category[c] * cells[(c, t)])
+            for c, t in (_livebench_cell(g) for g in groups)]
+
+
+def _statistic_values(values: Sequence[float], groups: Sequence[str], metric: str) -> list[float]:
+    """Values whose plain mean is the task's headline (see the module docstring)."""
+    if metric == "accuracy":
+        return list(values)
+    n = len(values)
+    return [v * n * w for v, w in zip(values, livebench_weights(groups))]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _interval(bounds: tuple[float, float]) -> Interval:
+    return Interval(100.0 * bounds[0], 100.0 * bounds[1])
+
+
+def _group_breakdown(pairs: Sequence[_Pair], ref_vals: Sequence[float], cand_vals: Sequence[float],
+                     metric: str) -> dict[str, dict[str, float]]:
+    """Score per Score.group (per LiveBench category, category-weighted, for livebench)."""
+    keyed: dict[str, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        group = pair.reference.group or pair.candidate.group
+        if group:
+            keyed[_livebench_cell(group)[0] if metric == "livebench" else group].append(index)
+    out = {}
+    for name in sorted(keyed):
+        idx = keyed[name]
+        groups = [pairs[i].reference.group or pairs[i].candidate.group for i in idx]
+        ref = _mean(_statistic_values([ref_vals[i] for i in idx], groups, metric))
+        cand = _mean(_statistic_values([cand_vals[i] for i in idx], groups, metric))
+        out[name] = {
+            "n": len(idx),
+            "reference": 100.0 * ref,
+            "candidate": 100.0 * cand,
+            "delta": 100.0 * (cand - ref),
+            "flips_ref_only": sum(ref_vals[i] > cand_vals[i] for i in idx),
+            "flips_cand_only": sum(cand_vals[i] > ref_vals[i] for i in idx),
+        }
+    return out
+
+
+def _divergence_pairs(pairs: Sequence[_Pair], records: Mapping[str, Mapping[str, Record]]) -> list[dict[str, Any]]:
+    out = []
+    for pair in pairs:
+        ref_rec = records.get("reference", {}).get(pair.item_id)
+        cand_rec = records.get("candidate", {}).get(pair.item_id)
+        out.append({
+            "item_id": pair.item_id,
+            "text_ref": pair.reference.response_text,
+            "text_cand": pair.candidate.response_text,
+            "finish_ref": pair.reference.finish_reason,
+            "finish_cand": pair.candidate.finish_reason,
+            "tokens_ref": pair.reference.completion_tokens,
+            "tokens_cand": pair.candidate.completion_tokens,
+            "logprobs_ref": ref_rec.logprobs if ref_rec else None,
+            "logprobs_cand": cand_rec.logprobs if cand_rec else None,
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- one task
+
+
+def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
+                 margin: float = 1.0, release_gate: float = 5.0, metric: str = "accuracy",
+                 errors_as_zero: bool = True, alpha: float = 0.05,
+                 records: Optional[Mapping[str, Iterable[Record]]] = None) -> PairedTaskComparison:
+    """Paired statistics of one task.  `records` (role -> Records) adds logprob divergence when present.
+
+    `p_holm` equals `p_value` and the verdict uses it; `compare_run` adjusts both across tasks.
+    """
+    if metric not in METRICS:
+        raise UserError(f"task {task}: unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+    pairs, only_ref, only_cand, ref_all, cand_all = _pair(task, ref_scores, cand_scores)
+    warnings = []
+    if only_ref or only_cand:
+        warnings.append(f"{len(only_ref)} item(s) scored on the reference only and {len(only_cand)} on the "
+                        f"candidate only were left out of the paired statistics")
+    excluded_errors = 0
+    if not errors_as_zero:
+        kept = [p for p in pairs if "error" not in (p.reference.outcome, p.candidate.outcome)]
+        excluded_errors = len(pairs) - len(kept)
+        pairs = kept
+        if excluded_errors:
+            warnings.append(f"{excluded_errors} pair(s) with an infrastructure error on either side were left out")
+    if not pairs:
+        raise UserError(f"task {task}: no item was scored on both the reference and the candidate")
+
+    ref_vals = [_value(p.reference, errors_as_zero) for p in pairs]
+    cand_vals = [_value(p.candidate, errors_as_zero) for p in pairs]
+    groups = [p.reference.group or p.candidate.group for p in pairs]
+    ref_stat = _statistic_values(ref_vals, groups, metric)
+    cand_stat = _statistic_values(cand_vals, groups, metric)
+    n = len(pairs)
+    binary = metric == "accuracy" and stats.is_binary(ref_vals + cand_vals)
+    lost = sum(r > c for r, c in zip(ref_vals, cand_vals))
+    gained = sum(c > r for r, c in zip(ref_vals, cand_vals))
+
+    if binary:
+        ref_ci = stats.wilson_interval(int(sum(ref_vals)), n)
+        cand_ci = stats.wilson_interval(int(sum(cand_vals)), n)
+    else:
+        ref_ci = stats.bootstrap_mean_ci(ref_stat)
+        cand_ci = stats.bootstrap_mean_ci(cand_stat)
+    p_value = stats.paired_p_value(ref_stat, cand_stat)  # exact McNemar on binary values, sign-flip otherwise
+    delta = 100.0 * (_mean(cand_stat) - _mean(ref_stat))
+    delta_ci = _interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.95))
+    delta_ci90 = _interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.90))
+    equivalent = stats.tost_equivalent((delta_ci90.low, delta_ci90.high), margin)
+    verdict = stats.verdict(delta, (delta_ci.low, delta_ci.high), (delta_ci90.low, delta_ci90.high), p_value,
+                            margin, release_gate, alpha=alpha)
+
+    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
+    return PairedTaskComparison(
+        task=task,
+        title=title,
+        n=n,
+        binary=binary,
+        reference_score=100.0 * _mean(ref_stat),
+        candidate_score=100.0 * _mean(cand_stat),
+        reference_ci=_interval(ref_ci),
+        candidate_ci=_interval(cand_ci),
+        delta=delta,
+        delta_ci=delta_ci,
+        delta_ci90=delta_ci90,
+        p_value=p_value,
+        p_holm=p_value,
+        flips_ref_only=lost,
+        flips_cand_only=gained,
+        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
+        output_agreement=_mean([p.reference.response_text == p.candidate.response_text for p in pairs]),
+        mde=100.0 * stats.minimum_detectable_effect(ref_stat, cand_stat, alpha=alpha),
+        equivalent=equivalent,
+        within_release_gate=-delta <= release_gate,
+        verdict=verdict,
+        errors_reference=sum(s.outcome == "error" for s in ref_all.values()),
+        errors_candidate=sum(s.outcome == "error" for s in cand_all.values()),
+        unparsed_reference=sum(s.outcome == "unparsed" for s in ref_all.values()),
+        unparsed_candidate=sum(s.outcome == "unparsed" for s in cand_all.values()),
+        divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
+        groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
+        metric=metric,
+        only_reference=only_ref,
+        only_candidate=only_cand,
+        excluded_errors=excluded_errors,
+        answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
+        warnings=warnings,
+    )
+
+
+def clip_text(text: str, limit: int = DRILLDOWN_TEXT_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[… {len(text) - 2 * half} characters left out …]\n{text[-half:]}"
+
+
+def disagreeing_items(task: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
+                      items: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                      limit: int = DRILLDOWN_LIMIT) -> list[DrillItem]:
+    """Items whose credit or extracted answer differs, flips first, at most `limit`.
+
+    `items` maps item_id -> the stored item (``prompt``/``prompt_text`` and ``thumbnails``/``images``
+    as data URLs); only ``data:`` images are kept so the report never references the network.
+    """
+    pairs, *_ = _pair(task, ref_scores, cand_scores)
+    kinds = [(kind, pair) for pair in pairs if (kind := _disagree_kind(pair))]
+    kinds.sort(key=lambda kp: kp[0] != "flip")  # stable: flips first, item order kept within a kind
+    out = []
+    for kind, pair in kinds[:limit]:
+        stored = (items or {}).get(pair.item_id) or {}
+        images = stored.get("thumbnails") or stored.get("images") or []
+        ref, cand = pair.reference, pair.candidate
+        out.append(DrillItem(
+            task=task,
+            item_id=pair.item_id,
+            kind=kind,
+            prompt=clip_text(str(stored.get("prompt_text") or stored.get("prompt") or "")),
+            images=[img for img in images if isinstance(img, str) and img.startswith("data:image/")],
+            gold=ref.gold or cand.gold,
+            reference_response=clip_text(ref.response_text or ref.error),
+            candidate_response=clip_text(cand.response_text or cand.error),
+            reference_extracted=ref.extracted,
+            candidate_extracted=cand.extracted,
+            reference_outcome=ref.outcome,
+            candidate_outcome=cand.outcome,
+            reference_value=ref.value,
+            candidate_value=cand.value,
+        ))
+    return out
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+def _perf_samples(samples: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for s in samples:
+        if isinstance(s, Record):
+            s = {"started_at": s.started_at, "latency_s": s.latency_s, "ttft_s": s.ttft_s, "itl_s": s.itl_s,
+                 "completion_tokens": s.completion_tokens, "error": s.error}
+        out.append(dict(s))
+    return out
+
+
+def _perf_tables(perf_input: Mapping[str, Any], gate: float):
+    """role -> (load -> samples) or role -> samples  ==>  load -> role -> PerfSummary, load -> ratios."""
+    by_load: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+    for role, loads in perf_input.items():
+        if not isinstance(loads, Mapping):
+            loads = {"all": loads}
+        for load, samples in loads.items():
+            by_load[load][role] = _perf_samples(samples)
+    summaries: dict[str, dict[str, PerfSummary]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
+    for load in sorted(by_load, key=_load_order):
+        summaries[load] = {role: perf.summarize_perf(role, samples) for role, samples in by_load[load].items()}
+        if {"reference", "candidate"} <= summaries[load].keys():
+            ratios[load] = perf.perf_ratios(summaries[load]["reference"], summaries[load]["candidate"], gate=gate)
+    return summaries, ratios
+
+
+def _load_order(load: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in load if ch.isdigit())
+    return (int(digits) if digits else 0, load)
+
+
+def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release_gate: float = 5.0,
+                alpha: float = 0.05, errors_as_zero: bool = True, perf: Optional[Mapping[str, Any]] = None,
+                perf_gate: float = 0.8, noise_floor: Optional[Comparison] = None,
+                drilldown_limit: int = DRILLDOWN_LIMIT) -> Comparison:
+    """Compare every task, Holm-adjust across tasks, then decide.
+
+    Each task is a mapping with ``task``, ``title``, ``reference`` and ``candidate`` (lists of Score)
+    and optionally ``metric`` (accuracy | livebench), ``items`` (item_id -> stored item, for the
+    drill-down) and ``records`` (role -> Records, for logprob divergence); the list order is the
+    card order.  `perf` maps role -> load name -> timing samples (dicts or Records).
+    """
+    if not tasks:
+        raise UserError("nothing to compare: no task has scores")
+    rows: list[PairedTaskComparison] = []
+    drilldown: dict[str, list[DrillItem]] = {}
+    for spec in tasks:
+        name = spec["task"]
+        row = compare_task(name, spec.get("title") or name, spec["reference"], spec["candidate"], margin=margin,
+                           release_gate=release_gate, metric=spec.get("metric") or "accuracy",
+                           errors_as_zero=errors_as_zero, alpha=alpha, records=spec.get("records"))
+        rows.append(row)
+        drilldown[name] = disagreeing_items(name, spec["reference"], spec["candidate"], spec.get("items"),
+                                            limit=drilldown_limit)
+    for row, adjusted in zip(rows, stats.holm([r.p_value for r in rows])):
+        row.p_holm = adjusted
+        row.verdict = stats.verdict(row.delta, (row.delta_ci.low, row.delta_ci.high),
+                                    (row.delta_ci90.low, row.delta_ci90.high), adjusted, margin, release_gate,
+                                    alpha=alpha)
+    overall = stats.overall_verdict([r.verdict for r in rows])
+    summaries, ratios = _perf_tables(perf or {}, perf_gate)
+    return Comparison(
+        tasks=rows,
+        verdict=overall,
+        exit_code=stats.exit_code(overall),
+        margin=margin,
+        release_gate=release_gate,
+        alpha=alpha,
+        perf=summaries,
+        perf_ratios=ratios,
+        perf_gate=perf_gate,
+        drilldown=drilldown,
+        noise_floor=noise_floor,
+        warnings=[f"{r.title}: {w}" for r in rows for w in r.warnings],
+    )

@@ -1,0 +1,638 @@
+"""`flageval-lite import`: the per-sample outputs of two runs made by other tools, compared like our own.
+
+Each side is read into an ImportedRun (tasks -> items with a score, the response, gold and hashes of
+what was asked), the two are paired by item id after checking that they asked the same questions, and
+the result is stored as a run (reference = A, candidate = B) and handed to the compare and report
+stages.  Formats and matching rules: docs/imports.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .bridges.lmeval import PREFIX as LMEVAL_PREFIX, convert_samples
+from .errors import UserError
+from .records import Item, Record, Score, stable_hash
+
+FORMATS = ("lmeval", "vlmevalkit", "flagevalmm")
+TABLE_SUFFIXES = (".xlsx", ".tsv", ".csv", ".json")
+SCORE_COLUMNS = ("hit", "score", "correct", "is_correct")  # VLMEvalKit per-item score, first present wins
+VLMEVAL_FAILED = "Failed to obtain answer"  # VLMEvalKit's prediction when every API retry failed
+FLAGEVALMM_REJECTED = ("Error code", "Can not answer because of", "Input data may contain inappropriate content")
+GROUP_COLUMNS = ("category", "sub_task", "subject")
+MISMATCHES_SHOWN = 5
+_LMEVAL_FILE = re.compile(r"^samples_(?P<task>.+?)(?:_(?P<date>\d{4}-\d{2}-\d{2}T[\d.-]+))?\.jsonl$")
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class ImportedItem:
+    task: str
+    key: str  # the id the tool wrote (lm-eval doc_id, VLMEvalKit index, FlagEvalMM question_id)
+    item_id: str  # the id it is stored under
+    value: float
+    outcome: str
+    response: str
+    extracted: str = ""
+    gold: str = ""
+    prompt: str = ""
+    hashes: dict[str, str] = field(default_factory=dict)  # name -> digest of what was asked
+    meta: dict[str, Any] = field(default_factory=dict)
+    group: str = ""
+    error: str = ""
+    reasoning: str = ""
+    messages: Optional[list[dict[str, Any]]] = None
+
+    def to_score(self, role: str) -> Score:
+        return Score(role=role, task=self.task, item_id=self.item_id, value=self.value, outcome=self.outcome,
+                     extracted=self.extracted, gold=self.gold, response_text=self.response, error=self.error,
+                     group=self.group)
+
+    def to_item(self) -> Item:
+        messages = self.messages or [{"role": "user", "content": self.prompt}]
+        return Item(task=self.task, item_id=self.item_id, messages=messages, gold=self.gold, meta=self.meta)
+
+    def to_record(self, run_id: str, role: str, endpoint_id: str) -> Record:
+        return Record(run_id=run_id, role=role, endpoint_id=endpoint_id, task=self.task, item_id=self.item_id,
+                      prompt_hash=stable_hash(self.hashes) if self.hashes else "", params={},
+                      response_text=self.response, reasoning_content=self.reasoning, error=self.error,
+                      error_kind="imported" if self.error else "")
+
+
+@dataclass
+class ImportedRun:
+    source: str
+    fmt: str
+    tasks: dict[str, list[ImportedItem]]  # task -> items in file order
+    titles: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- cell helpers
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _text(value: Any) -> str:
+    """A table cell as text: missing -> "", 3.0 -> "3" (spreadsheets turn integer ids into floats)."""
+    if _is_missing(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _unit_value(value: Any, where: str) -> float:
+    """A per-item score in [0, 1] from a bool, a number or its text ("True", "1", "0.5")."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        value = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}.get(lowered, lowered)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {value!r} is not a score") from None
+    if number != number or not 0.0 <= number <= 1.0:
+        raise UserError(f"{where}: score {number} is outside [0, 1]; only per-item scores in [0, 1] can be paired")
+    return number
+
+
+def _outcome(value: float) -> str:
+    return "correct" if value >= 1.0 else "partial" if value > 0.0 else "wrong"
+
+
+def _check_unique(items: list[ImportedItem], where: str) -> list[ImportedItem]:
+    seen: set[str] = set()
+    for item in items:
+        if item.key in seen:
+            raise UserError(f"{where}: item id {item.key!r} appears twice")
+        seen.add(item.key)
+    if not items:
+        raise UserError(f"{where}: no items")
+    return items
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+
+def lmeval_task_of(path: Path) -> str:
+    match = _LMEVAL_FILE.match(path.name)
+    if not match:
+        raise UserError(f"{path}: not an lm-eval samples file (expected samples_<task>_<date>.jsonl)")
+    return match.group("task")
+
+
+def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    """One samples_<task>_<date>.jsonl -> (task, items, title); the task's first filter and metric count."""
+    subtask = lmeval_task_of(path)
+    task = LMEVAL_PREFIX + subtask
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+    samples = convert_samples(rows, task, subtask, where=str(path))
+    items = [ImportedItem(task=task, key=s.key, item_id=s.item_id, value=s.value, outcome=s.outcome,
+                          response=s.response, extracted=s.extracted, gold=s.gold, hashes=s.input_hashes(),
+                          meta=s.meta(), group=s.group, messages=s.messages) for s in samples]
+    title = f"{subtask} (lm-eval {samples[0].metric}, {samples[0].filter})" if samples else subtask
+    return task, _check_unique(items, str(path)), title
+
+
+def load_lmeval(path: Path) -> ImportedRun:
+    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
+    if not files:
+        raise UserError(f"{path}: no lm-eval samples_<task>_<date>.jsonl files")
+    by_task: dict[str, list[Path]] = {}
+    for file in files:
+        by_task.setdefault(lmeval_task_of(file), []).append(file)
+    repeated = {task: names for task, names in by_task.items() if len(names) > 1}
+    if repeated:
+        task, names = next(iter(repeated.items()))
+        raise UserError(f"{path}: {len(names)} sample files for task {task} ({', '.join(n.name for n in names)}); "
+                        f"point at one file or a directory holding one run")
+    run = ImportedRun(source=str(path), fmt="lmeval", tasks={})
+    for file in files:
+        task, items, title = load_lmeval_file(file)
+        run.tasks[task], run.titles[task] = items, title
+    return run
+
+
+# --------------------------------------------------------------------------- VLMEvalKit
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a VLMEvalKit prediction file (xlsx, tsv, csv, or json written as a list of records)."""
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise UserError(f"{path}: expected a JSON list of records (VLMEvalKit's json prediction format)")
+            return data
+        if suffix == ".xlsx":
+            try:
+                import openpyxl  # noqa: F401  (pandas' xlsx reader)
+            except ImportError:
+                raise UserError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl)") from None
+            frame = pd.read_excel(path, dtype=object, keep_default_na=False, na_values=[""])
+        elif suffix in (".tsv", ".csv"):
+            # Every cell as text: predictions such as "NA" or "None" must not turn into missing values.
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        else:
+            raise UserError(f"{path}: not a VLMEvalKit prediction file (expected .xlsx, .tsv, .csv or .json)")
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: cannot read the table ({exc})") from exc
+    return frame.to_dict("records")
+
+
+def _options(row: dict[str, Any], letters: Sequence[str]) -> list[str]:
+    options = []
+    for letter in letters:
+        text = _text(row.get(letter))
+        if not text:
+            break
+        options.append(text)
+    return options
+
+
+def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str]:
+    rows = read_table(path)
+    columns = set(rows[0]) if rows else set()
+    missing = [c for c in ("index", "prediction") if c not in columns]
+    if missing:
+        raise UserError(f"{path}: column(s) {', '.join(missing)} missing (a VLMEvalKit prediction file has "
+                        f"index and prediction)")
+    score_column = next((c for c in SCORE_COLUMNS if c in columns), None)
+    letters = [ch for ch in _ALPHABET if ch in columns]
+    letters = letters[:next((i for i, ch in enumerate(letters) if ch != _ALPHABET[i]), len(letters))]
+    if score_column is None and (len(letters) < 2 or "answer" not in columns):
+        raise UserError(f"{path}: no score column ({', '.join(SCORE_COLUMNS)}) and not a multiple-choice file "
+                        f"(option columns A, B, ... and answer); import VLMEvalKit's scored file for this dataset")
+    scorer = None
+    if score_column is None:
+        from .scorers import get_scorer
+
+        scorer = get_scorer("choice")
+    items = []
+    for number, row in enumerate(rows, 2):  # spreadsheet row numbers: the header is row 1
+        key = _text(row.get("index"))
+        where = f"{path}: row {number} (index {key})"
+        if not key:
+            raise UserError(f"{path}: row {number} has no index")
+        prediction = _text(row.get("prediction"))
+        question = _text(row.get("question"))
+        options = _options(row, letters)
+        gold = _text(row.get("answer"))
+        prompt = "\n".join([question] + [f"{_ALPHABET[i]}. {text}" for i, text in enumerate(options)])
+        hashes = {"question": stable_hash([question, options, gold])} if question else {}
+        item = ImportedItem(task=task, key=key, item_id=key, value=0.0, outcome="wrong", response=prediction,
+                            gold=gold, prompt=prompt, hashes=hashes, meta={"index": key, "options": options},
+                            group=next((_text(row[c]) for c in GROUP_COLUMNS if _text(row.get(c))), ""))
+        if prediction.startswith(VLMEVAL_FAILED):
+            item.outcome, item.error = "error", f"VLMEvalKit: {prediction}"
+        elif scorer is None:
+            item.value = _unit_value(row.get(score_column), f"{where}: column {score_column}")
+            item.outcome = _outcome(item.value)
+        else:
+            item.value, item.outcome, item.extracted = _score_choice(scorer, prediction, gold, options, where)
+        items.append(item)
+    how = f"VLMEvalKit {score_column}" if score_column else "VLMEvalKit predictions, our choice scorer"
+    return _check_unique(items, str(path)), f"{task} ({how})"
+
+
+def _score_choice(scorer: Any, prediction: str, gold: str, options: list[str], where: str) -> tuple[float, str, str]:
+    from .scorers import strip_reasoning
+    from .scoring import outcome_of
+
+    letters = _ALPHABET[:len(options)]
+    cleaned = re.sub(r"[\s().]", "", gold).upper()
+    if not cleaned or any(ch not in letters for ch in cleaned):
+        raise UserError(f"{where}: answer {gold!r} is not one of the option letters {letters}; without a score "
+                        f"column only multiple-choice rows can be scored")
+    result = scorer(strip_reasoning(prediction)[0], gold, {"options": options})
+    outcome = outcome_of(result)
+    return (0.0 if outcome == "unparsed" else float(result.value)), outcome, result.extracted
+
+
+def _vlmevalkit_files(path: Path) -> dict[str, Path]:
+    """task -> file.  In a work directory every file is `<model>_<dataset>[_<judge>...]`: a scored table
+    whose name extends another prediction file's (`<stem>_gpt-4o-mini_result.xlsx`) is that dataset's
+    scored version and is taken over it; the model prefix shared by all datasets is dropped."""
+    if path.is_file():
+        return {path.stem: path}
+    stems = {f.stem: f for f in sorted(path.iterdir()) if f.suffix.lower() in TABLE_SUFFIXES and _is_prediction(f)}
+    if not stems:
+        raise UserError(f"{path}: no VLMEvalKit prediction files (tables with index and prediction columns)")
+    scored_of: dict[str, list[Path]] = {}
+    for stem, file in stems.items():
+        owners = [b for b in stems if stem.startswith(b + "_")] if _has_score(file) else []
+        if owners:
+            scored_of.setdefault(max(owners, key=len), []).append(file)
+    bases = [s for s in stems if not any(s in [f.stem for f in files] for files in scored_of.values())]
+    chosen = {}
+    for base in bases:
+        scored = scored_of.get(base, [])
+        if len(scored) > 1:
+            raise UserError(f"{path}: several scored files for {base} ({', '.join(f.name for f in scored)}); "
+                            f"import one of them")
+        chosen[base] = scored[0] if scored else stems[base]
+    prefix = _shared_prefix(bases)
+    return {base[len(prefix):] or base: file for base, file in chosen.items()}
+
+
+@functools.lru_cache(maxsize=64)  # a work directory's tables are read once to sort them, once to load
+def _header(path: Path) -> set[str]:
+    rows = read_table(path)
+    return set(rows[0]) if rows else set()
+
+
+def _is_prediction(path: Path) -> bool:
+    try:
+        return {"index", "prediction"} <= _header(path)
+    except UserError:
+        return False
+
+
+def _has_score(path: Path) -> bool:
+    return any(c in _header(path) for c in SCORE_COLUMNS)
+
+
+def _shared_prefix(stems: list[str]) -> str:
+    """The longest prefix ending in "_" that all stems share (the model name), when there are several."""
+    if len(stems) < 2:
+        return ""
+    first = min(stems)
+    last = max(stems)
+    common = first[:next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), len(first))]
+    return common[:common.rfind("_") + 1]
+
+
+def load_vlmevalkit(path: Path) -> ImportedRun:
+    run = ImportedRun(source=str(path), fmt="vlmevalkit", tasks={})
+    for task, file in _vlmevalkit_files(path).items():
+        run.tasks[task], run.titles[task] = load_vlmevalkit_file(file, task)
+    return run
+
+
+# --------------------------------------------------------------------------- FlagEvalMM
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON list of per-item objects")
+    return data
+
+
+def load_flagevalmm_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    """`<task>_evaluated.json`, with raw responses from `<task>.json` beside it where the evaluator
+    overwrote them (MM-Vet keeps the gold in `answer`)."""
+    if not path.name.endswith("_evaluated.json"):
+        sibling = path.with_name(path.stem + "_evaluated.json")
+        if sibling.is_file():
+            path = sibling
+        else:
+            raise UserError(f"{path}: FlagEvalMM predictions carry no correctness; import the "
+                            f"{path.stem}_evaluated.json its evaluation writes")
+    task = path.name[:-len("_evaluated.json")]
+    predictions_file = path.with_name(f"{task}.json")
+    predictions = {}
+    if predictions_file.is_file():
+        predictions = {_text(p.get("question_id")): p for p in _read_json_list(predictions_file)}
+    items, judged_by = [], set()
+    for number, row in enumerate(_read_json_list(path), 1):
+        key = _text(row.get("question_id"))
+        if not key:
+            raise UserError(f"{path}: entry {number} has no question_id")
+        where = f"{path}: question_id {key}"
+        prediction = predictions.get(key, {})
+        gold_field = next((f for f in ("label", "gt", "gt_answer") if f in row), None)
+        raw = row.get("raw_answer", prediction.get("answer", row.get("answer") if gold_field else ""))
+        response = _text(raw)
+        question = _text(row.get("question", prediction.get("question")))
+        item = ImportedItem(task=task, key=key, item_id=key, value=0.0, outcome="wrong", response=response,
+                            prompt=question, hashes={"question": stable_hash(question)} if question else {},
+                            meta={"question_id": key}, reasoning=_text(row.get("reason", prediction.get("reason"))),
+                            group=next((_text(row[c]) for c in GROUP_COLUMNS if _text(row.get(c))), ""))
+        if "correct" in row or "score" in row:
+            column = "correct" if "correct" in row else "score"
+            judged_by.add(column)
+            item.value = _unit_value(row[column], f"{where}: field {column}")
+            item.outcome = _outcome(item.value)
+            item.gold = _text(row[gold_field] if gold_field else row.get("answer"))
+            item.extracted = _text(row.get("answer")) if "raw_answer" in row else ""
+        elif response.startswith(FLAGEVALMM_REJECTED):  # filtered out by FlagEvalMM, never judged
+            item.outcome, item.error = "error", f"FlagEvalMM: {response[:200]}"
+            item.gold = _text(row.get(gold_field)) if gold_field else ""
+        else:
+            raise UserError(f"{where}: neither 'correct' nor 'score' (not a FlagEvalMM *_evaluated.json entry)")
+        items.append(item)
+    return task, _check_unique(items, str(path)), f"{task} (FlagEvalMM {'/'.join(sorted(judged_by)) or 'correct'})"
+
+
+def load_flagevalmm(path: Path) -> ImportedRun:
+    files = [path] if path.is_file() else sorted(path.rglob("*_evaluated.json"))
+    if not files:
+        raise UserError(f"{path}: no FlagEvalMM <task>_evaluated.json files")
+    run = ImportedRun(source=str(path), fmt="flagevalmm", tasks={})
+    for file in files:
+        task, items, title = load_flagevalmm_file(file)
+        if task in run.tasks:
+            raise UserError(f"{path}: task {task} appears twice ({file})")
+        run.tasks[task], run.titles[task] = items, title
+    return run
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        found = [fmt for fmt, pattern in (("lmeval", "samples_*.jsonl"), ("flagevalmm", "*_evaluated.json"))
+                 if next(path.rglob(pattern), None) is not None]
+        if not found and any(f.suffix.lower() in TABLE_SUFFIXES and _is_prediction(f) for f in path.iterdir()):
+            found.append("vlmevalkit")
+        if len(found) != 1:
+            what = " and ".join(found) if found else "no known"
+            raise UserError(f"{path}: {what} per-sample files; name the format with --format "
+                            f"({', '.join(FORMATS)})")
+        return found[0]
+    if _LMEVAL_FILE.match(path.name):
+        return "lmeval"
+    if path.name.endswith("_evaluated.json"):
+        return "flagevalmm"
+    if path.suffix.lower() == ".json":
+        rows = _read_json_list(path)
+        return "flagevalmm" if rows and "question_id" in rows[0] else "vlmevalkit"
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return "vlmevalkit"
+    raise UserError(f"{path}: cannot tell the format from the name; use --format ({', '.join(FORMATS)})")
+
+
+def load_samples(path: str | Path, fmt: Optional[str] = None) -> ImportedRun:
+    """Read one run's per-sample outputs (a file or a directory); `fmt` = lmeval | vlmevalkit | flagevalmm."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    fmt = fmt or detect_format(path)
+    loaders = {"lmeval": load_lmeval, "vlmevalkit": load_vlmevalkit, "flagevalmm": load_flagevalmm}
+    if fmt not in loaders:
+        raise UserError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
+    return loaders[fmt](path)
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@dataclass
+class TaskPairing:
+    task: str
+    title: str
+    reference: list[ImportedItem]
+    candidate: list[ImportedItem]
+    only_reference: list[str]  # keys present in A only
+    only_candidate: list[str]
+
+
+@dataclass
+class Pairing:
+    tasks: list[TaskPairing]
+    tasks_only_reference: list[str]
+    tasks_only_candidate: list[str]
+
+
+def _same_dataset(x: str, y: str) -> bool:
+    """`MMMU_DEV_VAL` and `Qwen2-VL_MMMU_DEV_VAL`: one name is the other behind a model prefix."""
+    return x == y or x.endswith("_" + y) or y.endswith("_" + x)
+
+
+def _task_pairs(a: ImportedRun, b: ImportedRun) -> list[tuple[str, str]]:
+    """Tasks are paired by name; a name is also matched behind a model prefix (VLMEvalKit files are named
+    `<model>_<dataset>`), and two single-task runs are paired whatever their names."""
+    if len(a.tasks) == 1 and len(b.tasks) == 1:
+        return [(next(iter(a.tasks)), next(iter(b.tasks)))]
+    pairs = []
+    for task in a.tasks:
+        matches = [t for t in b.tasks if t == task] or [t for t in b.tasks if _same_dataset(task, t)]
+        if len(matches) == 1:
+            pairs.append((task, matches[0]))
+    if not pairs:
+        raise UserError(f"no task in common: {a.source} has {', '.join(a.tasks)}; "
+                        f"{b.source} has {', '.join(b.tasks)}")
+    return pairs
+
+
+def match_runs(a: ImportedRun, b: ImportedRun, labels: Sequence[str] = ("A", "B")) -> Pairing:
+    """Pair items by id per task.  Items present in both must carry the same input hashes (for every
+    hash both sides have); otherwise the runs did not ask the same questions and nothing is paired."""
+    pairs = _task_pairs(a, b)
+    tasks = []
+    mismatched: list[str] = []
+    for task_a, task_b in pairs:
+        ref = a.tasks[task_a]
+        cand_by_key = {item.key: item for item in b.tasks[task_b]}
+        shared = [item for item in ref if item.key in cand_by_key]
+        bad = []
+        for item in shared:
+            other = cand_by_key[item.key]
+            for name in sorted(set(item.hashes) & set(other.hashes)):
+                if item.hashes[name] != other.hashes[name]:
+                    bad.append(f"{item.key} ({name} {item.hashes[name][:12]} vs {other.hashes[name][:12]})")
+                    break
+        if bad:
+            shown = "; ".join(bad[:MISMATCHES_SHOWN])
+            mismatched.append(f"task {task_a}: {len(bad)} of {len(shared)} shared item(s) differ, first: {shown}")
+        ref_ids = {item.key: item.item_id for item in ref}
+        candidate = [dataclasses.replace(item, task=task_a, item_id=ref_ids.get(item.key, item.item_id))
+                     for item in b.tasks[task_b]]
+        tasks.append(TaskPairing(
+            task=task_a, title=a.titles.get(task_a, task_a), reference=ref, candidate=candidate,
+            only_reference=[i.key for i in ref if i.key not in cand_by_key],
+            only_candidate=[i.key for i in b.tasks[task_b] if i.key not in ref_ids]))
+        if not shared and not bad:
+            raise UserError(f"task {task_a}: no item id is present in both {labels[0]} ({a.source}) and "
+                            f"{labels[1]} ({b.source})")
+    if mismatched:
+        raise UserError(f"{labels[0]} ({a.source}) and {labels[1]} ({b.source}) did not ask the same questions; "
+                        + " | ".join(mismatched))
+    paired_b = {task_b for _, task_b in pairs}
+    return Pairing(tasks=tasks, tasks_only_reference=[t for t in a.tasks if t not in dict(pairs)],
+                   tasks_only_candidate=[t for t in b.tasks if t not in paired_b])
+
+
+# --------------------------------------------------------------------------- store, compare, report
+
+
+@dataclass
+class ImportResult:
+    run_id: str
+    files: dict[str, Path]
+    comparison: Any
+    pairing: Pairing
+
+
+def parse_labels(labels: str | Sequence[str] | None) -> tuple[str, str]:
+    if labels is None:
+        return ("A", "B")
+    parts = [p.strip() for p in labels.split(",")] if isinstance(labels, str) else [str(p).strip() for p in labels]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise UserError(f"--labels: expected two different names separated by a comma, got {labels!r}")
+    return parts[0], parts[1]
+
+
+def store_pairing(store: Any, run_id: str, pairing: Pairing, runs: tuple[ImportedRun, ImportedRun],
+                  labels: tuple[str, str]) -> None:
+    endpoint_ids = [stable_hash([label, run.source]) for label, run in zip(labels, runs)]
+    specs = store.get_meta("task_specs", {})
+    for tp in pairing.tasks:
+        for role, items, endpoint_id in (("reference", tp.reference, endpoint_ids[0]),
+                                         ("candidate", tp.candidate, endpoint_ids[1])):
+            for item in items:
+                store.put_item(run_id, item.to_item())
+                store.put_record(item.to_record(run_id, role, endpoint_id))
+            store.put_scores(run_id, [item.to_score(role) for item in items])
+        specs[tp.task] = {"title": tp.title, "scorer": "imported", "scorer_args": {}, "metric": "accuracy",
+                          "group_by": ""}
+    store.set_meta("task_specs", specs)
+    store.set_meta("import", {
+        "tasks": {tp.task: {"only_reference": tp.only_reference, "only_candidate": tp.only_candidate}
+                  for tp in pairing.tasks},
+        "tasks_only_reference": pairing.tasks_only_reference,
+        "tasks_only_candidate": pairing.tasks_only_candidate,
+    })
+
+
+def run_import(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, reports_dir: str | Path,
+               labels: str | Sequence[str] = ("A", "B"), fmt: Optional[str] = None, margin: float = 1.0,
+               release_gate: float = 5.0) -> ImportResult:
+    from .compare import compare_run
+    from .report import render_report
+    from .store import Store
+
+    labels = parse_labels(labels)
+    runs = (load_samples(path_a, fmt), load_samples(path_b, fmt))
+    pairing = match_runs(*runs, labels=labels)
+    run_dir = Path(out_run_dir)
+    run_id = run_dir.name
+    if (run_dir / "results.sqlite").exists():
+        raise UserError(f"{run_dir}: already holds a stored run; import into a new directory")
+    store = Store(run_dir / "results.sqlite")
+    try:
+        store_pairing(store, run_id, pairing, runs, labels)
+        config = {"run_id": run_id, "suite": "import", "tasks": [tp.task for tp in pairing.tasks], "limit": None,
+                  "margin": margin, "release_gate": release_gate, "compared": [str(path_a), str(path_b)],
+                  "started": _dt.datetime.now().isoformat(timespec="seconds")}
+        specs = {role: {"name": label, "engine": f"import ({run.fmt})", "model": run.source}
+                 for role, label, run in zip(("reference", "candidate"), labels, runs)}
+        store.set_meta("config", config)
+        store.set_meta("specs", specs)
+        inputs = [{"task": tp.task, "title": tp.title, "metric": "accuracy",
+                   "reference": store.scores(run_id, role="reference", task=tp.task),
+                   "candidate": store.scores(run_id, role="candidate", task=tp.task),
+                   "items": {it["item_id"]: it for it in store.items(run_id, task=tp.task)}}
+                  for tp in pairing.tasks]
+    finally:
+        store.close()
+    comparison = compare_run(inputs, margin=margin, release_gate=release_gate)
+    manifest = {"run_id": run_id, "config": config, "specs": specs, "servers": {},
+                "import": {"tasks_only_reference": pairing.tasks_only_reference,
+                           "tasks_only_candidate": pairing.tasks_only_candidate}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    files = render_report(comparison, manifest, Path(reports_dir) / run_id)
+    return ImportResult(run_id, files, comparison, pairing)
+
+
+def import_runs(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, reports_dir: str | Path,
+                labels: str | Sequence[str] = ("A", "B"), fmt: Optional[str] = None) -> tuple[str, dict[str, Path]]:
+    """Store A as reference and B as candidate in `out_run_dir` (its name is the run id) and write the
+    report under `reports_dir/<run id>/`; returns (run_id, {"md", "html", "json"} paths)."""
+    result = run_import(path_a, path_b, out_run_dir, reports_dir, labels, fmt)
+    return result.run_id, result.files
+
+
+def _one_sided(pairing: Pairing, labels: tuple[str, str]) -> list[str]:
+    lines = []
+    for tasks, label in ((pairing.tasks_only_reference, labels[0]), (pairing.tasks_only_candidate, labels[1])):
+        if tasks:
+            lines.append(f"tasks only in {label} (not compared): {', '.join(tasks)}")
+    for tp in pairing.tasks:
+        for keys, label in ((tp.only_reference, labels[0]), (tp.only_candidate, labels[1])):
+            if keys:
+                shown = ", ".join(keys[:MISMATCHES_SHOWN]) + (", ..." if len(keys) > MISMATCHES_SHOWN else "")
+                lines.append(f"{tp.task}: {len(keys)} item(s) only in {label} (not compared): {shown}")
+    return lines
+
+
+def import_command(path_a: str, path_b: str, fmt: Optional[str], labels: Optional[str], runs_dir: str | Path,
+                   reports_dir: str | Path, gate: bool = False, margin: float = 1.0) -> int:
+    """`flageval-lite import PATH_A PATH_B [--format F] [--labels A,B]`: prints the verdict, the items
+    left unpaired and the report paths; returns the verdict's exit code with `gate`, else 0."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(runs_dir) / f"import-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(runs_dir) / f"import-{stamp}-{suffix}"
+    parsed = parse_labels(labels)
+    result = run_import(path_a, path_b, run_dir, reports_dir, parsed, fmt, margin=margin)
+    print(f"verdict: {result.comparison.verdict}")
+    for line in _one_sided(result.pairing, parsed):
+        print(f"note: {line}")
+    print(f"run: {run_dir}")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    return result.comparison.exit_code if gate else 0

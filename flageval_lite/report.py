@@ -1,0 +1,366 @@
+"""Report stage: Comparison + run manifest -> report.md, report.html (one offline file), summary.json.
+
+Every table is built once here as strings and rendered by both templates, so the Markdown and the
+HTML can never disagree.  The HTML carries its CSS, its SVG charts and its image thumbnails inline
+(data URLs only) and a Content-Security-Policy that forbids any network fetch; model text is
+escaped by jinja2's autoescape.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jinja2
+
+from . import __version__, charts
+from .compare import Comparison, PairedTaskComparison
+from .records import ROLES
+
+PERF_ROWS = (  # (label, PerfSummary field, section of perf.perf_ratios)
+    ("TTFT p50 (ms)", "ttft_ms_p50", "latency"),
+    ("TTFT p99 (ms)", "ttft_ms_p99", "latency"),
+    ("TPOT p50 (ms)", "tpot_ms_p50", "latency"),
+    ("TPOT p99 (ms)", "tpot_ms_p99", "latency"),
+    ("ITL p50 (ms)", "itl_ms_p50", "latency"),
+    ("ITL p99 (ms)", "itl_ms_p99", "latency"),
+    ("E2EL p50 (ms)", "e2el_ms_p50", "latency"),
+    ("E2EL p99 (ms)", "e2el_ms_p99", "latency"),
+    ("output tok/s", "output_tok_s", "throughput"),
+    ("requests/s", "request_s", "throughput"),
+)
+CHARTED_PERF = ("ttft_ms_p50", "tpot_ms_p50", "itl_ms_p50", "e2el_ms_p50", "output_tok_s", "request_s")
+VERDICT_TEXT = {
+    "consistent": "equivalent within the margin (TOST)",
+    "regression": "the candidate is worse",
+    "improvement": "the candidate is better",
+    "inconclusive": "neither equivalence nor a difference is shown",
+}
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    verdict_column: Optional[int] = None  # HTML colours this column's cells by verdict
+    row_classes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- number formats
+
+
+def _num(value: Optional[float], digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return "0.00" if round(value, 2) == 0 else f"{value:+.2f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{_signed(low)}, {_signed(high)}]"
+
+
+def _score(value: float, low: float, high: float) -> str:
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _pct(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100.0 * fraction:.1f} %"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _label(manifest: Mapping[str, Any], role: str) -> str:
+    spec = (manifest.get("specs") or {}).get(role) or {}
+    return str(spec.get("name") or role)
+
+
+def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """What exactly ran in one role, from the ServeSpec and the ServerEvidence of the manifest."""
+    spec = (manifest.get("specs") or {}).get(role) or {}
+    evidence = (manifest.get("servers") or {}).get(role) or {}
+    version = evidence.get("version") or {}
+    flaggems = spec.get("flaggems") or {}
+    return {
+        "role": role,
+        "label": _label(manifest, role),
+        "engine": spec.get("engine", "?"),
+        "model": spec.get("model") or ", ".join(evidence.get("models") or []) or "engine default",
+        "served_models": ", ".join(evidence.get("models") or []),
+        "dtype": spec.get("dtype", "?"),
+        "ops": spec.get("ops", "?"),
+        "flaggems_route": flaggems.get("route", "off"),
+        "device": evidence.get("gpu") or spec.get("device", "?"),
+        "server_version": version.get("version") or ", ".join(f"{k} {v}" for k, v in version.items()) or "unknown",
+        "packages": ", ".join(f"{k} {v}" for k, v in sorted((evidence.get("packages") or {}).items())) or "unknown",
+        "env_switches": ", ".join(f"{k}={v}" for k, v in sorted((evidence.get("env_switches") or {}).items())),
+        "command": " ".join(str(a) for a in evidence.get("command") or []),
+        "ops_registered": list(evidence.get("ops_registered") or []),
+        "ops_called": list(evidence.get("ops_called") or []),
+        "startup_s": evidence.get("startup_s"),
+        "restarts": evidence.get("restarts", 0),
+    }
+
+
+def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    config = manifest.get("config") or {}
+    facts = [
+        ("run id", str(manifest.get("run_id") or config.get("run_id") or "?")),
+        ("date", str(config.get("started") or manifest.get("date") or "?")),
+        ("suite", str(config.get("suite") or "?")),
+        ("items per task", "all" if config.get("limit") is None else f"first {config['limit']}"),
+        ("equivalence margin", f"±{comparison.margin:g} points (TOST, 90 % CI)"),
+        ("release gate", f"drop ≤ {comparison.release_gate:g} points"),
+        ("alpha", f"{comparison.alpha:g} (Holm-adjusted across {len(comparison.tasks)} tasks)"),
+        ("flageval-lite", str(config.get("flageval_lite") or __version__)),
+    ]
+    if config.get("compared"):
+        facts.append(("stored runs compared", " vs ".join(map(str, config["compared"]))))
+    return facts
+
+
+def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
+    rows = []
+    for t in comparison.tasks:
+        rows.append([
+            t.title,
+            _score(t.reference_score, t.reference_ci.low, t.reference_ci.high),
+            _score(t.candidate_score, t.candidate_ci.low, t.candidate_ci.high),
+            _signed(t.delta),
+            _interval(t.delta_ci.low, t.delta_ci.high),
+            _p(t.p_holm),
+            f"{t.flips_ref_only}/{t.flips_cand_only}",
+            t.verdict,
+        ])
+    return Table(
+        title="Scores",
+        headers=["Metrics", ref, cand, "Δ", "95 % CI of Δ", "p (Holm)", "flips (−/+)", "verdict"],
+        rows=rows,
+        note="Scores in points with their 95 % CI (Wilson for right/wrong items, bootstrap for graded ones); "
+             "Δ = candidate − reference with its paired 95 % CI; flips: items only the reference (−) or only "
+             "the candidate (+) scored higher on.",
+        verdict_column=7,
+        row_classes=[t.verdict for t in comparison.tasks],
+    )
+
+
+def _detail_table(comparison: Comparison) -> Table:
+    rows = [[t.title, str(t.n), "binary" if t.binary else "graded", t.metric,
+             _interval(t.delta_ci90.low, t.delta_ci90.high), "yes" if t.equivalent else "no", _num(t.mde),
+             _p(t.p_value), "yes" if t.within_release_gate else "no", _pct(t.answer_agreement),
+             _pct(t.output_agreement)]
+            for t in comparison.tasks]
+    return Table(
+        title="Equivalence and power",
+        headers=["Metrics", "n paired", "items", "metric", "90 % CI of Δ", f"TOST ±{comparison.margin:g}", "MDE",
+                 "p (raw)", f"drop ≤ {comparison.release_gate:g}", "same answer", "same output"],
+        rows=rows,
+        note="MDE: the smallest |Δ| (points) this many items detect with 80 % power at α = 0.05; a Δ below it "
+             "is not evidence of no difference.",
+    )
+
+
+def _errors_table(comparison: Comparison, ref: str, cand: str) -> Table:
+    rows = [[t.title, str(t.errors_reference), str(t.errors_candidate), str(t.unparsed_reference),
+             str(t.unparsed_candidate), str(len(t.only_reference)), str(len(t.only_candidate))]
+            for t in comparison.tasks]
+    return Table(
+        title="Errors and unparsed answers",
+        headers=["Metrics", f"errors {ref}", f"errors {cand}", f"unparsed {ref}", f"unparsed {cand}",
+                 f"only {ref}", f"only {cand}"],
+        rows=rows,
+        note="Errors are infrastructure failures (no answer), scored 0; unparsed: an answer came back but none "
+             "could be extracted, scored 0; only …: items scored on one side only, left out of the paired numbers.",
+    )
+
+
+def _divergence_table(comparison: Comparison) -> Table:
+    rows = []
+    for t in comparison.tasks:
+        d = t.divergence or {}
+        tokens = d.get("logprobs") or {}
+        shifts = d.get("finish_reason_shifts") or {}
+        rows.append([
+            t.title,
+            _pct(d.get("exact_output_agreement")),
+            _pct(t.answer_agreement),
+            _num(d.get("first_divergence_char_median"), 0),
+            _pct(d.get("first_divergence_relative_median")),
+            _num(d.get("length_shift_mean"), 1),
+            ", ".join(f"{k} ×{v}" for k, v in shifts.items()) or "none",
+            _pct(tokens.get("top1_agreement")) if tokens else "n/a",
+            _num(tokens.get("kl_mean"), 4) if tokens else "n/a",
+            str(tokens.get("hard_mismatches", "n/a")) if tokens else "n/a",
+        ])
+    return Table(
+        title="Output divergence",
+        headers=["Metrics", "same output", "same answer", "first divergence (char, median)",
+                 "first divergence (relative)", "length shift (tokens, mean)", "finish-reason shifts",
+                 "top-1 agreement", "KL (mean)", "hard mismatches"],
+        rows=rows,
+        note="Over paired items.  First divergence: where differing outputs part ways, as a character index and "
+             "as a fraction of the longer output.  Top-1 agreement, KL and hard mismatches (a token outside the "
+             "other side's top-k) need logprobs and read n/a without them.",
+    )
+
+
+def _perf_tables(comparison: Comparison, ref: str, cand: str) -> list[tuple[str, Table, list[charts.PerfRow]]]:
+    out = []
+    for load, roles in comparison.perf.items():
+        ratios = comparison.perf_ratios.get(load) or {}
+        rows, bars = [], []
+        for label, name, section in PERF_ROWS:
+            ref_value = getattr(roles["reference"], name) if "reference" in roles else None
+            cand_value = getattr(roles["candidate"], name) if "candidate" in roles else None
+            ratio = (ratios.get(section) or {}).get(name)
+            gate = ""
+            if name == "output_tok_s" and ratios.get("meets_throughput_gate") is not None:
+                passed = "meets" if ratios["meets_throughput_gate"] else "FAILS"
+                gate = f"{passed} ≥ {ratios.get('gate', comparison.perf_gate):g}"
+            rows.append([label, _num(ref_value), _num(cand_value), _ratio(ratio), gate])
+            if name in CHARTED_PERF:
+                bars.append(charts.PerfRow(label, ref_value, cand_value, f"ratio {_ratio(ratio)} {gate}".strip()))
+        requests = " / ".join(f"{roles[r].requests} ok in {roles[r].duration_s:.1f} s" for r in ROLES if r in roles)
+        table = Table(
+            title=f"Performance, {_load_title(load)}",
+            headers=["metric", ref, cand, "candidate / reference", "gate"],
+            rows=rows,
+            note=f"Requests: {requests}.  Latencies: lower is better; throughputs: higher is better.  The gate "
+                 f"asks the candidate's output tok/s to reach {comparison.perf_gate:.0%} of the reference's.",
+        )
+        out.append((load, table, bars))
+    return out
+
+
+def _load_title(load: str) -> str:
+    prefix, _, level = load.partition("@c")
+    return f"concurrency {level}" if level.isdigit() else load
+
+
+def _noise_table(comparison: Comparison) -> Optional[Table]:
+    noise = comparison.noise_floor
+    if noise is None:
+        return None
+    by_task = {t.task: t for t in noise.tasks}
+    rows = []
+    for t in comparison.tasks:
+        aa: Optional[PairedTaskComparison] = by_task.get(t.task)
+        rows.append([
+            t.title,
+            f"{_signed(t.delta)} {_interval(t.delta_ci.low, t.delta_ci.high)}",
+            f"{_signed(aa.delta)} {_interval(aa.delta_ci.low, aa.delta_ci.high)}" if aa else "n/a",
+            f"{t.flips_ref_only + t.flips_cand_only}",
+            f"{aa.flips_ref_only + aa.flips_cand_only}" if aa else "n/a",
+            _pct(t.answer_agreement), _pct(aa.answer_agreement) if aa else "n/a",
+            _pct(t.output_agreement), _pct(aa.output_agreement) if aa else "n/a",
+        ])
+    return Table(
+        title="Noise floor: A/B beside A/A",
+        headers=["Metrics", "A/B Δ [95 % CI]", "A/A Δ [95 % CI]", "A/B flips", "A/A flips", "A/B same answer",
+                 "A/A same answer", "A/B same output", "A/A same output"],
+        rows=rows,
+        note="A/A: the reference compared with itself, asked again in another order and batch mix.  A/B "
+             "differences no larger than A/A's come from run-to-run nondeterminism, not from the candidate.",
+    )
+
+
+def _group_tables(comparison: Comparison) -> list[Table]:
+    out = []
+    for t in comparison.tasks:
+        if len(t.groups) < 2:
+            continue
+        rows = [[name, str(int(g["n"])), _num(g["reference"]), _num(g["candidate"]), _signed(g["delta"]),
+                 f"{int(g['flips_ref_only'])}/{int(g['flips_cand_only'])}"] for name, g in t.groups.items()]
+        out.append(Table(title=f"{t.title} by group", headers=["group", "n", "reference", "candidate", "Δ",
+                                                                "flips (−/+)"], rows=rows))
+    return out
+
+
+def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    ref, cand = _label(manifest, "reference"), _label(manifest, "candidate")
+    perf = _perf_tables(comparison, ref, cand)
+    return {
+        "comparison": comparison,
+        "reference_label": ref,
+        "candidate_label": cand,
+        "backends": [_backend(manifest, role) for role in ROLES],
+        "facts": _run_facts(comparison, manifest),
+        "scores": _comparison_table(comparison, ref, cand),
+        "details": _detail_table(comparison),
+        "errors": _errors_table(comparison, ref, cand),
+        "error_kinds": dict(manifest.get("errors") or {}),
+        "divergence": _divergence_table(comparison),
+        "noise": _noise_table(comparison),
+        "groups": _group_tables(comparison),
+        "perf": perf,
+        "verdict_text": VERDICT_TEXT,
+        "drilldown": comparison.drilldown,
+        "titles": {t.task: t.title for t in comparison.tasks},
+        "verdicts": {t.task: t.verdict for t in comparison.tasks},
+        "disagreements": {t.task: t.answer_disagreements for t in comparison.tasks},
+        "forest": charts.forest_plot(_forest_rows(comparison), comparison.margin, comparison.release_gate),
+        "flips": charts.flip_bars([charts.FlipRow(t.title, t.flips_ref_only, t.flips_cand_only)
+                                   for t in comparison.tasks]),
+        "perf_charts": {load: charts.perf_bars(bars, ref, cand) for load, _table, bars in perf},
+    }
+
+
+def _forest_rows(comparison: Comparison) -> list[charts.ForestRow]:
+    noise = {t.task: t for t in comparison.noise_floor.tasks} if comparison.noise_floor else {}
+    rows = []
+    for t in comparison.tasks:
+        aa = noise.get(t.task)
+        rows.append(charts.ForestRow(t.title, t.delta, t.delta_ci.low, t.delta_ci.high, t.verdict,
+                                     (aa.delta, aa.delta_ci.low, aa.delta_ci.high) if aa else None))
+    return rows
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _environment(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("flageval_lite", "templates"), autoescape=autoescape,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters["md"] = _md_cell
+    env.filters["num"] = _num
+    env.filters["pct"] = _pct
+    return env
+
+
+def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
+            "manifest": dict(manifest)}
+
+
+def render_report(comparison: Comparison, manifest: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html and summary.json into `out_dir`; returns {"md", "html", "json"} paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = build_context(comparison, manifest)
+    paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "summary.json"}
+    paths["md"].write_text(_environment(False).get_template("report.md.j2").render(**context), encoding="utf-8")
+    paths["html"].write_text(_environment(True).get_template("report.html.j2").render(**context), encoding="utf-8")
+    summary = summary_dict(comparison, manifest)
+    paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return paths

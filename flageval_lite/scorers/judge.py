@@ -1,0 +1,207 @@
+"""MM-Vet v2 LLM judge (§4): an OpenAI-compatible judge at temperature 0, verdicts cached in SQLite.
+
+The same (question, ground truth, prediction) asked of the same judge (base URL + model) is answered from
+the cache, so both backends of a comparison — and reruns — see identical verdicts for identical replies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import openai
+
+from ..errors import UserError
+from ..records import ScoreResult
+from .common import UNPARSED, answer_text, strip_reasoning
+
+PROMPT_VERSION = "mmvet-judge-1"  # part of the cache key: a reworded prompt must not reuse old verdicts
+
+_INSTRUCTIONS = """You grade answers to questions about images. Compare the model's prediction with the ground truth and rate how correct the prediction is.
+
+Rules:
+- "<image k>" in a question marks where the k-th image was shown. You do not see the images; judge against the ground truth only.
+- "<AND>" in the ground truth joins parts that are all required. A prediction that gives only some of them earns partial credit in proportion.
+- "<OR>" in the ground truth joins acceptable alternatives. Any one of them is fully correct.
+- For free-form answers, judge whether the prediction states the same facts as the ground truth. Extra detail that does not contradict it is fine; missing or wrong key points lower the score.
+- The score is one of 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0 (0.0 = wrong, 1.0 = fully correct).
+
+Worked examples:
+| Question | Ground truth | Prediction | Score |
+| --- | --- | --- | --- |
+| Which two fruits are on the plate?<image 1> | apple <AND> banana | an apple and a banana | 1.0 |
+| Which two fruits are on the plate?<image 1> | apple <AND> banana | a banana | 0.5 |
+| Which two fruits are on the plate?<image 1> | apple <AND> banana | an orange | 0.0 |
+| What colour is the car?<image 1> | red <OR> maroon | It is maroon. | 1.0 |
+| How many people are in the photo?<image 1> | 4 | There are five people. | 0.0 |
+| Describe the trend in the chart.<image 1> | Sales rise every year from 2015 to 2020, with the sharpest jump in 2018. | Sales grow steadily over the period. | 0.6 |
+| Describe the trend in the chart.<image 1> | Sales rise every year from 2015 to 2020, with the sharpest jump in 2018. | Sales increase each year, and the biggest increase happens in 2018. | 1.0 |
+
+Now grade this item:
+| Question | Ground truth | Prediction |
+| --- | --- | --- |
+"""
+_REPLY_FORMAT = 'Reply with JSON only, in the form {"score": <number from 0.0 to 1.0>}.'
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def judge_prompt(question: str, gold: str, prediction: str) -> str:
+    gold = gold.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    row = f"| {_cell(question)} | {_cell(gold)} | {_cell(prediction)} |"
+    return f"{_INSTRUCTIONS}{row}\n\n{_REPLY_FORMAT}"
+
+
+def parse_verdict(content: str) -> Optional[float]:
+    """The score in a judge reply ({"score": x}, maybe fenced or amid text); None if absent or outside [0, 1]."""
+    text = strip_reasoning(content)[0]
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    candidates = [text] + re.findall(r"\{[^{}]*\}", text)[::-1]
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict) or "score" not in data:
+            continue
+        score = data["score"]
+        if isinstance(score, bool):
+            return None
+        if isinstance(score, str):
+            try:
+                score = float(score)
+            except ValueError:
+                return None
+        if isinstance(score, (int, float)) and 0.0 <= float(score) <= 1.0:
+            return float(score)
+        return None
+    return None
+
+
+class JudgeError(Exception):
+    """The judge gave no usable verdict within its retries."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float
+    cached: bool
+    raw: str
+
+
+class JudgeClient:
+    """An OpenAI-compatible judge with a SQLite verdict cache keyed by (item hash, judge identity)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "EMPTY",
+        cache_path: Union[str, Path, None] = None,
+        max_retries: int = 3,
+        timeout_s: float = 120.0,
+        max_tokens: int = 256,
+        retry_backoff_s: float = 0.5,
+    ):
+        if not base_url or not model:
+            raise UserError("judge: base_url and model are both required")
+        if max_retries < 1:
+            raise UserError(f"judge: max_retries must be at least 1, got {max_retries}")
+        self.base_url, self.model = base_url.rstrip("/"), model
+        self.identity = f"{self.base_url}|{model}"
+        self.max_retries, self.max_tokens, self.retry_backoff_s = max_retries, max_tokens, retry_backoff_s
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        self.cache_path = Path(cache_path) if cache_path else None
+        if self.cache_path:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS judge_verdicts (item_key TEXT NOT NULL, judge TEXT NOT NULL, "
+                    "score REAL NOT NULL, raw TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (item_key, judge))"
+                )
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.cache_path, timeout=30)
+        try:
+            with db:  # commits on success
+                yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def item_key(question: str, gold: str, prediction: str) -> str:
+        blob = json.dumps([PROMPT_VERSION, question, gold, prediction], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _cached(self, key: str) -> Optional[Verdict]:
+        if not self.cache_path:
+            return None
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT score, raw FROM judge_verdicts WHERE item_key = ? AND judge = ?", (key, self.identity)
+            ).fetchone()
+        return Verdict(row[0], True, row[1]) if row else None
+
+    def _store(self, key: str, verdict: Verdict) -> None:
+        if not self.cache_path:
+            return
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO judge_verdicts VALUES (?, ?, ?, ?, ?)",
+                (key, self.identity, verdict.score, verdict.raw, time.time()),
+            )
+
+    def score(self, question: str, gold: str, prediction: str) -> Verdict:
+        """The judge's 0..1 score; raises JudgeError after max_retries unusable replies or failed requests."""
+        key = self.item_key(question, gold, prediction)
+        hit = self._cached(key)
+        if hit:
+            return hit
+        messages = [{"role": "user", "content": judge_prompt(question, gold, prediction)}]
+        problems = []
+        for attempt in range(self.max_retries):
+            try:
+                reply = self._client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens
+                )
+            except openai.OpenAIError as exc:
+                problems.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(self.retry_backoff_s * (attempt + 1))  # transient trouble; verdicts stay at temperature 0
+                continue
+            content = (reply.choices[0].message.content or "") if reply.choices else ""
+            value = parse_verdict(content)
+            if value is not None:
+                verdict = Verdict(value, False, content)
+                self._store(key, verdict)
+                return verdict
+            problems.append(f"unusable reply {content[:80]!r}")
+        raise JudgeError(f"judge {self.identity} gave no valid score in {self.max_retries} attempts: {problems[-1]}")
+
+
+def mmvet_judge(
+    response: str, gold: Any, meta: dict, judge: Optional[JudgeClient] = None, compat: bool = False
+) -> ScoreResult:
+    """MM-Vet v2: the judge's score for the reply; meta["question"] is the question text with <image k> marks."""
+    if judge is None:
+        raise UserError("mmvet_judge scorer: no judge configured (needs a judge base_url and model)")
+    question = meta.get("question")
+    if not question:
+        raise UserError("mmvet_judge scorer: meta has no 'question' text for the judge")
+    text = answer_text(response)
+    if not text:
+        return UNPARSED
+    try:
+        verdict = judge.score(str(question), str(gold), text)
+    except JudgeError as exc:
+        return ScoreResult(0.0, "", parsed=False, detail={"judge_error": str(exc)})
+    return ScoreResult(verdict.score, text, detail={"judge": judge.identity, "cached": verdict.cached})

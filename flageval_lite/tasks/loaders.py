@@ -1,0 +1,483 @@
+"""Dataset loading and item production: TaskSpec -> Iterator[Item].
+
+Sources: Hugging Face datasets through `datasets.load_dataset` (hub id + revision, honouring the offline cache
+and HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, or a local copy of the hub repo under `<data_dir>/<hub id>/`), local
+jsonl / parquet / csv files, and VLMEvalKit TSV files with base64 images.
+
+Rows are read one at a time (hub datasets are memory-mapped Arrow tables) and each item's images are decoded
+and encoded only when that item is produced.  Order: sources, configs and splits in spec order, rows in
+dataset order.  `limit=N` keeps the N items whose SHA-256(item id) sort first, still yielded in dataset
+order, so a subset spreads over subjects and a smaller limit is always a subset of a larger one.
+"""
+from __future__ import annotations
+
+import abc
+import ast
+import contextlib
+import datetime as _dt
+import glob
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import jinja2
+
+from ..errors import ConfigError, UserError
+from ..records import Item
+from .messages import build_messages
+from .spec import DataSource, TaskSpec
+from . import templating
+
+# A VLMEvalKit image cell this short is the `index` of another row whose image it reuses.
+TSV_IMAGE_REF_MAX = 64
+
+
+# --------------------------------------------------------------------------- tables
+
+
+class Table(abc.ABC):
+    """Random access to the rows of one part (source x config x split)."""
+
+    base_dir: Optional[Path] = None  # for image cells holding relative file paths
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def row(self, index: int) -> dict[str, Any]: ...
+
+    def text_rows(self) -> Iterator[dict[str, Any]]:
+        """All rows without decoding images (for ids and filters)."""
+        return (self.row(i) for i in range(len(self)))
+
+
+class HFTable(Table):
+    def __init__(self, dataset: Any):
+        import datasets
+
+        self.dataset = dataset
+        self.image_columns = [name for name, feature in dataset.features.items()
+                              if isinstance(feature, datasets.Image)
+                              or isinstance(getattr(feature, "feature", None), datasets.Image)
+                              or (isinstance(feature, list) and feature and isinstance(feature[0], datasets.Image))]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def text_rows(self) -> Iterator[dict[str, Any]]:
+        return iter(self.dataset.remove_columns(self.image_columns) if self.image_columns else self.dataset)
+
+
+class ListTable(Table):
+    def __init__(self, rows: list[dict[str, Any]], base_dir: Optional[Path] = None):
+        self.rows, self.base_dir = rows, base_dir
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+class TsvTable(Table):
+    """VLMEvalKit TSV: `image` holds base64, a stringified list of base64 strings, or another row's `index`."""
+
+    def __init__(self, frame: Any, path: Path):
+        self.frame, self.path, self.base_dir = frame, path, path.parent
+        self.has_image = "image" in frame.columns
+        self.position = {str(v): i for i, v in enumerate(frame["index"])} if "index" in frame.columns else {}
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def _plain(self, index: int, drop_image: bool = False) -> dict[str, Any]:
+        record = self.frame.iloc[index].to_dict()
+        if drop_image:
+            record.pop("image", None)
+        return {k: _python(v) for k, v in record.items()}
+
+    def row(self, index: int) -> dict[str, Any]:
+        record = self._plain(index)
+        if self.has_image:
+            try:
+                record["image"] = self._image(record.get("image"))
+            except (ValueError, SyntaxError):
+                raise UserError(f"{self.path}: row {index + 1}: `image` looks like a list but is not a Python "
+                                "list of base64 strings") from None
+        return record
+
+    def _image(self, cell: Any, depth: int = 0) -> Any:
+        if isinstance(cell, int):  # a column of nothing but references parses as integers
+            cell = str(cell)
+        if not isinstance(cell, str):
+            return cell
+        if len(cell) <= TSV_IMAGE_REF_MAX and cell in self.position and depth < 3:  # depth: no reference loops
+            return self._image(_python(self.frame["image"].iloc[self.position[cell]]), depth + 1)
+        if cell.startswith("["):
+            return list(ast.literal_eval(cell))
+        return cell
+
+    def text_rows(self) -> Iterator[dict[str, Any]]:
+        return (self._plain(i, drop_image=True) for i in range(len(self)))
+
+
+def _python(value: Any) -> Any:
+    """pandas/numpy cell -> plain Python (NaN -> None)."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- opening sources
+
+
+@dataclass
+class Part:
+    label: str
+    source: DataSource
+    config: Optional[str]
+    split: Optional[str]
+    table: Table
+    shots: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars while we load (they would interleave with the run's own progress)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _missing_hub_message(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> str:
+    looked = f" (and {Path(data_dir) / source.hub} does not exist)" if data_dir else ""
+    return (f"{spec.title}: dataset {source.hub} (revision {source.revision}) is not in the offline cache{looked}; "
+            f"download it on a connected machine with `huggingface-cli download {source.hub} --repo-type dataset "
+            f"--local-dir DIR/{source.hub}` and pass --data-dir DIR (DIR containing {source.hub}/...)")
+
+
+def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: str, data_dir: Optional[str]) -> Any:
+    import datasets
+
+    local = Path(data_dir) / source.hub if data_dir else None
+    target, revision = (str(local), None) if local and local.is_dir() else (source.hub, source.revision or None)
+    where = f"{spec.title}: dataset {target}" + (f" config {config!r}" if config else "") + f" split {split!r}"
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(target, config, split=split, revision=revision)
+    except (ConnectionError, FileNotFoundError) as exc:
+        if target == source.hub:
+            raise UserError(_missing_hub_message(spec, source, data_dir)) from None
+        raise UserError(f"{where}: {_first_line(exc)}") from None
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as exc:
+        raise UserError(f"{where}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _resolve_path(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> Path:
+    path = Path(source.path)
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = ([Path(data_dir) / path] if data_dir else []) + [Path(spec.source).parent / path, path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{spec.title}: data file {source.path} not found (looked in "
+                    f"{', '.join(str(c.parent) for c in candidates)}); pass --data-dir DIR containing it")
+
+
+def _load_local(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> Table:
+    path = _resolve_path(spec, source, data_dir)
+    if source.format == "jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        return ListTable(rows, path.parent)
+    if source.format == "parquet":
+        import datasets
+
+        with _quiet_datasets():
+            return HFTable(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, sep="\t" if source.format == "tsv-vlmeval" else ",")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: cannot read {source.format}: {_first_line(exc)}") from None
+    if source.format == "tsv-vlmeval":
+        return TsvTable(frame, path)
+    return ListTable([{k: _python(v) for k, v in r.items()} for r in frame.to_dict("records")], path.parent)
+
+
+def _part_label(spec: TaskSpec, source: DataSource, config: Optional[str], split: Optional[str]) -> str:
+    if source.tag:
+        return source.tag
+    pieces = []
+    if len(spec.sources) > 1:
+        pieces.append((source.hub or source.path).rstrip("/").split("/")[-1])
+    if len(source.configs) > 1:
+        pieces.append(str(config))
+    if len(source.splits) > 1:
+        pieces.append(str(split))
+    return "/".join(pieces) or str(config or split or Path(source.path).stem)
+
+
+def open_parts(spec: TaskSpec, data_dir: Optional[str] = None) -> list[Part]:
+    """Open every part of the task's data; raises UserError (one line) when any is unavailable."""
+    parts = []
+    for source in spec.sources:
+        if source.path:
+            parts.append(Part(_part_label(spec, source, None, None), source, None, None,
+                              _load_local(spec, source, data_dir)))
+            continue
+        for config in source.configs:
+            for split in source.splits:
+                table = HFTable(_load_hub(spec, source, config, split, data_dir))
+                part = Part(_part_label(spec, source, config, split), source, config, split, table)
+                if spec.fewshot:
+                    part.shots = _shots(spec, source, config, data_dir)
+                parts.append(part)
+    return parts
+
+
+def _shots(spec: TaskSpec, source: DataSource, config: Optional[str], data_dir: Optional[str]) -> dict[Any, list]:
+    """First n rows of the few-shot split per value of `fewshot.by`, in dataset order."""
+    fewshot = spec.fewshot
+    assert fewshot is not None
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in HFTable(_load_hub(spec, source, config, fewshot.split, data_dir)).text_rows():
+        if fewshot.by and fewshot.by not in row:
+            raise ConfigError(spec.source, "fewshot.by", f"no column {fewshot.by!r} in split {fewshot.split!r}")
+        bucket = groups.setdefault(row[fewshot.by] if fewshot.by else None, [])
+        if len(bucket) < fewshot.n:
+            bucket.append(row)
+    return groups
+
+
+# --------------------------------------------------------------------------- evaluating spec fields
+
+
+@lru_cache(maxsize=512)
+def _expression(source: str) -> Callable[..., Any]:
+    return templating.compile_expression(source)
+
+
+@lru_cache(maxsize=128)
+def _template(source: str) -> jinja2.Template:
+    return templating.compile_template(source)
+
+
+class _Evaluator:
+    """Evaluates one task's templates and expressions, turning failures into one-line ConfigErrors."""
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+
+    def fail(self, field_name: str, item_id: str, exc: BaseException) -> ConfigError:
+        message = _first_line(exc) if not isinstance(exc, jinja2.UndefinedError) else exc.message or "undefined"
+        return ConfigError(self.spec.source, field_name, f"item {item_id}: {message}")
+
+    def value(self, field_name: str, source: str, ctx: dict[str, Any], item_id: str, column_ok: bool = False) -> Any:
+        if column_ok and source in ctx:  # gold / id_field may name a column, even one with spaces
+            return ctx[source]
+        try:
+            result = _expression(source)(**ctx)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(self.spec.source, field_name, f"jinja syntax error: {exc.message}") from None
+        except Exception as exc:  # any error inside a user expression is reported against its field
+            raise self.fail(field_name, item_id, exc) from None
+        if isinstance(result, jinja2.Undefined):
+            raise self.fail(field_name, item_id, jinja2.UndefinedError(f"{source!r} is undefined"))
+        return result
+
+    def text(self, field_name: str, source: str, ctx: dict[str, Any], item_id: str) -> str:
+        try:
+            return _template(source).render(**ctx)
+        except Exception as exc:  # as above: report against the template's field
+            raise self.fail(field_name, item_id, exc) from None
+
+
+def _context(part: Part, index: int, row: dict[str, Any]) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"part": part.label, "config": part.config, "split": part.split, "tag": part.source.tag,
+                           "row_index": index}
+    ctx.update(row)
+    ctx["row"] = row
+    return ctx
+
+
+def _item_id(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, ctx: dict[str, Any], many_parts: bool) -> str:
+    raw = str(ev.value("id_field", spec.id_field, ctx, f"#{index}", column_ok=True)) if spec.id_field else str(index)
+    prefix = part.source.tag or (part.label if many_parts and not spec.id_field else "")
+    return f"{prefix}/{raw}" if prefix else raw
+
+
+def _keep(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], index: int) -> bool:
+    return not spec.where or bool(ev.value("where", spec.where, ctx, f"#{index}"))
+
+
+def _image_values(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], row: dict[str, Any], item_id: str) -> list:
+    images = spec.images
+    if images is None:
+        return []
+    if images.expr:
+        names = ev.value("images.expr", images.expr, ctx, item_id)
+    elif images.pattern:
+        names = templating.matching_columns(row, images.pattern)
+    else:
+        names = list(images.columns)
+    values: list[Any] = []
+    for name in names:
+        if isinstance(name, str) and name in row:
+            value = row[name]
+        elif images.columns:
+            raise ConfigError(spec.source, "images", f"item {item_id}: no column {name!r}")
+        else:
+            value = name
+        values.extend(value if isinstance(value, list) else [value])
+    while values and values[-1] is None:
+        values.pop()
+    return values
+
+
+def _jsonable(value: Any) -> Any:
+    """Gold and meta go to SQLite as JSON: dates become ISO strings, numpy values plain Python."""
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):
+        return _python(value)
+    return str(value)
+
+
+def _build_item(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id: str, ctx: dict[str, Any],
+                max_image_pixels: Optional[int]) -> Item:
+    row = ctx["row"]
+    if spec.fewshot:
+        ctx["shots"] = part.shots.get(row.get(spec.fewshot.by) if spec.fewshot.by else None, [])
+    for name, expr in spec.derive.items():
+        ctx[name] = ev.value(f"derive.{name}", expr, ctx, item_id)
+    images = _image_values(spec, ev, ctx, row, item_id)
+    ctx["n_images"] = sum(image is not None for image in images)
+    text = ev.text("prompt", spec.prompt, ctx, item_id)
+    system = ev.text("system", spec.system, ctx, item_id).strip() if spec.system else ""
+    gold = ev.value("gold", spec.gold, ctx, item_id, column_ok=True)
+    meta = {key: ev.value(f"meta.{key}", expr, ctx, item_id) for key, expr in spec.meta.items()}
+    messages = build_messages(text, images, system=system, max_image_pixels=max_image_pixels,
+                              where=f"{spec.name}: item {item_id}", base_dir=part.table.base_dir)
+    return Item(task=spec.name, item_id=item_id, messages=messages, gold=_jsonable(gold), meta=_jsonable(meta))
+
+
+def subset_key(item_id: str) -> tuple[str, str]:
+    """Sort key of the deterministic `limit` subset."""
+    return hashlib.sha256(item_id.encode("utf-8")).hexdigest(), item_id
+
+
+def iter_items(spec: TaskSpec, limit: Optional[int] = None, data_dir: Optional[str] = None,
+               max_image_pixels: Optional[int] = None) -> Iterator[Item]:
+    """The task's items in dataset order; `limit` keeps a deterministic hash-spread subset (see module doc)."""
+    if limit is not None and limit < 1:
+        raise UserError(f"{spec.name}: limit must be at least 1, got {limit}")
+    parts = open_parts(spec, data_dir)
+    ev = _Evaluator(spec)
+    many = len(parts) > 1
+    chosen: Optional[set[tuple[int, int]]] = None
+    if limit is not None:
+        candidates = []
+        for p, part in enumerate(parts):
+            for index, row in enumerate(part.table.text_rows()):
+                ctx = _context(part, index, row)
+                if _keep(spec, ev, ctx, index):
+                    candidates.append((subset_key(_item_id(spec, ev, part, index, ctx, many)), p, index))
+        chosen = {(p, index) for _, p, index in sorted(candidates)[:limit]}
+    seen: set[str] = set()
+    for p, part in enumerate(parts):
+        for index in range(len(part.table)):
+            if chosen is not None and (p, index) not in chosen:
+                continue
+            ctx = _context(part, index, part.table.row(index))
+            if chosen is None and not _keep(spec, ev, ctx, index):
+                continue
+            item_id = _item_id(spec, ev, part, index, ctx, many)
+            if item_id in seen:
+                raise UserError(f"{spec.source}: id_field: duplicate item id {item_id!r}")
+            seen.add(item_id)
+            yield _build_item(spec, ev, part, index, item_id, ctx, max_image_pixels)
+
+
+# --------------------------------------------------------------------------- counting without loading
+
+
+def cached_item_count(spec: TaskSpec, data_dir: Optional[str] = None) -> Optional[int]:
+    """Rows available locally without touching the network (local files, or the `datasets` cache's split
+    sizes); None when unknown or when a `where` filter makes the count depend on the rows."""
+    if spec.where:
+        return None
+    total = 0
+    for source in spec.sources:
+        if source.path:
+            try:
+                total += len(_load_local(spec, source, data_dir))
+            except UserError:
+                return None
+            continue
+        for config in source.configs:
+            for split in source.splits:
+                count = _cached_split_size(source.hub, config, split)
+                if count is None:
+                    return None
+                total += count
+    return total
+
+
+def _cached_split_size(hub: str, config: Optional[str], split: str) -> Optional[int]:
+    import datasets
+
+    org_and_name = hub.split("/")
+    org_and_name[-1] = _snake(org_and_name[-1])
+    root = Path(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE))) / "___".join(org_and_name)
+    infos = glob.glob(str(root / glob.escape(config or "default") / "*" / "*" / "dataset_info.json"))
+    if not infos:
+        return None
+    latest = max(infos, key=os.path.getmtime)
+    try:
+        splits = json.loads(Path(latest).read_text(encoding="utf-8")).get("splits") or {}
+        return int(splits[split]["num_examples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _snake(name: str) -> str:
+    from datasets.naming import camelcase_to_snakecase
+
+    return camelcase_to_snakecase(name)

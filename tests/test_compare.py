@@ -1,0 +1,252 @@
+"""compare.py: pairing, every TaskComparison field, Holm across tasks, the livebench headline, drill-down."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from flageval_lite import stats
+from flageval_lite.compare import Comparison, compare_run, compare_task, disagreeing_items, livebench_weights
+from flageval_lite.errors import UserError
+from flageval_lite.records import Record, Score
+
+
+def score(role, item_id, value, outcome=None, extracted=None, text=None, task="t", group="", finish="stop"):
+    outcome = outcome or ("correct" if value == 1 else "wrong" if value == 0 else "partial")
+    if extracted is None:
+        extracted = "" if outcome in ("unparsed", "error") else ("A" if value == 1 else "B")
+    if text is None:
+        text = "" if outcome == "error" else f"answer {extracted}"
+    return Score(role=role, task=task, item_id=item_id, value=value, outcome=outcome, extracted=extracted, gold="A",
+                 response_text=text, finish_reason=finish, completion_tokens=5,
+                 error="timeout: read" if outcome == "error" else "", group=group)
+
+
+def identical(role_from: list[Score], role: str) -> list[Score]:
+    return [Score(**{**s.to_dict(), "role": role}) for s in role_from]
+
+
+# --------------------------------------------------------------------------- hand-built task
+
+
+@pytest.fixture
+def hand_built():
+    """10 paired items: reference 5/10 right, candidate 4/10; flips: i3, i4 lost, i5 gained.
+
+    Reference i8 is an infrastructure error, candidate i7 one; candidate i6 is unparsed; one
+    extra item on each side only.  Groups: even/odd item numbers.
+    """
+    ref_values = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    cand_values = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
+    ref, cand = [], []
+    for i, (r, c) in enumerate(zip(ref_values, cand_values)):
+        group = "even" if i % 2 == 0 else "odd"
+        ref.append(score("reference", f"i{i}", r, outcome="error" if i == 8 else None, group=group))
+        cand_outcome = "error" if i == 7 else "unparsed" if i == 6 else None
+        cand.append(score("candidate", f"i{i}", c, outcome=cand_outcome, group=group))
+    cand[1].response_text = "answer A, said differently"  # same answer, different output text
+    ref.append(score("reference", "r-only", 1))
+    cand.append(score("candidate", "c-only", 0))
+    return ref, cand
+
+
+def test_hand_built_task_fields(hand_built):
+    ref, cand = hand_built
+    tc = compare_task("t", "Task T", ref, cand, margin=1.0, release_gate=5.0)
+    ref_vals = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    cand_vals = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
+
+    assert (tc.task, tc.title, tc.metric, tc.n, tc.binary) == ("t", "Task T", "accuracy", 10, True)
+    assert tc.reference_score == pytest.approx(50.0) and tc.candidate_score == pytest.approx(40.0)
+    assert tc.delta == pytest.approx(-10.0)
+    lo, hi = stats.wilson_interval(5, 10)
+    assert (tc.reference_ci.low, tc.reference_ci.high) == pytest.approx((100 * lo, 100 * hi))
+    lo, hi = stats.wilson_interval(4, 10)
+    assert (tc.candidate_ci.low, tc.candidate_ci.high) == pytest.approx((100 * lo, 100 * hi))
+    lo, hi = stats.paired_difference_ci(ref_vals, cand_vals, confidence=0.95)
+    assert (tc.delta_ci.low, tc.delta_ci.high) == pytest.approx((100 * lo, 100 * hi))
+    lo, hi = stats.paired_difference_ci(ref_vals, cand_vals, confidence=0.90)
+    assert (tc.delta_ci90.low, tc.delta_ci90.high) == pytest.approx((100 * lo, 100 * hi))
+    assert tc.p_value == pytest.approx(stats.mcnemar_exact(2, 1)) and tc.p_holm == tc.p_value
+    assert (tc.flips_ref_only, tc.flips_cand_only) == (2, 1)
+    # extracted answers differ on i3, i4, i5 (flips), i6 (unparsed ""), i7 (error ""), i8 (error "")
+    assert tc.answer_agreement == pytest.approx(4 / 10)
+    assert tc.output_agreement == pytest.approx(3 / 10)  # i1 differs in text only
+    assert tc.mde == pytest.approx(100 * stats.minimum_detectable_effect(ref_vals, cand_vals))
+    assert tc.equivalent is False
+    assert tc.within_release_gate is False  # a 10-point drop
+    assert tc.verdict == "regression"  # beyond the release gate
+    assert (tc.errors_reference, tc.errors_candidate) == (1, 1)
+    assert (tc.unparsed_reference, tc.unparsed_candidate) == (0, 1)
+    assert (tc.only_reference, tc.only_candidate) == (["r-only"], ["c-only"])
+    assert tc.excluded_errors == 0
+    assert tc.answer_disagreements == 6
+    assert len(tc.warnings) == 1 and "left out of the paired statistics" in tc.warnings[0]
+    assert tc.divergence["n"] == 10 and tc.divergence["exact_output_agreement"] == pytest.approx(0.3)
+    assert tc.divergence["logprobs"] is None
+    assert tc.groups == {
+        "even": {"n": 5, "reference": 60.0, "candidate": 40.0, "delta": pytest.approx(-20.0),
+                 "flips_ref_only": 1, "flips_cand_only": 0},
+        "odd": {"n": 5, "reference": 40.0, "candidate": 40.0, "delta": 0.0,
+                "flips_ref_only": 1, "flips_cand_only": 1},
+    }
+
+
+def test_errors_can_be_left_out_instead_of_scored_zero(hand_built):
+    ref, cand = hand_built
+    tc = compare_task("t", "Task T", ref, cand, errors_as_zero=False)
+    assert tc.n == 8 and tc.excluded_errors == 2  # i7 and i8
+    assert (tc.errors_reference, tc.errors_candidate) == (1, 1)  # still counted
+    assert any("infrastructure error" in w for w in tc.warnings)
+
+
+def test_logprob_divergence_from_records():
+    ref = [score("reference", "a", 1, text="Yes")]
+    cand = [score("candidate", "a", 1, text="Yes")]
+
+    def record(role, logprob):
+        return Record(run_id="r", role=role, endpoint_id="e", task="t", item_id="a", prompt_hash="h", params={},
+                      response_text="Yes", logprobs=[{"token": "Yes", "logprob": logprob,
+                                                      "top_logprobs": [{"token": "Yes", "logprob": logprob},
+                                                                       {"token": "No", "logprob": -3.0}]}])
+
+    tc = compare_task("t", "T", ref, cand, records={"reference": [record("reference", -0.1)],
+                                                    "candidate": [record("candidate", -0.2)]})
+    assert tc.divergence["logprobs"]["pairs"] == 1
+    assert tc.divergence["logprobs"]["top1_agreement"] == 1.0
+    assert tc.divergence["logprobs"]["logprob_abs_diff_mean"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- A/A
+
+
+@pytest.mark.parametrize("n, expected", [(400, "consistent"), (200, "inconclusive")])
+def test_identical_runs(n, expected):
+    """A/A: Δ = 0 and full agreement; only n = 400 is large enough for TOST at ±1 point.
+
+    With no discordant pair the 90 % interval is ±z²/(n + z²): ±0.67 points at n = 400 (inside ±1),
+    ±1.34 points at n = 200 (not).
+    """
+    ref = [score("reference", f"i{i}", float(i % 3 == 0)) for i in range(n)]
+    tc = compare_task("t", "T", ref, identical(ref, "candidate"), margin=1.0)
+    assert tc.delta == 0.0 and tc.flips_ref_only == tc.flips_cand_only == 0
+    assert tc.answer_agreement == 1.0 and tc.output_agreement == 1.0
+    assert tc.p_value == 1.0
+    assert tc.equivalent is (expected == "consistent")
+    assert tc.verdict == expected
+    assert tc.within_release_gate is True
+
+
+# --------------------------------------------------------------------------- across tasks
+
+
+def _task(name, n, lost, gained=0):
+    """n items, the reference right on the first half; the candidate loses `lost` and gains `gained`."""
+    ref = [score("reference", f"{name}{i}", float(i < n // 2), task=name) for i in range(n)]
+    cand = identical(ref, "candidate")
+    for s in cand[:lost]:
+        s.value, s.outcome, s.extracted = 0.0, "wrong", "B"
+    for s in cand[n // 2:n // 2 + gained]:
+        s.value, s.outcome, s.extracted = 1.0, "correct", "A"
+    return {"task": name, "title": name.upper(), "reference": ref, "candidate": cand}
+
+
+def test_holm_across_tasks_changes_the_verdict():
+    tasks = [_task("a", 200, lost=6), _task("b", 200, lost=1, gained=1), _task("c", 200, lost=0)]
+    alone = compare_task("a", "A", tasks[0]["reference"], tasks[0]["candidate"])
+    assert alone.p_value == pytest.approx(2 / 64)  # exact McNemar, 6 vs 0
+    assert alone.verdict == "regression"  # p < 0.05 and the 95 % CI is below 0
+
+    run = compare_run(tasks, margin=1.0, release_gate=5.0)
+    assert isinstance(run, Comparison)
+    assert [t.task for t in run.tasks] == ["a", "b", "c"]  # card order kept
+    raw = [t.p_value for t in run.tasks]
+    assert [t.p_holm for t in run.tasks] == pytest.approx(stats.holm(raw))
+    assert run.tasks[0].p_holm == pytest.approx(3 * 2 / 64)  # smallest p times m = 3
+    assert run.tasks[0].verdict == "inconclusive"  # no longer significant after Holm
+    assert run.verdict == "inconclusive" and run.exit_code == 3
+    assert run.to_dict()["tasks"][0]["p_holm"] == pytest.approx(3 * 2 / 64)
+
+
+def test_run_verdict_regression_and_consistent():
+    big_drop = compare_run([_task("a", 400, lost=40), _task("c", 400, lost=0)])
+    assert [t.verdict for t in big_drop.tasks] == ["regression", "consistent"]
+    assert big_drop.verdict == "regression" and big_drop.exit_code == 1
+    same = compare_run([_task("c", 400, lost=0), _task("d", 600, lost=0)])
+    assert same.verdict == "consistent" and same.exit_code == 0
+
+
+def test_perf_and_noise_floor_are_carried():
+    def samples(latency):
+        return [{"started_at": float(i), "latency_s": latency, "ttft_s": 0.1, "itl_s": [0.02] * 9,
+                 "completion_tokens": 10, "error": ""} for i in range(8)]
+
+    noise = compare_run([_task("c", 50, lost=0)])
+    run = compare_run([_task("c", 50, lost=1)], noise_floor=noise,
+                      perf={"reference": {"perf@c8": samples(0.5), "perf@c1": samples(0.4)},
+                            "candidate": {"perf@c8": samples(0.6), "perf@c1": samples(0.4)}})
+    assert list(run.perf) == ["perf@c1", "perf@c8"]  # ordered by concurrency
+    assert run.perf["perf@c8"]["candidate"].e2el_ms_p50 == pytest.approx(600.0)
+    assert run.perf_ratios["perf@c8"]["latency"]["e2el_ms_p50"] == pytest.approx(1.2)
+    assert run.noise_floor is noise and run.to_dict()["noise_floor"]["tasks"][0]["delta"] == 0.0
+
+
+# --------------------------------------------------------------------------- livebench
+
+
+def test_livebench_headline_is_mean_of_category_means_of_task_means():
+    groups_values_ref = [("math/amps", 1), ("math/amps", 0),
+                         ("math/comp", 1), ("math/comp", 1), ("math/comp", 1), ("math/comp", 0),
+                         ("reasoning/zebra", 0.5), ("reasoning/zebra", 0), ("reasoning/zebra", 1)]
+    cand_values = [1, 1, 1, 1, 1, 0, 0.5, 0, 0]  # amps +1 item, zebra -1 item
+    ref = [score("reference", f"i{k}", v, group=g) for k, (g, v) in enumerate(groups_values_ref)]
+    cand = [score("candidate", f"i{k}", v, group=g)
+            for k, ((g, _), v) in enumerate(zip(groups_values_ref, cand_values))]
+    tc = compare_task("t", "LiveBench", ref, cand, metric="livebench")
+
+    ref_headline = ((0.5 + 0.75) / 2 + 0.5) / 2  # math = mean(amps .5, comp .75); reasoning = .5
+    cand_headline = ((1.0 + 0.75) / 2 + 0.5 / 3) / 2
+    assert tc.metric == "livebench" and tc.binary is False
+    assert tc.reference_score == pytest.approx(100 * ref_headline)
+    assert tc.candidate_score == pytest.approx(100 * cand_headline)
+    assert tc.delta == pytest.approx(100 * (cand_headline - ref_headline))
+    assert tc.delta_ci.low <= tc.delta <= tc.delta_ci.high
+    assert (tc.flips_ref_only, tc.flips_cand_only) == (1, 1)  # zebra 1 -> 0 lost, amps 0 -> 1 gained
+    assert tc.groups["math"]["reference"] == pytest.approx(62.5)
+    assert tc.groups["reasoning"]["candidate"] == pytest.approx(100 * 0.5 / 3)
+    assert sum(livebench_weights([g for g, _ in groups_values_ref])) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- drill-down and bad input
+
+
+def test_disagreeing_items_flips_first_with_safe_images(hand_built):
+    ref, cand = hand_built
+    items = {"i6": {"prompt_text": "What is <b>6</b>?", "images": ["data:image/png;base64,AAAA",
+                                                                   "http://example.com/leak.png"]}}
+    drill = disagreeing_items("t", ref, cand, items)
+    assert [d.item_id for d in drill] == ["i3", "i4", "i5", "i7", "i8", "i6"]
+    assert [d.kind for d in drill] == ["flip"] * 5 + ["answer"]
+    six = drill[-1]
+    assert six.prompt == "What is <b>6</b>?" and six.images == ["data:image/png;base64,AAAA"]
+    assert (six.reference_outcome, six.candidate_outcome) == ("wrong", "unparsed")
+    assert drill[3].candidate_response == "timeout: read" and drill[3].candidate_outcome == "error"
+    assert len(disagreeing_items("t", ref, cand, items, limit=2)) == 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ref, cand: ref.append(score("reference", "i0", 1)), "scored twice"),
+    (lambda ref, cand: setattr(cand[0], "value", 1.5), "outside [0, 1]"),
+    (lambda ref, cand: setattr(cand[0], "task", "other"), "belongs to task 'other'"),
+    (lambda ref, cand: cand.clear(), "no item was scored on both"),
+])
+def test_bad_input_is_one_clear_error(hand_built, mutate, message):
+    ref, cand = hand_built
+    mutate(ref, cand)
+    with pytest.raises(UserError, match=re.escape(message)):
+        compare_task("t", "T", ref, cand)
+
+
+def test_unknown_metric_is_rejected(hand_built):
+    with pytest.raises(UserError, match="unknown metric 'median'"):
+        compare_task("t", "T", *hand_built, metric="median")

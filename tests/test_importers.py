@@ -1,0 +1,189 @@
+"""`flageval-lite import`: other tools' per-sample files -> a stored run -> compare -> report.
+
+Fixtures under tests/fixtures/imports/ are written in each tool's documented format (docs/imports.md);
+the lm-eval pair is real lm-eval output of tests/test_lmeval_bridge.py (fixtures/lmeval_bridge/samples/).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flageval_lite.bridges.lmeval import convert_samples, register_task
+from flageval_lite.compare import compare_run
+from flageval_lite.errors import UserError
+from flageval_lite.importers import (detect_format, import_command, import_runs, load_samples, parse_labels,
+                                     run_import)
+from flageval_lite.store import Store
+
+FIX = Path(__file__).parent / "fixtures" / "imports"
+VK, FM = FIX / "vlmevalkit", FIX / "flagevalmm"
+LMEVAL = Path(__file__).parent / "fixtures" / "lmeval_bridge" / "samples"
+ROW_FIELDS = ("n", "binary", "reference_score", "candidate_score", "delta", "p_value", "flips_ref_only",
+              "flips_cand_only", "answer_agreement", "output_agreement", "errors_reference", "errors_candidate",
+              "unparsed_reference", "unparsed_candidate", "verdict", "title")
+
+
+def lmeval_file(role: str) -> Path:
+    return next((LMEVAL / role).glob("samples_*.jsonl"))
+
+
+@pytest.mark.parametrize("path, fmt", [
+    (VK / "native", "vlmevalkit"),
+    (VK / "native" / "Qwen2.5-VL-native_MMMU_DEV_VAL.xlsx", "vlmevalkit"),
+    (VK / "graded" / "native_MMVet_gpt-4-turbo.json", "vlmevalkit"),
+    (FM / "native", "flagevalmm"),
+    (FM / "native" / "mmmu_val" / "mmmu_val.json", "flagevalmm"),
+    (FM / "native" / "mmmu_val" / "mmmu_val_evaluated.json", "flagevalmm"),
+    (LMEVAL / "reference", "lmeval"),
+])
+def test_format_is_detected_from_names_and_columns(path, fmt):
+    assert detect_format(path) == fmt
+
+
+def test_vlmevalkit_work_dirs_mcq_scored_by_our_choice_scorer_and_judged_vqa(tmp_path):
+    result = run_import(VK / "native", VK / "gems", tmp_path / "runs" / "vk", tmp_path / "reports",
+                        labels="native,flaggems")
+    mcq, vqa = result.comparison.task("MMMU_DEV_VAL"), result.comparison.task("MathVista_MINI")
+    # MCQ file without scores: our choice scorer; "I am not sure" is unparsed on both sides, and B's
+    # "Failed to obtain answer via API." is an infrastructure error, not a wrong answer.
+    assert (mcq.n, mcq.reference_score, mcq.candidate_score) == (8, 87.5, 62.5)
+    assert (mcq.flips_ref_only, mcq.flips_cand_only) == (2, 0)
+    assert (mcq.unparsed_reference, mcq.unparsed_candidate, mcq.errors_candidate) == (1, 1, 1)
+    # The judged `_gpt-4o-mini_result.tsv` wins over the plain prediction file: its `hit` column counts.
+    assert (vqa.n, vqa.reference_score, vqa.candidate_score) == (6, pytest.approx(500 / 6), pytest.approx(400 / 6))
+    assert result.files["md"].is_file() and "native" in result.files["md"].read_text()
+    with Store(tmp_path / "runs" / "vk" / "results.sqlite") as store:
+        item = next(it for it in store.items("vk", task="MMMU_DEV_VAL") if it["item_id"] == "1002")
+        assert item["prompt_text"].splitlines() == ["Which material has the highest conductivity?",
+                                                    "A. Copper", "B. Glass", "C. Rubber"]
+        extracted = {s.item_id: s.extracted for s in store.scores("vk", role="candidate", task="MMMU_DEV_VAL")}
+        assert extracted["1003"] == "A" and extracted["1000"] == "B"
+
+
+def test_vlmevalkit_graded_json_files_of_two_models_pair_up(tmp_path):
+    run_id, files = import_runs(VK / "graded" / "native_MMVet_gpt-4-turbo.json",
+                                VK / "graded" / "gems_MMVet_gpt-4-turbo.json", tmp_path / "runs" / "mmvet",
+                                tmp_path / "reports")
+    summary = json.loads(files["json"].read_text())
+    (row,) = summary["comparison"]["tasks"]
+    assert run_id == "mmvet" and row["n"] == 5 and row["binary"] is False
+    assert (row["reference_score"], row["candidate_score"]) == (pytest.approx(66.0), pytest.approx(62.0))
+
+
+def test_vlmevalkit_file_without_scores_that_is_not_mcq_is_refused():
+    with pytest.raises(UserError, match=r"native_OCRBench\.csv: no score column .* not a multiple-choice file"):
+        load_samples(VK / "graded" / "native_OCRBench.csv")
+
+
+def test_vlmevalkit_runs_over_edited_questions_are_refused(tmp_path):
+    with pytest.raises(UserError) as err:
+        import_runs(VK / "native" / "Qwen2.5-VL-native_MMMU_DEV_VAL.xlsx",
+                    VK / "edited" / "Qwen2.5-VL-gems_MMMU_DEV_VAL.xlsx", tmp_path / "runs" / "x", tmp_path / "rep")
+    message = str(err.value)
+    assert "did not ask the same questions" in message and "2 of 8 shared item(s) differ" in message
+    assert "first: 1001 (question" in message and "1005 (question" in message
+    assert not (tmp_path / "runs" / "x").exists()  # nothing half-stored
+
+
+def test_flagevalmm_output_dirs(tmp_path, capsys):
+    code = import_command(str(FM / "native"), str(FM / "gems"), None, "native,flaggems", tmp_path / "runs",
+                          tmp_path / "reports")
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("verdict: ")
+    assert "note: mmmu_val: 1 item(s) only in native (not compared): validation_Economics_6" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((tmp_path / "reports" / run_dir.name / "summary.json").read_text())
+    rows = {row["task"]: row for row in summary["comparison"]["tasks"]}
+    mmmu, vet = rows["mmmu_val"], rows["mmvet_v2"]
+    assert (mmmu["n"], mmmu["errors_candidate"], mmmu["only_reference"]) == (5, 1, ["validation_Economics_6"])
+    assert (mmmu["flips_ref_only"], mmmu["flips_cand_only"]) == (2, 0)  # a wrong letter and an "Error code"
+    assert (vet["reference_score"], vet["candidate_score"]) == (pytest.approx(50.0), pytest.approx(200 / 3))
+    with Store(run_dir / "results.sqlite") as store:
+        scores = {s.item_id: s for s in store.scores(run_dir.name, role="candidate", task="mmvet_v2")}
+        # MM-Vet's evaluated file holds the gold in `answer`; the reply comes from mmvet_v2.json.
+        assert (scores["v2_1"].gold, scores["v2_1"].response_text) == (
+            "The cat is wearing a hat <AND> it looks serious", "A serious cat wears a hat.")
+        record = next(r for r in store.records(run_dir.name, role="reference", task="mmmu_val")
+                      if r.item_id == "validation_Art_1")
+        assert (record.response_text, record.reasoning_content) == ("Answer: D", "<think>The style is ornate.</think>")
+
+
+def test_flagevalmm_runs_over_edited_questions_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"did not ask the same questions; task mmmu_val: 1 of 6 shared item\(s\) "
+                                        r"differ, first: validation_Physics_3 \(question "):
+        import_runs(FM / "native", FM / "edited", tmp_path / "runs" / "x", tmp_path / "reports")
+
+
+def test_flagevalmm_predictions_alone_carry_no_correctness(tmp_path):
+    shutil.copy(FM / "native" / "mmmu_val" / "mmmu_val.json", tmp_path / "mmmu_val.json")
+    with pytest.raises(UserError, match="carry no correctness; import the mmmu_val_evaluated.json"):
+        load_samples(tmp_path / "mmmu_val.json")
+
+
+def native_comparison(tmp_path: Path):
+    """The same lm-eval samples stored the way the bridge stores its own runs, then compared."""
+    run_id, task = "native", "lmeval:flageval_arith"
+    with Store(tmp_path / "native.sqlite") as store:
+        for role in ("reference", "candidate"):
+            rows = [json.loads(line) for line in lmeval_file(role).read_text().splitlines() if line]
+            samples = convert_samples(rows, task, "flageval_arith")
+            for sample in samples:
+                store.put_item(run_id, sample.to_item())
+                store.put_record(sample.to_record(run_id, role, role))
+            store.put_scores(run_id, [s.to_score(role) for s in samples])
+            register_task(store, task, samples)
+        spec = store.get_meta("task_specs")[task]
+        inputs = [{"task": task, "title": spec["title"], "metric": spec["metric"],
+                   "reference": store.scores(run_id, role="reference"),
+                   "candidate": store.scores(run_id, role="candidate"),
+                   "items": {it["item_id"]: it for it in store.items(run_id)}}]
+    return compare_run(inputs)
+
+
+def test_lmeval_sample_dirs_compare_like_a_native_run(tmp_path):
+    task = "lmeval:flageval_arith"
+    result = run_import(LMEVAL / "reference", LMEVAL / "candidate", tmp_path / "runs" / "lm", tmp_path / "reports")
+    imported, native = result.comparison, native_comparison(tmp_path)
+    assert imported.task(task).n == 10
+    for name in ROW_FIELDS:
+        assert getattr(imported.task(task), name) == getattr(native.task(task), name), name
+    assert [d.to_dict() for d in imported.drilldown[task]] == [d.to_dict() for d in native.drilldown[task]]
+
+
+def test_lmeval_runs_over_different_docs_are_refused(tmp_path):
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    rows = [json.loads(line) for line in lmeval_file("candidate").read_text().splitlines() if line]
+    rows[3]["doc_hash"] = "0" * 64  # another dataset revision: doc 3 is a different question
+    (edited / lmeval_file("candidate").name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"task lmeval:flageval_arith: 1 of 10 shared item\(s\) differ, "
+                                        r"first: 3 \(doc_hash "):
+        import_runs(LMEVAL / "reference", edited, tmp_path / "runs" / "x", tmp_path / "reports")
+
+
+def test_one_lmeval_task_twice_in_a_directory_is_refused(tmp_path):
+    for date in ("2026-01-01T10-00-00.000001", "2026-01-02T10-00-00.000001"):
+        shutil.copy(lmeval_file("reference"), tmp_path / f"samples_flageval_arith_{date}.jsonl")
+    with pytest.raises(UserError, match="2 sample files for task flageval_arith"):
+        load_samples(tmp_path)
+
+
+def test_directory_with_two_formats_needs_format(tmp_path):
+    shutil.copy(lmeval_file("reference"), tmp_path)
+    shutil.copy(FM / "native" / "mmmu_val" / "mmmu_val_evaluated.json", tmp_path)
+    with pytest.raises(UserError, match="lmeval and flagevalmm per-sample files; name the format with --format"):
+        load_samples(tmp_path)
+    assert list(load_samples(tmp_path, fmt="flagevalmm").tasks) == ["mmmu_val"]
+
+
+def test_labels_and_existing_run_dir(tmp_path):
+    assert parse_labels("vllm, vllm+gems") == ("vllm", "vllm+gems")
+    for bad in ("A", "A,A", "A,B,C", ",B"):
+        with pytest.raises(UserError, match="--labels"):
+            parse_labels(bad)
+    import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")
+    with pytest.raises(UserError, match="already holds a stored run"):
+        import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")

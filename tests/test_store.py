@@ -1,0 +1,138 @@
+"""Store over real SQLite files."""
+from __future__ import annotations
+
+import base64
+import io
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from flageval_lite.errors import UserError
+from flageval_lite.records import Item, Record, Score
+from flageval_lite.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "runs" / "r1" / "results.sqlite") as s:
+        yield s
+
+
+def record(item_id: str = "1", error: str = "", text: str = "answer", role: str = "reference", **kw) -> Record:
+    return Record(run_id="r1", role=role, endpoint_id="ep", task="t", item_id=item_id, prompt_hash="ph",
+                  params={"temperature": 0.0, "stop": []}, response_text="" if error else text, error=error,
+                  error_kind="http_5xx" if error else "", **kw)
+
+
+def data_url(width: int, height: int, fmt: str = "PNG", color=(200, 30, 30)) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_pragmas_are_wal_and_normal(store):
+    db = store._db
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+
+
+def test_records_round_trip_with_json_fields(store):
+    rec = record(logprobs=[{"token": "a", "logprob": -0.1, "top_logprobs": []}], itl_s=[0.01, 0.02], ttft_s=0.3,
+                 reasoning_content="think", finish_reason="stop", completion_tokens=7, attempts=2)
+    store.put_record(rec)
+    [back] = store.records("r1")
+    assert back == rec
+    assert store.finished_keys("r1") == {rec.cache_key()}
+    assert list(store.records("r1", role="candidate")) == [] and list(store.records("r1", task="other")) == []
+    assert list(store.records("r2")) == []
+
+
+def test_success_replaces_error_but_never_the_reverse(store):
+    store.put_record(record(error="HTTP 500: boom", attempts=4))
+    assert store.finished_keys("r1") == set()
+    assert store.error_counts("r1") == {("reference", "t", "http_5xx"): 1}
+
+    store.put_record(record(text="first answer"))
+    store.put_record(record(error="HTTP 500: later failure"))
+    store.put_record(record(text="second answer"))
+    [only] = store.records("r1")
+    assert only.ok and only.response_text == "first answer"
+    assert store.error_counts("r1") == {}
+    assert store._db.execute("SELECT COUNT(*) FROM records").fetchone() == (1,)
+
+
+def test_error_counts_by_role_task_kind(store):
+    store.put_record(record("1", error="x"))
+    store.put_record(record("2", error="y"))
+    store.put_record(record("3", error="z", role="candidate"))
+    store.put_record(record("4"))
+    assert store.error_counts("r1") == {("reference", "t", "http_5xx"): 2, ("candidate", "t", "http_5xx"): 1}
+
+
+def test_items_with_thumbnails_stored_once(store):
+    big = data_url(1024, 512, "JPEG")
+    item = Item("mm", "q1", [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": [{"type": "text", "text": "What is in <image 1>?"},
+                                                          {"type": "image_url", "image_url": {"url": big}},
+                                                          {"type": "image_url", "image_url": {"url": data_url(40, 80)}}]}],
+                gold="A", meta={"subject": "art"})
+    store.put_item("r1", item)
+    store.put_item("r1", item)  # a second role's dispatch of the same item
+    [row] = store.items("r1")
+    assert row["item_id"] == "q1" and row["gold"] == "A" and row["meta"] == {"subject": "art"}
+    assert row["prompt_text"] == "Be brief.\n\nWhat is in <image 1>?" and row["prompt_hash"] == item.prompt_hash()
+    sizes = []
+    for url in row["images"]:
+        assert url.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as img:
+            assert img.format == "JPEG"
+            sizes.append(img.size)
+    assert sizes[0] == (256, 128) and sizes[1] == (40, 80)  # small images are not blown up
+    assert list(store.items("r1", task="other")) == []
+
+
+def test_undecodable_image_names_the_item(store):
+    item = Item("mm", "q9", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}], gold="")
+    with pytest.raises(UserError, match="task mm item q9 image 1"):
+        store.put_item("r1", item)
+
+
+def test_scores_replace_per_key(store):
+    first = Score(role="reference", task="t", item_id="1", value=0.0, outcome="wrong", group="g1")
+    store.put_scores("r1", [first, Score(role="candidate", task="t", item_id="1", value=1.0, outcome="correct")])
+    store.put_scores("r1", [Score(role="reference", task="t", item_id="1", value=1.0, outcome="correct", ttft_s=0.2)])
+    scores = store.scores("r1")
+    assert len(scores) == 2
+    assert store.scores("r1", role="reference")[0].value == 1.0 and store.scores("r1", role="reference")[0].ttft_s == 0.2
+    assert [s.role for s in store.scores("r1", task="t", role="candidate")] == ["candidate"]
+
+
+def test_meta_round_trip_and_persistence(tmp_path):
+    path = tmp_path / "m.sqlite"
+    with Store(path) as s:
+        assert s.get_meta("manifest", default={}) == {}
+        s.set_meta("manifest", {"run": "r1", "roles": ["reference", "candidate"]})
+        s.set_meta("manifest", {"run": "r1", "version": 2})
+        s.put_record(record())
+    with Store(path) as s:
+        assert s.get_meta("manifest") == {"run": "r1", "version": 2}
+        assert len(s.finished_keys("r1")) == 1
+
+
+def test_not_a_database_names_the_path(tmp_path):
+    bogus = tmp_path / "results.sqlite"
+    bogus.write_text("this is not sqlite\n" * 100)
+    with pytest.raises(UserError, match=str(bogus)):
+        Store(bogus)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE records (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(UserError, match=r"table records lacks columns"):
+        Store(path)
