@@ -79,6 +79,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importers import import_command
+
+    return import_command(args.path_a, args.path_b, args.format, args.labels, args.runs_dir, args.reports_dir,
+                          gate=args.gate, margin=args.margin)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flageval-lite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -99,10 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--gate", action="store_true")
     sub.add_parser("tasks", help="list tasks and suites")
+    p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, VLMEvalKit or FlagEvalMM")
+    p.add_argument("path_a")
+    p.add_argument("path_b")
+    p.add_argument("--format", choices=["lmeval", "vlmevalkit", "flagevalmm"])
+    p.add_argument("--labels", default="A,B", help="names of the two runs in the report")
+    p.add_argument("--margin", type=float, default=1.0)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--gate", action="store_true")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks, "import": cmd_import}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -50,6 +50,7 @@ class RunConfig:
     margin: float = 1.0
     release_gate: float = 5.0
     data_dir: str = ""
+    lmeval_include_path: str = ""  # folder of extra lm-eval task YAMLs for `lmeval:<task>` entries
     max_image_pixels: Optional[int] = None
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
@@ -138,7 +139,7 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raw["tasks"] = tuple(raw["tasks"])
     types = {"suite": str, "limit": int, "placement": str, "allow_fallback": bool, "concurrency": int,
              "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
-             "margin": (int, float), "release_gate": (int, float), "data_dir": str,
+             "margin": (int, float), "release_gate": (int, float), "data_dir": str, "lmeval_include_path": str,
              "max_image_pixels": int, "judge": dict, "noise_floor": bool}
     for key, expected in types.items():
         if raw.get(key) is not None:

@@ -244,6 +244,7 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
         elif scorer is None:
             item.value = _unit_value(row.get(score_column), f"{where}: column {score_column}")
             item.outcome = _outcome(item.value)
+            item.extracted = prediction.strip()  # no extracted answer in the file: the reply stands in for it
         else:
             item.value, item.outcome, item.extracted = _score_choice(scorer, prediction, gold, options, where)
         items.append(item)
@@ -374,7 +375,7 @@ def load_flagevalmm_file(path: Path) -> tuple[str, list[ImportedItem], str]:
             item.value = _unit_value(row[column], f"{where}: field {column}")
             item.outcome = _outcome(item.value)
             item.gold = _text(row[gold_field] if gold_field else row.get("answer"))
-            item.extracted = _text(row.get("answer")) if "raw_answer" in row else ""
+            item.extracted = _text(row.get("answer")) if "raw_answer" in row else response.strip()
         elif response.startswith(FLAGEVALMM_REJECTED):  # filtered out by FlagEvalMM, never judged
             item.outcome, item.error = "error", f"FlagEvalMM: {response[:200]}"
             item.gold = _text(row.get(gold_field)) if gold_field else ""

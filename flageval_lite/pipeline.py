@@ -17,13 +17,14 @@ from typing import Any, Iterator, Optional
 
 from . import __version__
 from .compare import compare_run, compare_task
+from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
 from .config import RunConfig
 from .errors import UserError
 from .records import Endpoint, GenParams, Item, ServeSpec, stable_hash
 from .report import render_report
 from .runner import Job, Runner
 from .scoring import score_task
-from .servers.evidence import check_candidate
+from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import ServerGroup
 from .servers.placement import plan_placement
 from .store import Store
@@ -50,7 +51,10 @@ def new_run_id(suite: str) -> str:
 
 
 def select_tasks(config: RunConfig) -> list[Any]:
-    return [load_task(t) for t in config.tasks] if config.tasks else load_suite(config.suite)
+    """Native task specs of the run (lm-eval tasks, `lmeval:<name>`, are run by lm-eval itself)."""
+    if not config.tasks:
+        return load_suite(config.suite)
+    return [load_task(t) for t in config.tasks if not is_lmeval_task(t)]
 
 
 def task_params(spec: Any) -> GenParams:
@@ -79,6 +83,7 @@ class Pipeline:
                  reports_root: Path = Path("reports"), quiet: bool = False):
         self.config = config
         self.tasks = select_tasks(config)
+        self.lmeval_tasks = [t for t in config.tasks if is_lmeval_task(t)]
         self.run_id = run_id or new_run_id(config.suite if not config.tasks else "tasks")
         self.run_dir = runs_root / self.run_id
         self.report_dir = reports_root / self.run_id
@@ -95,6 +100,14 @@ class Pipeline:
     def items(self, spec: Any) -> Iterator[Item]:
         return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,
                           max_image_pixels=self.config.max_image_pixels)
+
+    def run_lmeval(self, endpoint: Endpoint, store: Store) -> None:
+        # One role at a time: lm-eval reseeds the global RNGs, so parallel runs would interfere.
+        for task in self.lmeval_tasks:
+            run_lmeval_task(task, endpoint, endpoint.role, self.run_id, store, limit=self.config.limit,
+                            include_path=self.config.lmeval_include_path or None,
+                            num_concurrent=self.config.concurrency, cache_dir=self.run_dir,
+                            samples_dir=self.run_dir / "lmeval" / endpoint.role)
 
     def jobs_for(self, endpoint: Endpoint) -> list[Job]:
         return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec), params=task_params(spec))
@@ -148,6 +161,8 @@ class Pipeline:
                 runner.supervisors = {role: servers[role] for role in servers}
                 jobs = self.jobs_for(endpoints["reference"]) + self.jobs_for(endpoints["candidate"])
                 asyncio.run(runner.run_jobs(jobs, interleave=cfg.interleave))
+                for endpoint in endpoints.values():
+                    self.run_lmeval(endpoint, store)
                 self.after_main(runner, endpoints, store)
                 evidence = {role: s.evidence for role, s in servers.items()}
             else:
@@ -156,10 +171,12 @@ class Pipeline:
                     endpoint = endpoint_of(server, specs[role])
                     runner.supervisors = {role: server}
                     asyncio.run(runner.run_jobs(self.jobs_for(endpoint)))
+                    self.run_lmeval(endpoint, store)
                     self.after_main(runner, {role: endpoint}, store)
                     evidence[role] = server.evidence
                     group.stop(server)
         store.set_meta("servers", {role: ev.to_dict() for role, ev in evidence.items()})
+        check_reference(evidence["reference"])
         check_candidate(evidence["candidate"], specs["candidate"])
 
     def after_main(self, runner: Runner, endpoints: dict[str, Endpoint], store: Store) -> None:
@@ -195,6 +212,8 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
     task_specs = store.get_meta("task_specs", {})
     judge = None
     for name, spec in task_specs.items():
+        if spec["scorer"] in (LMEVAL_SCORER, "imported"):
+            continue  # scored by the tool that produced them
         items = {it["item_id"]: it for it in store.items(run_id, task=name)}
         args = dict(spec.get("scorer_args") or {})
         if spec["scorer"] == "mmvet_judge":

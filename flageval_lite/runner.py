@@ -37,9 +37,10 @@ from flageval_lite.store import Store
 class Supervisor(Protocol):
     """Keeps a managed server alive; implemented by the server lifecycle stage."""
 
-    def ensure_alive(self) -> None:
+    def ensure_alive(self) -> object:
         """Return once the server answers (restarting it if it died, on the same base_url); raise
-        UserError when it cannot be brought back or is an external endpoint that went away."""
+        UserError when it cannot be brought back or is an external endpoint that went away.
+        The return value is ignored."""
 
 
 @dataclass
@@ -223,6 +224,7 @@ class Runner:
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.progress = Progress(progress)
         self.supervisor_for = supervisor_for or (lambda role: None)
+        self.supervisors: dict[str, Supervisor] = {}  # role -> supervisor; takes precedence over supervisor_for
         self._jitter = random.Random()
 
     # ------------------------------------------------------------------ public API
@@ -231,9 +233,12 @@ class Runner:
         """Run one job to completion (blocking)."""
         return asyncio.run(self.run_jobs([job]))[(job.endpoint.role, job.task)]
 
-    async def run_jobs(self, jobs: list[Job], interleave: bool = True) -> dict[tuple[str, str], RunStats]:
-        """Run all jobs; tasks go in order, roles concurrently.  Raises UserError when an endpoint is down
-        for good; whatever finished before that (or before a cancel) stays stored for the rerun."""
+    async def run_jobs(self, jobs: list[Job], interleave: bool = True,
+                       concurrency: Optional[int] = None) -> dict[tuple[str, str], RunStats]:
+        """Run all jobs; tasks go in order, roles concurrently, at most `concurrency` (default: the
+        runner's) requests in flight per endpoint.  Raises UserError when an endpoint is down for good;
+        whatever finished before that (or before a cancel) stays stored for the rerun."""
+        concurrency = concurrency or self.concurrency
         seen = set()
         for job in jobs:
             key = (job.endpoint.role, job.task)
@@ -245,8 +250,9 @@ class Runner:
         for job in jobs:
             ident = job.endpoint.identity()
             if ident not in backends:
-                backends[ident] = _Backend(job.endpoint, self.concurrency, self.request_timeout_s,
-                                           self.supervisor_for(job.endpoint.role))
+                role = job.endpoint.role
+                supervisor = self.supervisors[role] if role in self.supervisors else self.supervisor_for(role)
+                backends[ident] = _Backend(job.endpoint, concurrency, self.request_timeout_s, supervisor)
             total = job.total if job.total is not None else (len(job.items) if hasattr(job.items, "__len__") else None)
             states.append(_JobState(job, backends[ident], self.progress.task(job.endpoint.role, job.task, total),
                                     self.run_id))

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 import flageval_lite
-from flageval_lite.servers.embedded_launch import EmbeddedServerProcess
+from helpers_servers import free_port, launch_server
 
 MODEL = "smollm2-test"
 PROMPTS = [
@@ -29,12 +29,17 @@ PROMPTS = [
 ]
 
 
+def embedded_argv(port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "flageval_lite.servers.embedded", "--port", str(port), *flags]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    flags = ["--model", "smollm2", "--served-model-name", MODEL, "--dtype", "float32", "--device", "cpu",
-             "--max-model-len", "2048", "--max-batch", "8"]
-    with EmbeddedServerProcess(flags, tmp_path_factory.mktemp("embedded") / "server.log") as process:
-        yield process
+    port = free_port()
+    argv = embedded_argv(port, "--model", "smollm2", "--served-model-name", MODEL, "--dtype", "float32",
+                         "--device", "cpu", "--max-model-len", "2048", "--max-batch", "8")
+    with launch_server(argv, port, tmp_path_factory.mktemp("embedded") / "server.log", timeout_s=300) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +53,8 @@ def ask(client, prompt: str, **kwargs):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], **kwargs)
 
 
-def get_json(server, path: str) -> dict:
-    with urllib.request.urlopen(server.base_url.removesuffix("/v1") + path, timeout=10) as response:
-        assert response.status == 200
-        return json.load(response)
-
-
 def test_version_models_and_health(server, client):
-    version = get_json(server, "/version")
+    version = server.get("/version")
     assert version["version"] == flageval_lite.__version__
     assert (version["engine"], version["model"], version["dtype"], version["ops"], version["device"], version["gpu"]) == (
         "embedded", "SmolLM2-135M-Instruct", "float32", "aten", "cpu", "")
@@ -63,7 +62,7 @@ def test_version_models_and_health(server, client):
     assert version["packages"]["transformers"] == importlib.metadata.version("transformers")
     assert version["batching"]["mode"] == "packed" and version["batching"]["row_invariant"] is True
     assert [model.id for model in client.models.list().data] == [MODEL]
-    assert get_json(server, "/health") == {"status": "ok"}
+    assert server.get("/health") == {"status": "ok"}
 
 
 def test_chat_greedy_with_logprobs(client):
@@ -189,9 +188,8 @@ def test_concurrent_greedy_equals_sequential(client):
 
 
 def test_flaggems_on_cpu_fails_fast():
-    result = subprocess.run(
-        [sys.executable, "-m", "flageval_lite.servers.embedded", "--ops", "flaggems", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120)
+    result = subprocess.run(embedded_argv(free_port(), "--ops", "flaggems", "--device", "cpu"),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "FlagGems needs a CUDA GPU" in lines[0]

@@ -153,10 +153,10 @@ def test_supervisor_restarts_a_dead_server(pool, store):
 
 def test_supervisor_giving_up_ends_the_run(pool, store):
     server = pool.stub("--exit-after", "15")
-    supervisor = RestartingSupervisor(pool, server, budget=0)
+    runner = Runner(store, RUN, concurrency=4, progress=False, backoff_base_s=0.01)
+    runner.supervisors["reference"] = RestartingSupervisor(pool, server, budget=0)
     with pytest.raises(UserError, match="giving up"):
-        run_jobs(store, [Job(endpoint(server), "crashy", make_items("crashy", 40), GenParams())],
-                 concurrency=4, supervisor_for=lambda role: supervisor)
+        asyncio.run(runner.run_jobs([Job(endpoint(server), "crashy", make_items("crashy", 40), GenParams())]))
     assert 0 < len(store.finished_keys(RUN)) <= 15
 
 
@@ -178,6 +178,10 @@ def test_concurrency_is_bounded_per_endpoint(pool, store):
     run_jobs(store, [Job(endpoint(server), "a", make_items("a", 30), GenParams()),
                      Job(endpoint(server), "b", make_items("b", 30), GenParams())], interleave=False, concurrency=5)
     assert server.get("/stats")["max_in_flight"] == 5
+    other = pool.stub("--latency-ms", "40")
+    runner = Runner(store, RUN, concurrency=5, progress=False)  # a perf sweep overrides it per call
+    asyncio.run(runner.run_jobs([Job(endpoint(other), "c", make_items("c", 20), GenParams())], concurrency=3))
+    assert other.get("/stats")["max_in_flight"] == 3
 
 
 def _start_gaps(store) -> list[float]:
@@ -196,7 +200,7 @@ def test_interleaving_keeps_roles_on_the_same_items(pool, tmp_path, interleave):
                  interleave=interleave, concurrency=2)
         gap = statistics.median(_start_gaps(store))
     if interleave:
-        assert gap < 0.03  # both roles get item i within the same dispatch step
+        assert gap < 0.05  # both roles get item i within the same dispatch step
     else:
         assert gap > 0.1  # the fast role runs ahead on its own
 
