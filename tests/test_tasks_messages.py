@@ -94,7 +94,7 @@ def test_demo_data_is_reproducible(tmp_path):
 
 
 def test_demo_suite_items():
-    arith, mcq = load_suite("demo")
+    arith, mcq, facts = load_suite("demo")
     arith_items = list(iter_items(arith))
     assert len(arith_items) == 120 and all(isinstance(i.gold, int) for i in arith_items)
     assert arith_items[0].messages == [{"role": "user", "content": (
@@ -108,4 +108,7 @@ def test_demo_suite_items():
     assert mcq_items[1].messages[0]["content"] == (
         f"{row['question']}\n" + "".join(f"{l}. {o}\n" for l, o in zip("ABCD", row["options"]))
         + "Answer with the option's letter from the given choices directly.")
-    assert arith.generation.max_tokens <= 64 and mcq.generation.max_tokens <= 64
+    facts_items = list(iter_items(facts))
+    assert len(facts_items) == 120 and all(isinstance(i.gold, list) and i.gold for i in facts_items)
+    assert len({i.messages[0]["content"] for i in facts_items}) == 120
+    assert all(spec.generation.max_tokens <= 64 for spec in (arith, mcq, facts))

@@ -29,7 +29,7 @@ def test_omni_suite_is_the_model_card_in_order():
     assert [s.title for s in load_suite("vision")] == CARD_ORDER[:9]
     assert [s.title for s in load_suite("text")] == CARD_ORDER[9:]
     assert all(s.modality == "vision" for s in load_suite("vision"))
-    assert [s.name for s in load_suite("demo")] == ["demo_arith", "demo_mcq"]
+    assert [s.name for s in load_suite("demo")] == ["demo_arith", "demo_mcq", "demo_facts"]
     for spec in specs:
         assert spec.suites[:1] == ("omni",)
         assert spec.group_by in ("", *spec.meta)

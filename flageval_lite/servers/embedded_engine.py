@@ -1,11 +1,11 @@
 """Generation engine of the embedded server: a scheduler thread with continuous batching over a transformers model.
 
-Packed mode (plain decoder-only models): every forward pass packs the tokens of all running sequences into one row
-sequence -- a whole prompt for a sequence that just joined, one token for each decoding one -- padded to
+Packed mode (plain decoder-only models): a forward pass packs its sequences' new tokens into one row sequence -- the
+whole prompt of a sequence that just joined (prefilled alone), or one token of each decoding sequence -- padded to
 `LoadedModel.row_multiple` rows. Positions are given per token, and attention is computed sequence by sequence by
 `packed_attention` over that sequence's own key/value buffers, so no sequence ever sees padding or another sequence.
-Together with the row multiple (see `embedded_model.probe_row_multiple`) this makes a request's tokens bit-identical
-whether it runs alone or in a batch. Requests join at the next step boundary.
+With the row multiple (see `embedded_model.probe_row_multiple`) this makes a request's tokens bit-identical whether it
+runs alone or in a batch. Requests join at the next step boundary.
 
 Single mode (vision-language and other models): one request at a time through the model's own forward and cache.
 """
@@ -219,9 +219,9 @@ class Engine:
                 except Exception as exc:  # a failed pass poisons the caches of its whole batch
                     log.exception("forward pass failed")
                     for seq in batch:
+                        seq.feed = []
                         seq.emit(GenEvent(error=f"generation failed: {exc}", prompt_tokens=len(seq.request.prompt_ids)))
-                    self._running = [seq for seq in self._running if seq not in batch]
-                    continue
+                    logits = ()
                 for seq, row in zip(batch, logits):
                     try:
                         self._advance(seq, row)
@@ -229,10 +229,15 @@ class Engine:
                         log.exception("request %s failed", seq.request.request_id)
                         seq.feed = []
                         seq.emit(GenEvent(error=f"generation failed: {exc}"))
-                self._running = [seq for seq in batch if seq.feed]
+                self._running = [seq for seq in self._running if seq.feed]
 
     def _next_batch(self) -> list[_Sequence]:
-        """Running sequences plus as many waiting ones as fit; blocks while there is nothing to do."""
+        """What the next forward pass runs; blocks while there is nothing to do.
+
+        A sequence that just joined is prefilled alone, so its prompt always passes through the same kernels as
+        when it is the only request; all others then decode together, one token each. (A pass that packed prompts
+        would have a row count, and on GPUs possibly a kernel choice, that depends on the other requests.)
+        """
         with self._wake:
             while True:
                 if self._aborted:
@@ -240,16 +245,13 @@ class Engine:
                     self._waiting = collections.deque(
                         s for s in self._waiting if s.request.request_id not in self._aborted)
                     self._aborted.clear()
-                batch = list(self._running)
-                prefill_tokens = 0
-                while self._waiting and len(batch) < self.max_batch:
-                    prompt = len(self._waiting[0].feed)
-                    if prefill_tokens and prefill_tokens + prompt > self.max_model_len:
-                        break  # a later step takes it; one prompt per step may use the whole budget
-                    prefill_tokens += prompt
-                    batch.append(self._waiting.popleft())
-                if batch:
-                    return batch
+                while self._waiting and len(self._running) < self.max_batch:
+                    self._running.append(self._waiting.popleft())
+                for seq in self._running:
+                    if seq.prefilling:
+                        return [seq]
+                if self._running:
+                    return list(self._running)
                 self._wake.wait()
 
     def _forward(self, batch: list[_Sequence]) -> torch.Tensor:

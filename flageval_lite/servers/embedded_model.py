@@ -162,7 +162,7 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 
 def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
     """Smallest R such that, in every distinct linear layer shape, a row's output is bit-identical whatever the other
-    rows are, as long as the number of rows is a multiple of R.
+    rows are, as long as the number of rows is a multiple of R (up to `max_batch` rows: a decode pass).
 
     CPU BLAS kernels work on panels of rows and give rows of a partial panel (and a lone row, served by gemv) a
     different summation order; padding each forward pass to R rows makes a request's tokens independent of what else
@@ -186,12 +186,14 @@ def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
 
 
 def _rows_independent(linear: torch.nn.Linear, x: torch.Tensor, multiple: int, max_rows: int) -> bool:
-    reference = linear(x[:multiple])
+    # Compared on the CPU, so that the verdict does not depend on the operator library being probed.
+    reference = linear(x[:multiple]).cpu()
     sizes = range(multiple, max_rows + multiple, multiple)
-    if not all(torch.equal(linear(x[:rows])[:multiple], reference) for rows in sizes):
+    if not all(torch.equal(linear(x[:rows])[:multiple].cpu(), reference) for rows in sizes):
         return False
     # The same rows one position further down must not change either.
-    return torch.equal(linear(x[1 : sizes[-1] + 1])[: multiple - 1], reference[1:])
+    shifted = linear(x[1 : sizes[-1] + 1])[: multiple - 1].cpu()
+    return torch.equal(shifted, reference[1:])
 
 
 def enable_flaggems(options: FlagGemsOptions) -> list[str]:

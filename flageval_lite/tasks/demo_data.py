@@ -2,8 +2,8 @@
 
     .venv/bin/python -m flageval_lite.tasks.demo_data [OUT_DIR]
 
-writes `demo_arith.jsonl` (integer word problems) and `demo_mcq.jsonl` (single-letter multiple choice) to
-OUT_DIR (default `tasks/data/demo/`).  The output is committed; rerunning reproduces it byte for byte.
+writes `demo_arith.jsonl` (integer word problems), `demo_mcq.jsonl` (single-letter multiple choice) and
+`demo_facts.jsonl` (one-word answers) to OUT_DIR (default `tasks/data/demo/`).  The output is committed; rerunning reproduces it byte for byte.
 """
 from __future__ import annotations
 
@@ -103,10 +103,55 @@ def demo_mcq(rng: random.Random) -> list[dict[str, Any]]:
     return rows
 
 
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+            "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Canada": "Ottawa",
+            "Australia": "Canberra", "Portugal": "Lisbon", "Norway": "Oslo", "Sweden": "Stockholm",
+            "Austria": "Vienna", "Ireland": "Dublin", "Poland": "Warsaw", "Kenya": "Nairobi", "Peru": "Lima",
+            "Thailand": "Bangkok", "Argentina": "Buenos Aires", "Mexico": "Mexico City", "India": "New Delhi",
+            "Turkey": "Ankara", "Cuba": "Havana", "Finland": "Helsinki", "Denmark": "Copenhagen",
+            "Hungary": "Budapest", "Belgium": "Brussels", "Chile": "Santiago"}
+OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "day": "night", "happy": "sad",
+             "open": "closed", "light": "dark", "old": "young", "wet": "dry", "early": "late", "full": "empty",
+             "hard": "soft", "high": "low", "win": "lose", "push": "pull", "left": "right", "rich": "poor",
+             "strong": "weak", "thick": "thin", "loud": "quiet", "first": "last", "clean": "dirty", "in": "out",
+             "heavy": "light"}
+PLURALS = {"child": "children", "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men",
+           "woman": "women", "goose": "geese", "person": "people", "leaf": "leaves", "knife": "knives",
+           "box": "boxes", "baby": "babies", "city": "cities", "bus": "buses", "wolf": "wolves"}
+LEGS = {"spider": ("8", "eight"), "dog": ("4", "four"), "bird": ("2", "two"), "ant": ("6", "six"),
+        "cat": ("4", "four"), "horse": ("4", "four"), "chicken": ("2", "two"), "bee": ("6", "six"),
+        "cow": ("4", "four"), "duck": ("2", "two"), "octopus": ("8", "eight"), "beetle": ("6", "six")}
+THING_COLOURS = {"banana": "yellow", "grass": "green", "snow": "white", "coal": "black", "a ripe tomato": "red",
+                 "the sky on a clear day": "blue", "an orange": "orange", "milk": "white", "a lemon": "yellow",
+                 "a strawberry": "red", "chocolate": "brown", "a lime": "green"}
+
+YOUNG = {"cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "horse": "foal", "duck": "duckling",
+         "frog": "tadpole", "bear": "cub", "goat": "kid", "pig": "piglet"}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+def demo_facts(rng: random.Random) -> list[dict[str, Any]]:
+    questions = (
+        [(f"What is the capital of {k}?", [v], "capital") for k, v in CAPITALS.items()]
+        + [(f"What is the opposite of '{k}'?", [v], "opposite") for k, v in OPPOSITES.items()]
+        + [(f"What is the plural of '{k}'?", [v], "plural") for k, v in PLURALS.items()]
+        + [(f"How many legs does a {k} have?", list(v), "legs") for k, v in LEGS.items()]
+        + [(f"What colour is {k}?", [v], "colour") for k, v in THING_COLOURS.items()]
+        + [(f"What is a young {k} called?", [v], "young") for k, v in YOUNG.items()]
+        + [(f"Which day comes after {d}?", [DAYS[(i + 1) % 7]], "calendar") for i, d in enumerate(DAYS)]
+        + [(f"Which month comes after {m}?", [MONTHS[(i + 1) % 12]], "calendar") for i, m in enumerate(MONTHS)]
+    )
+    rng.shuffle(questions)
+    return [{"id": f"facts-{n:03d}", "question": q, "answers": a, "kind": kind}
+            for n, (q, a, kind) in enumerate(questions[:N_ITEMS])]
+
+
 def write(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, build in (("demo_arith", demo_arith), ("demo_mcq", demo_mcq)):
+    for name, build in (("demo_arith", demo_arith), ("demo_mcq", demo_mcq), ("demo_facts", demo_facts)):
         path = out_dir / f"{name}.jsonl"
         rows = build(random.Random(f"{SEED}-{name}"))
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -99,9 +99,6 @@ class TaskSpec:
     suites: tuple[str, ...] = ()
     source: str = ""  # the YAML file, for error messages
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # --------------------------------------------------------------------------- parsing
 
