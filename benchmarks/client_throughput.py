@@ -4,9 +4,10 @@
 
 Each client runs in a fresh subprocess against a fresh stub (answers at once, no faults), so import
 costs, CPU and the stub's `first_request_at` are clean per run.  Reported per client: requests/s over
-the request phase (median of the repeats) and, for our runner, the time from the command starting to
-the stub seeing its first request.  lm-eval is driven through `LocalChatCompletion.generate_until` with
-`num_concurrent`; our runner stores every item and record in SQLite as it goes, lm-eval keeps results
+the request phase (median of the repeats), client CPU time per request (steadier than the rate on a
+shared machine) and the time from the command starting to the stub seeing its first request.  lm-eval
+is driven through `LocalChatCompletion.generate_until` with `num_concurrent`; both call aiohttp
+directly.  Our runner also stores every item and record in SQLite as it goes; lm-eval keeps results
 in memory.
 """
 from __future__ import annotations
@@ -103,8 +104,11 @@ def main() -> None:
                    "cpu_ms_per_request_median": statistics.median(r["cpu_ms_per_request"] for r in runs),
                    "startup_s_median": statistics.median(r["startup_s"] for r in runs)}
                for c, runs in results.items()}
+    ours, lmeval = summary["ours"], summary["lmeval"]
     print(json.dumps({"n": args.n, "concurrency": args.concurrency, "clients": summary,
-                      "ratio_ours_vs_lmeval": summary["ours"]["rps_median"] / summary["lmeval"]["rps_median"]},
+                      "ratio_ours_vs_lmeval": ours["rps_median"] / lmeval["rps_median"],
+                      "ratio_ours_vs_lmeval_by_cpu":
+                          lmeval["cpu_ms_per_request_median"] / ours["cpu_ms_per_request_median"]},
                      indent=2))
 
 

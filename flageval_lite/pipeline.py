@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import logging
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -28,7 +29,7 @@ from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import ServerGroup
 from .servers.placement import plan_placement
 from .store import Store
-from .tasks import iter_items, load_suite, load_task
+from .tasks import cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,11 @@ class Pipeline:
     # ----------------------------------------------------------------- stages
 
     def preflight(self) -> None:
-        """Fail before any server starts: every task must yield its first item."""
+        """Fail before any server starts: every task must yield its first item, a judge must be set."""
+        judged = [spec.title for spec in self.tasks if spec.scorer == "mmvet_judge"]
+        if judged and not self.config.judge.get("base_url"):
+            raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
+                            f"in the run config ({self.config.source})")
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
@@ -109,9 +114,15 @@ class Pipeline:
                             num_concurrent=self.config.concurrency, cache_dir=self.run_dir,
                             samples_dir=self.run_dir / "lmeval" / endpoint.role)
 
+    def expected_items(self, spec: Any) -> Optional[int]:
+        count = cached_item_count(spec, self.config.data_dir or None)
+        if count is None or self.config.limit is None:
+            return count
+        return min(count, self.config.limit)
+
     def jobs_for(self, endpoint: Endpoint) -> list[Job]:
-        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec), params=task_params(spec))
-                for spec in self.tasks]
+        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec), params=task_params(spec),
+                    total=self.expected_items(spec)) for spec in self.tasks]
 
     def run(self) -> RunResult:
         self.preflight()
@@ -146,7 +157,7 @@ class Pipeline:
                                    allow_fallback=cfg.allow_fallback)
         store.set_meta("placement", dataclasses.asdict(placement))
         runner = Runner(store, self.run_id, concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
-                        max_attempts=cfg.max_attempts, progress=not self.quiet)
+                        max_attempts=cfg.max_attempts, progress=not self.quiet and sys.stderr.isatty())
         evidence: dict[str, Any] = {}
         specs = {"reference": placement.apply(cfg.reference, "reference"),
                  "candidate": placement.apply(cfg.candidate, "candidate")}

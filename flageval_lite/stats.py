@@ -164,14 +164,18 @@ def paired_difference_ci(
     keeps close to nominal coverage with few discordant pairs.  With no discordant pair it is
     ±z²/(n + z²) (about ±3.84/n at 95 %), never the degenerate (0, 0).
     Graded scores: percentile bootstrap of the mean paired difference (items resampled, pairs kept
-    together).  When every paired difference is 0 this is exactly (0, 0); the MDE then shows how
-    little that proves.
+    together).  When every paired difference is 0 the bootstrap would collapse to (0, 0), which at
+    small n would pass any equivalence test; the binary zero-discordance band ±z²/(n + z²) is
+    returned instead (a difference on an unseen item is at most 1 in size).
     """
     z = _z(confidence)
     ref, cand = _paired(reference, candidate)
     if is_binary(ref) and is_binary(cand):
         losses, gains = _discordant_counts(ref, cand)
         return _tango_interval(gains, losses, ref.size, z)
+    if not np.any(cand != ref):
+        band = z * z / (ref.size + z * z)
+        return (-band, band)
     draws = _bootstrap_means(cand - ref, iters, np.random.default_rng(seed))
     return _percentile_interval(draws, confidence)
 

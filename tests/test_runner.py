@@ -1,7 +1,8 @@
-"""Runner against real stub servers on loopback, the real openai client and real SQLite."""
+"""Runner against real servers on loopback (stub subprocesses, or raw sockets for exact bytes) and real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -316,3 +317,156 @@ def test_killed_runner_resumes_without_repeating_finished_requests(pool, tmp_pat
     assert db.execute("SELECT COUNT(*), COUNT(DISTINCT item_id) FROM items").fetchone() == (n, n)
     db.close()
 
+
+
+def test_tricky_items_resume_by_their_cache_key(pool, store, tmp_path):
+    """The runner computes prompt hashes and cache keys without a second serialisation; they must equal
+    Item.prompt_hash() and Record.cache_key(), or a rerun would send everything again."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    items = [
+        Item("tricky", "ünïcode-id ✓", [{"content": "Grüße, 世界 \"quoted\" \\ back", "role": "user"}],
+             gold="a"),
+        Item("tricky", "two-turns", [{"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": [{"type": "text", "text": "look <image 1>"},
+                                                                  {"type": "image_url", "image_url": {"url": image}}]}],
+             gold="b"),
+        Item("tricky", "emoji-\U0001F600", [{"role": "user", "content": "\U0001F600 \t tab\nnewline"}], gold="c"),
+    ]
+    server = pool.stub()
+    params = GenParams(max_tokens=3, stop=("\n",), extra_body=(("chat_template_kwargs", {"enable_thinking": False}),))
+    run_jobs(store, [Job(endpoint(server), "tricky", items, params)])
+    counts = server.get("/stats")["requests"]["/v1/chat/completions"]
+    assert counts == {item.prompt_hash(): 1 for item in items}
+    records = list(store.records(RUN))
+    assert {r.prompt_hash for r in records} == set(counts) and all(r.ok for r in records)
+
+    again = run_jobs(store, [Job(endpoint(server), "tricky", items, params)])[("reference", "tricky")]
+    assert again.skipped == 3 and again.sent == 0 and server.get("/stats")["total"] == 3
+
+
+class RawServer:
+    """A loopback HTTP/1.1 server whose answers the test writes byte by byte (chunked for streams).
+
+    `answer(request_json) -> (status, headers, pieces, chunked)`; it counts connections and keeps
+    every request's headers and JSON body."""
+
+    def __init__(self, answer):
+        self.answer, self.connections, self.requests = answer, 0, []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.base_url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def handle(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:]) if k}
+                body = json.loads(await reader.readexactly(int(headers["content-length"])))
+                self.requests.append((headers, body))
+                status, extra, pieces, chunked = self.answer(body)
+                framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {sum(map(len, pieces))}"
+                writer.write(f"HTTP/1.1 {status} X\r\n{framing}\r\n{extra}\r\n".encode())
+                for piece in pieces:  # separate writes with pauses: the client sees lines cut anywhere
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                if chunked:
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # the client went away (or the loop is ending): nothing left to answer
+
+
+def _sse(*events: bytes, cut_every: int = 7) -> list[bytes]:
+    """SSE bytes in CRLF form with a comment and an event field, cut into pieces of `cut_every` bytes."""
+    raw = b": keep-alive\r\n\r\n" + b"".join(b"event: message\r\n" + event + b"\r\n\r\n" for event in events)
+    return [raw[i:i + cut_every] for i in range(0, len(raw), cut_every)]
+
+
+def _chunk(delta: dict, finish=None) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+
+
+def test_sse_parsing_by_hand_and_keep_alive(store):
+    events = [_chunk({"role": "assistant", "content": ""}), _chunk({"reasoning": "think"}),
+              _chunk({"content": "multi"}).replace(b'"multi"', b'\r\ndata: "multi"'),  # one event, two data lines
+              _chunk({"content": " line"}), _chunk({}, "stop"),
+              b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}', b"data: [DONE]"]
+
+    def answer(request):
+        if request.get("stream"):
+            return 200, "Content-Type: text/event-stream\r\n", _sse(*events), True
+        whole = {"choices": [{"message": {"content": "whole"}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 7, "completion_tokens": 1}}
+        return 200, "Content-Type: application/json\r\n", [json.dumps(whole).encode()], False
+
+    async def main():
+        async with RawServer(answer) as server:
+            ep = Endpoint("reference", "raw", server.base_url, "raw-model", api_key="secret")
+            params = GenParams(max_tokens=5, stop=("END",), extra_body=(("chat_template_kwargs", {"x": 1}),))
+            runner = Runner(store, RUN, concurrency=2, progress=False)
+            stats = await runner.run_jobs([Job(ep, "s", make_items("s", 10), params),
+                                           Job(ep, "w", make_items("w", 10), GenParams(stream=False))])
+            return server, stats
+
+    server, stats = asyncio.run(main())
+    assert stats[("reference", "s")].ok == 10 and stats[("reference", "w")].ok == 10
+    assert server.connections <= 2  # streams read to their end keep their connection
+    headers, body = server.requests[0]
+    assert headers["authorization"] == "Bearer secret" and headers["content-type"] == "application/json"
+    assert body == {"model": "raw-model", "messages": make_items("s", 1)[0].messages, "temperature": 0.0,
+                    "max_tokens": 5, "seed": 0, "stop": ["END"], "chat_template_kwargs": {"x": 1}, "stream": True,
+                    "stream_options": {"include_usage": True}}
+    streamed = next(store.records(RUN, task="s"))
+    assert streamed.response_text == "multi line" and streamed.reasoning_content == "think"
+    assert streamed.finish_reason == "stop" and (streamed.prompt_tokens, streamed.completion_tokens) == (7, 2)
+    assert 0 < streamed.ttft_s < streamed.latency_s and len(streamed.itl_s) == 2
+    assert next(store.records(RUN, task="w")).response_text == "whole"
+
+
+def test_error_event_inside_a_200_stream_is_a_server_error(store):
+    def answer(request):
+        return 200, "Content-Type: text/event-stream\r\n", _sse(
+            _chunk({"content": "partial"}), b'data: {"error": {"message": "engine died", "code": 500}}'), True
+
+    async def main():
+        async with RawServer(answer) as server:
+            job = Job(Endpoint("reference", "raw", server.base_url, "m"), "e", make_items("e", 2), GenParams())
+            return await Runner(store, RUN, max_attempts=2, backoff_base_s=0.001, progress=False).run_jobs([job])
+
+    stats = asyncio.run(main())[("reference", "e")]
+    assert stats.errors == {"http_5xx": 2} and stats.attempts == 4
+    assert all("engine died" in r.error and r.response_text == "" for r in store.records(RUN))
+
+
+def test_nothing_is_reported_done_before_it_is_committed(pool, store):
+    """Writes are grouped into one transaction per event-loop turn; a request slot (and so the next item)
+    must only be handed on once its record is committed, as another connection sees it."""
+    server = pool.stub("--latency-ms", "2")
+    reader = sqlite3.connect(store.path)
+    concurrency, behind = 4, []
+
+    def generate():
+        for n, item in enumerate(make_items("durable", 200)):
+            committed = reader.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            behind.append(n - committed)  # pulled so far minus committed: at most the slots in use
+            yield item
+
+    stats = run_jobs(store, [Job(endpoint(server), "durable", generate(), GenParams())], concurrency=concurrency)
+    assert max(behind) <= concurrency and stats[("reference", "durable")].ok == 200
+    assert reader.execute("SELECT COUNT(*) FROM records WHERE error = ''").fetchone()[0] == 200
+    reader.close()

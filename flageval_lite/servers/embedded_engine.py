@@ -21,10 +21,14 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flageval_lite.servers.embedded_model import LoadedModel
 
 PACKED_ATTENTION = "flageval_packed"
+# cuDNN attention is left out: with FlagGems' operators enabled it failed with CUDNN_STATUS_INTERNAL_ERROR on an H200
+# (torch 2.11), and both operator stacks must run the same attention kernels to be comparable.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 log = logging.getLogger("flageval_lite.embedded")
 
 
@@ -277,13 +281,14 @@ class Engine:
         # The lm_head sees one row per sequence: pad that count to the multiple too.
         last_rows.extend([last_rows[0]] * (-len(last_rows) % multiple))
         device = self.loaded.device
-        output = self.loaded.model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(last_rows, device=device),
-            packed_segments=tuple(segments),
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            output = self.loaded.model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(last_rows, device=device),
+                packed_segments=tuple(segments),
+            )
         return output.logits[0, : len(batch)].float().cpu()
 
     def _forward_single(self, seq: _Sequence) -> torch.Tensor:
