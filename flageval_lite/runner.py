@@ -565,8 +565,8 @@ class Runner:
                     chunk = _parse_json(payload.decode())
                     if not isinstance(chunk, dict):
                         raise _Failure("malformed", f"stream chunk is not an object: {payload[:300]!r}")
-                    if "error" in chunk:  # vLLM reports a failure mid-stream as an error event
-                        raise _Failure("http_5xx", f"server error in stream: {chunk['error']}"[:500])
+                    if "error" in chunk or chunk.get("object") == "error":  # vLLM's mid-stream failure
+                        raise _Failure("http_5xx", f"server error in stream: {chunk.get('error', chunk)}"[:500])
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or ():
                         end = now

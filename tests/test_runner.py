@@ -439,9 +439,12 @@ def test_sse_parsing_by_hand_and_keep_alive(store):
 
 
 def test_error_event_inside_a_200_stream_is_a_server_error(store):
+    errors = {"e-0": b'data: {"error": {"message": "engine died", "code": 500}}',  # the two forms vLLM uses
+              "e-1": b'data: {"object": "error", "message": "engine died", "code": 500}'}
+
     def answer(request):
-        return 200, "Content-Type: text/event-stream\r\n", _sse(
-            _chunk({"content": "partial"}), b'data: {"error": {"message": "engine died", "code": 500}}'), True
+        item_id = "e-" + request["messages"][0]["content"].split()[1]
+        return 200, "Content-Type: text/event-stream\r\n", _sse(_chunk({"content": "partial"}), errors[item_id]), True
 
     async def main():
         async with RawServer(answer) as server:

@@ -1,0 +1,152 @@
+"""The whole pipeline through the real CLI: run -> store -> score -> compare -> report, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers_servers import ServerPool
+
+REPO = Path(__file__).resolve().parents[1]
+CARD_ORDER = ["CMMMU", "MMMU", "MMMU_Pro_standard", "MMMU_Pro_vision", "MM-Vet v2", "OCRBench", "MathVision",
+              "CII-Bench", "Blink", "AIME", "GPQA", "LiveBench", "MMLU", "MuSR"]
+
+
+def stub_spec(name: str, *args: str) -> dict:
+    return {"name": name, "engine": "stub", "served_model_name": "stub", "warmup": False,
+            "args": ["--answer-mode", "letter", *args]}
+
+
+def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flageval_lite.cli", *args, "--runs-dir", str(tmp_path / "runs"),
+           "--reports-dir", str(tmp_path / "reports")]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(tmp_path: Path, **fields) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+@pytest.fixture
+def pool(tmp_path):
+    servers = ServerPool(tmp_path)
+    yield servers
+    servers.stop_all()
+
+
+def score_rows(report_md: str) -> list[str]:
+    section = report_md.split("### Scores", 1)[1].split("\n\n")[1]
+    return [line.split("|")[1].strip() for line in section.splitlines()[2:]]
+
+
+def test_omni_suite_on_fixtures_lists_all_14_rows_in_card_order(tmp_path, pool):
+    judge = pool.stub("--model", "judge", "--answer-mode", "fixed", "--fixed-text", '{"score": 0.7}')
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"),
+                          candidate=stub_spec("stub-cand", "--fault-rate", "0.2", "--faults", "500,429"),
+                          suite="omni", limit=5, data_dir=str(REPO / "tests/fixtures/hub"),
+                          judge={"base_url": judge.base_url, "model": "judge"})
+    done = cli(tmp_path, "run", "--config", str(config), "--run-id", "omni", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "reports/omni/report.md").read_text()
+    assert score_rows(report) == CARD_ORDER
+    summary = json.loads((tmp_path / "reports/omni/summary.json").read_text())
+    tasks = summary["comparison"]["tasks"]
+    assert len(tasks) == 14 and all(t["n"] == 5 for t in tasks)
+    # Injected 500/429 faults were retried: every item has an answer on both sides, none is an error.
+    assert all(t["errors_candidate"] == 0 and t["errors_reference"] == 0 for t in tasks)
+    mmvet = next(t for t in tasks if t["title"] == "MM-Vet v2")
+    assert mmvet["reference_score"] == pytest.approx(70.0)
+
+
+def test_kill9_mid_run_resumes_to_the_same_report(tmp_path):
+    slow = ["--latency-ms", "150"]
+    config = write_config(tmp_path, reference=stub_spec("stub-ref", *slow), candidate=stub_spec("stub-cand", *slow),
+                          suite="demo", limit=40, concurrency=2)
+    base = [sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--quiet",
+            "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")]
+    proc = subprocess.Popen(base + ["--run-id", "crashed"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "runs/crashed/results.sqlite"
+    deadline = time.time() + 120
+    stored = 0
+    while time.time() < deadline and stored < 30:
+        time.sleep(0.3)
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                try:
+                    stored = conn.execute("select count(*) from records").fetchone()[0]
+                except sqlite3.OperationalError:
+                    stored = 0
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stub servers, all at once
+    proc.wait()
+    assert 30 <= stored < 240, "the kill must land mid-run"
+
+    resumed = subprocess.run(base + ["--run-id", "crashed"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = subprocess.run(base + ["--run-id", "whole"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        rows = conn.execute("select count(*), count(distinct role || task || item_id) from records").fetchone()
+    assert rows == (240, 240)  # 3 tasks x 40 items x 2 roles, no duplicate
+
+    def numbers(run_id: str) -> list[dict]:
+        tasks = json.loads((tmp_path / f"reports/{run_id}/summary.json").read_text())["comparison"]["tasks"]
+        return [{k: t[k] for k in ("task", "n", "reference_score", "candidate_score", "delta", "delta_ci",
+                                   "p_value", "verdict")} for t in tasks]
+
+    assert numbers("crashed") == numbers("whole")
+
+
+def test_report_rerenders_and_stored_runs_compare(tmp_path):
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=stub_spec("stub-cand"),
+                          tasks=["demo_mcq"], limit=12)
+    assert cli(tmp_path, "run", "--config", str(config), "--run-id", "one", "--quiet").returncode == 0
+    first = (tmp_path / "reports/one/report.md").read_text()
+    (tmp_path / "reports/one/report.md").unlink()
+    again = cli(tmp_path, "report", "one")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "reports/one/report.md").read_text() == first
+
+    assert cli(tmp_path, "run", "--config", str(config), "--run-id", "two", "--quiet").returncode == 0
+    compared = cli(tmp_path, "compare", "one", "two")
+    assert compared.returncode == 0, compared.stderr
+    summary = json.loads((tmp_path / "reports/one__vs__two/summary.json").read_text())
+    [task] = summary["comparison"]["tasks"]
+    assert task["n"] == 12 and task["output_agreement"] == 1.0 and task["delta"] == 0.0
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"reference": {"engine": "stub"}}, "name"),
+    ({"reference": {"name": "x", "engine": "tgi"}}, "engine"),
+    ({"tasks": ["no_such_task"]}, "no_such_task"),
+    ({"placement": "sideways"}, "placement"),
+    ({"concurrancy": 4}, "concurrancy"),
+])
+def test_bad_config_is_one_line_naming_file_and_field(tmp_path, fields, where):
+    config = write_config(tmp_path, **fields)
+    done = cli(tmp_path, "run", "--config", str(config), "--quiet", timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert where in lines[0]
+    assert "run.yaml" in lines[0] or "no_such_task" in lines[0]
+
+
+def test_missing_judge_refused_before_any_server_starts(tmp_path):
+    config = write_config(tmp_path, reference=stub_spec("a"), candidate=stub_spec("b"), tasks=["mmvet_v2"],
+                          data_dir=str(REPO / "tests/fixtures/hub"))
+    done = cli(tmp_path, "run", "--config", str(config), "--quiet", timeout=60)
+    assert done.returncode == 2 and "judge" in done.stderr
+    assert not list((tmp_path / "runs").glob("*/logs/*.log"))
