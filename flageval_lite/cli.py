@@ -79,6 +79,26 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: Optional[str]) -> Optional[list[str]]:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from .bisect import bisect_command
+
+    return bisect_command(args.run, Path(args.runs_dir), Path(args.reports_dir), by=args.by, strategy=args.strategy,
+                          ops=_names(args.ops), tasks=_names(args.tasks), max_items=args.max_items,
+                          max_rounds=args.max_rounds, concurrency=args.concurrency, verify_full=not args.no_verify,
+                          quiet=args.quiet)
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from .opcheck import ops_command
+
+    return ops_command(args.run, Path(args.runs_dir), Path(args.reports_dir), dtypes=_names(args.dtypes),
+                       calls_per_op=args.calls_per_op, gate=args.gate)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from .importers import import_command
 
@@ -115,10 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--gate", action="store_true")
+    p = sub.add_parser("bisect", help="restart the candidate with subsets of its FlagGems operators to find the "
+                                      "ones behind a divergence")
+    p.add_argument("run")
+    p.add_argument("--by", choices=["text", "answer"], default="text", help="what counts as diverging")
+    p.add_argument("--strategy", choices=["binary", "ddmin"], default="binary")
+    p.add_argument("--ops", help="comma-separated operators to search (default: those the candidate called)")
+    p.add_argument("--tasks", help="comma-separated tasks whose disagreeing items are re-run")
+    p.add_argument("--max-items", type=int)
+    p.add_argument("--max-rounds", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the full-set check before searching")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p = sub.add_parser("ops", help="replay the candidate's FlagGems operators against PyTorch and float64 (GPU)")
+    p.add_argument("run")
+    p.add_argument("--dtypes", help="comma-separated dtypes (default: bfloat16,float16,float32)")
+    p.add_argument("--calls-per-op", type=int, default=3)
+    p.add_argument("--gate", action="store_true", help="exit 1 when an operator is outside FlagGems' tolerance")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks, "import": cmd_import}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks, "import": cmd_import,
+            "bisect": cmd_bisect, "ops": cmd_ops}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -287,7 +287,8 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
     comparison = build_comparison(store, run_id, config.get("margin", 1.0), config.get("release_gate", 5.0))
     manifest = {"run_id": run_id, "config": config, "specs": store.get_meta("specs", {}),
                 "servers": store.get_meta("servers", {}), "placement": store.get_meta("placement", {}),
-                "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()}}
+                "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
+                "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {})}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     files = render_report(comparison, manifest, report_dir)
     return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)

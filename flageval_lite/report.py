@@ -132,6 +132,28 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
     ]
     if config.get("compared"):
         facts.append(("stored runs compared", " vs ".join(map(str, config["compared"]))))
+    facts += _diagnosis_facts(manifest)
+    return facts
+
+
+def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """One line each for `flageval-lite bisect` and `ops` results stored in the run's meta (bisect.md, ops.md)."""
+    facts = []
+    bisect = manifest.get("bisect") or {}
+    if bisect:
+        restarts = f"{bisect.get('rounds', '?')} restarts over {len(bisect.get('universe') or ())} operators"
+        if not bisect.get("reproduced"):
+            text = f"the divergence did not reproduce with all operators on ({restarts})"
+        else:
+            early = "" if bisect.get("complete") else ", stopped early"
+            text = f"{', '.join(bisect.get('culprits') or ())} ({restarts}{early})"
+        facts.append(("FlagGems bisection", f"{text}; {bisect.get('report', 'bisect.md')}"))
+    opcheck = manifest.get("opcheck") or {}
+    if opcheck:
+        failed = ", ".join(opcheck.get("failed") or ()) or "none"
+        facts.append(("FlagGems operator check", f"{opcheck.get('replayed', 0)} of {opcheck.get('operators', 0)} "
+                                                 f"operators replayed, outside tolerance: {failed}; "
+                                                 f"{opcheck.get('report', 'ops.md')}"))
     return facts
 
 

@@ -22,7 +22,6 @@ import email.utils
 import hashlib
 import json
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -240,9 +239,8 @@ class _GroupCommit:
     record has committed.  A crash can only lose records nobody was told about, and a rerun sends them.
     """
 
-    def __init__(self, connection: sqlite3.Connection, on_error: Callable[[BaseException], None]):
-        # The Store autocommits every statement; an explicit BEGIN on its connection groups them.
-        self._db = connection
+    def __init__(self, store: Store, on_error: Callable[[BaseException], None]):
+        self._store = store
         self._on_error = on_error
         self._open = False
         self._after: list[Callable[[], None]] = []
@@ -250,7 +248,7 @@ class _GroupCommit:
     def join(self) -> None:
         """Make the store's next writes part of this turn's transaction (opened here if need be)."""
         if not self._open:
-            self._db.execute("BEGIN")
+            self._store.begin()
             self._open = True
             asyncio.get_running_loop().call_soon(self.commit)
 
@@ -264,10 +262,9 @@ class _GroupCommit:
         self._open = False
         after, self._after = self._after, []
         try:
-            self._db.execute("COMMIT")
+            self._store.commit()
         except BaseException as exc:  # noqa: BLE001 - nothing in it was reported done; end the run
-            if self._db.in_transaction:  # SQLite rolls back by itself after some failures
-                self._db.execute("ROLLBACK")
+            self._store.rollback()
             self._on_error(exc)
             return
         for callback in after:
@@ -330,7 +327,7 @@ class Runner:
         finished = self.store.finished_keys(self.run_id)
         self._inflight: set[asyncio.Task] = set()
         self._fatal: list[BaseException] = []
-        self._commits = _GroupCommit(self.store._db, self._fail)  # noqa: SLF001 - see _GroupCommit
+        self._commits = _GroupCommit(self.store, self._fail)
         lanes = [asyncio.create_task(self._lane(groups, finished)) for groups in self._plan_lanes(states, interleave)]
         self._lanes = lanes
         try:

@@ -146,6 +146,19 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    # Writes autocommit one by one unless grouped: the runner groups one event-loop turn's writes
+    # into a single transaction (see runner._GroupCommit for the durability contract).
+    def begin(self) -> None:
+        self._db.execute("BEGIN")
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Undo an open transaction; a no-op where SQLite already rolled it back by itself."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     def __enter__(self) -> "Store":
         return self
 

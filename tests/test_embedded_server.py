@@ -193,3 +193,22 @@ def test_flaggems_on_cpu_fails_fast():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "FlagGems needs a CUDA GPU" in lines[0]
+
+
+@pytest.mark.slow
+def test_bfloat16_concurrent_greedy_equals_sequential(tmp_path):
+    """bfloat16 on CPU needs its own row multiple (2, where float32 needs 4): the probe must find it."""
+    port = free_port()
+    argv = embedded_argv(port, "--model", "smollm2", "--served-model-name", MODEL, "--dtype", "bfloat16",
+                         "--device", "cpu", "--max-batch", "8")
+    with launch_server(argv, port, tmp_path / "server.log", timeout_s=300) as handle:
+        assert handle.get("/version")["batching"]["row_invariant"] is True
+        client = openai.OpenAI(base_url=f"{handle.base_url}/", api_key="EMPTY", max_retries=0, timeout=120)
+
+        def run(prompt):
+            response = ask(client, prompt, max_tokens=24, logprobs=True)
+            return response.choices[0].message.content, [e.logprob for e in response.choices[0].logprobs.content]
+
+        sequential = [run(prompt) for prompt in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(run, PROMPTS)) == sequential

@@ -89,7 +89,9 @@ def test_start_ready_answers_records_evidence_and_stops_clean(tmp_path: Path) ->
         ev = srv.evidence
         assert ev.command[:2] == [PY, STANDIN] and ev.command[2:4] == ["serve", "/models/tiny"]
         assert ev.env_switches["USE_FLAGGEMS"] == "0" and ev.models == ["tiny"]
-        assert ev.version == {"version": "0.20.2-fake"} and ev.packages == {"vllm": "0.20.2-fake"}
+        assert ev.version == {"version": "0.20.2-fake"} and ev.packages["vllm"] == "0.20.2-fake"
+        # The stand-in loads general plugins like vLLM: our evidence plugin reported from inside the server.
+        assert ev.packages["flageval-lite"] and "flag_gems" not in ev.packages
         assert ev.warmup_s > 0 and ev.startup_s > 0 and ev.ops_called == []
         check_reference(ev)
     assert not srv.alive()

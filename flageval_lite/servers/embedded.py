@@ -402,19 +402,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
     """One short greedy generation, so that the first client request does not pay for lazy initialisation."""
+    events: list[GenEvent] = []
     done = threading.Event()
-    outcome: list[GenEvent] = []
 
     def emit(event: GenEvent) -> None:
+        events.append(event)
         if event.final:
-            outcome.append(event)
             done.set()
 
     prompt = completion_prompt(loaded, "Hello")
     engine.submit(GenerationRequest("warm-up", prompt.ids, SamplingParams(temperature=0, max_tokens=2)), emit)
     done.wait()
-    if outcome[0].error:
-        raise UserError(f"warm-up generation failed: {outcome[0].error}")
+    if events[-1].error:
+        raise UserError(f"warm-up generation failed: {events[-1].error}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

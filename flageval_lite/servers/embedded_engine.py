@@ -1,4 +1,6 @@
-"""Generation engine of the embedded server: a scheduler thread with continuous batching over a transformers model.
+"""Generation engine of the embedded server: a generation loop with continuous batching over a transformers model.
+
+The loop runs in its own thread; HTTP handlers `submit` requests and receive `GenEvent`s through a callback.
 
 Packed mode (plain decoder-only models): a forward pass packs its sequences' new tokens into one row sequence -- the
 whole prompt of a sequence that just joined (prefilled alone), or one token of each decoding sequence -- padded to
@@ -17,18 +19,14 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flageval_lite.servers.embedded_model import LoadedModel
 
 PACKED_ATTENTION = "flageval_packed"
-# cuDNN attention is left out: with FlagGems' operators enabled it failed with CUDNN_STATUS_INTERNAL_ERROR on an H200
-# (torch 2.11), and both operator stacks must run the same attention kernels to be comparable.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 log = logging.getLogger("flageval_lite.embedded")
 
 
@@ -176,7 +174,8 @@ class _Sequence:
 
 
 class Engine:
-    """Owns the model; `submit` requests from any thread, events come back through each request's `emit`."""
+    """Owns the model; `submit` requests from any thread, events come back through each request's `emit`
+    (called from the generation thread)."""
 
     def __init__(self, loaded: LoadedModel, max_batch: int, max_model_len: int):
         self.loaded = loaded
@@ -186,20 +185,13 @@ class Engine:
         self._running: list[_Sequence] = []
         self._aborted: set[str] = set()
         self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run_forever, name="embedded-engine", daemon=True)
         self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
         self._cache_kwarg = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
         # Models that keep multimodal rope offsets between calls (Qwen2-VL family) must start each request afresh.
         self._rope_holders = [m for m in loaded.model.modules() if hasattr(m, "rope_deltas")]
         self._decode_token = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: loaded.tokenizer.decode([token_id], skip_special_tokens=False))
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     def submit(self, request: GenerationRequest, emit: Callable[[GenEvent], None]) -> None:
         with self._wake:
@@ -212,31 +204,40 @@ class Engine:
             self._aborted.add(request_id)
             self._wake.notify()
 
-    # -- scheduler thread
+    def start(self) -> None:
+        self._thread.start()
 
-    def _loop(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the generation thread
+
+    def _run_forever(self) -> NoReturn:
         with torch.inference_mode():
             while True:
-                batch = self._next_batch()
-                try:
-                    logits = self._forward(batch)
-                except Exception as exc:  # a failed pass poisons the caches of its whole batch
-                    log.exception("forward pass failed")
-                    for seq in batch:
-                        seq.feed = []
-                        seq.emit(GenEvent(error=f"generation failed: {exc}", prompt_tokens=len(seq.request.prompt_ids)))
-                    logits = ()
-                for seq, row in zip(batch, logits):
-                    try:
-                        self._advance(seq, row)
-                    except Exception as exc:  # e.g. a tokenizer failure: end this request, keep serving
-                        log.exception("request %s failed", seq.request.request_id)
-                        seq.feed = []
-                        seq.emit(GenEvent(error=f"generation failed: {exc}"))
-                self._running = [seq for seq in self._running if seq.feed]
+                self._step(self._next_batch())
+
+    def _step(self, batch: list[_Sequence]) -> None:
+        try:
+            logits = self._forward(batch)
+        except Exception as exc:  # a failed pass poisons the caches of its whole batch
+            log.exception("forward pass failed")
+            for seq in batch:
+                seq.feed = []
+                seq.emit(GenEvent(error=f"generation failed: {exc}", prompt_tokens=len(seq.request.prompt_ids)))
+            logits = ()
+        for seq, row in zip(batch, logits):
+            try:
+                self._advance(seq, row)
+            except Exception as exc:  # e.g. a tokenizer failure: end this request, keep serving
+                log.exception("request %s failed", seq.request.request_id)
+                seq.feed = []
+                seq.emit(GenEvent(error=f"generation failed: {exc}"))
+        self._running = [seq for seq in self._running if seq.feed]
 
     def _next_batch(self) -> list[_Sequence]:
-        """What the next forward pass runs; blocks while there is nothing to do.
+        """What the next forward pass runs; waits while there is nothing to do.
 
         A sequence that just joined is prefilled alone, so its prompt always passes through the same kernels as
         when it is the only request; all others then decode together, one token each. (A pass that packed prompts
@@ -281,14 +282,13 @@ class Engine:
         # The lm_head sees one row per sequence: pad that count to the multiple too.
         last_rows.extend([last_rows[0]] * (-len(last_rows) % multiple))
         device = self.loaded.device
-        with sdpa_kernel(SDPA_BACKENDS):
-            output = self.loaded.model(
-                input_ids=torch.tensor([ids], device=device),
-                position_ids=torch.tensor([positions], device=device),
-                use_cache=False,
-                logits_to_keep=torch.tensor(last_rows, device=device),
-                packed_segments=tuple(segments),
-            )
+        output = self.loaded.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(last_rows, device=device),
+            packed_segments=tuple(segments),
+        )
         return output.logits[0, : len(batch)].float().cpu()
 
     def _forward_single(self, seq: _Sequence) -> torch.Tensor:

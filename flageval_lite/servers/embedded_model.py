@@ -20,6 +20,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Row multiples tried, smallest first, when probing whether a row's matmul result is independent of its batch.
 ROW_MULTIPLES = (1, 2, 4, 8, 16)
+PROBE_ROWS = 128
 
 
 @dataclass
@@ -161,8 +162,8 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 
 
 def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
-    """Smallest R such that, in every distinct linear layer shape, a row's output is bit-identical whatever the other
-    rows are, as long as the number of rows is a multiple of R (up to `max_batch` rows: a decode pass).
+    """Smallest R such that, in every distinct linear layer shape, each row's output is bit-identical whatever the
+    other rows are, as long as the number of rows is a multiple of R (up to `max_batch` rows: a decode pass).
 
     CPU BLAS kernels work on panels of rows and give rows of a partial panel (and a lone row, served by gemv) a
     different summation order; padding each forward pass to R rows makes a request's tokens independent of what else
@@ -172,10 +173,12 @@ def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             layers.setdefault((module.in_features, module.out_features), module)
+    # Enough rows that a rare difference (bfloat16 rounding hides most) shows up; a multiple of every R tried.
+    rows = -(-max(PROBE_ROWS, 2 * max_batch) // ROW_MULTIPLES[-1]) * ROW_MULTIPLES[-1]
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         inputs = {
-            shape: torch.randn(max_batch + 2 * ROW_MULTIPLES[-1], shape[0], generator=generator).to(
+            shape: torch.randn(rows, shape[0], generator=generator).to(
                 device=module.weight.device, dtype=module.weight.dtype)
             for shape, module in layers.items()
         }
@@ -185,30 +188,35 @@ def probe_row_multiple(model, max_batch: int) -> tuple[int, bool]:
     return 1, False
 
 
-def _rows_independent(linear: torch.nn.Linear, x: torch.Tensor, multiple: int, max_rows: int) -> bool:
+def _rows_independent(linear: torch.nn.Linear, x: torch.Tensor, multiple: int, max_batch: int) -> bool:
+    """Every row computed in passes of `multiple` rows equals the same row computed in any larger pass."""
+    rows = x.shape[0]
     # Compared on the CPU, so that the verdict does not depend on the operator library being probed.
-    reference = linear(x[:multiple]).cpu()
-    sizes = range(multiple, max_rows + multiple, multiple)
-    if not all(torch.equal(linear(x[:rows])[:multiple].cpu(), reference) for rows in sizes):
-        return False
-    # The same rows one position further down must not change either.
-    shifted = linear(x[1 : sizes[-1] + 1])[: multiple - 1].cpu()
-    return torch.equal(shifted, reference[1:])
+    reference = torch.cat([linear(x[i : i + multiple]).cpu() for i in range(0, rows, multiple)])
+    for size in range(2 * multiple, max_batch + multiple, multiple):
+        for offset in (0, 1):  # a row's position within the pass must not matter either
+            for start in range(offset, rows - size + 1, size):
+                if not torch.equal(linear(x[start : start + size]).cpu(), reference[start : start + size]):
+                    return False
+    return True
 
 
 def enable_flaggems(options: FlagGemsOptions) -> list[str]:
-    """Switch FlagGems on for this process; returns the aten operators it registered (empty if the API cannot say)."""
+    """Switch FlagGems on for this process; returns the aten operators it registered (empty if the API cannot say).
+
+    Through `flaggems_hooks`, which also writes the calls log (registration names) beside the op log and honours
+    FLAGEVAL_RECORD_SHAPES and FLAGEVAL_PERTURB_OP (see docs/bisect.md)."""
+    from flageval_lite.servers import flaggems_hooks
+
+    calls_dir = str(Path(options.log_path).parent) if options.log_path else ""
     try:
-        import flag_gems
-    except ImportError as exc:
+        enabled = flaggems_hooks.enable(options.include, options.exclude, log_path=options.log_path, once=False,
+                                        calls_dir=calls_dir)
+    except flaggems_hooks.FlagGemsUnavailable as exc:
         raise UserError(f"--ops flaggems: cannot import flag_gems ({exc}); install flag-gems in this environment") from exc
-    record = {"record": True, "path": options.log_path} if options.log_path else {}
-    if options.include:
-        flag_gems.only_enable(include=list(options.include), **record)
-    else:
-        flag_gems.enable(unused=list(options.exclude) or None, **record)
-    lister = getattr(flag_gems, "all_registered_ops", None)
-    return sorted(str(op) for op in lister()) if lister else []
+    except (ValueError, RuntimeError) as exc:  # a FLAGEVAL_* switch that cannot be honoured
+        raise UserError(f"--ops flaggems: {exc}") from exc
+    return enabled.registered
 
 
 def package_versions() -> dict[str, str]:

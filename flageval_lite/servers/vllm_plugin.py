@@ -4,9 +4,10 @@ vLLM calls general plugins (entry-point group `vllm.general_plugins`, filtered b
 `VLLM_PLUGINS` allow-list) in the API server, the engine core and every worker, possibly several
 times per process, so both functions are re-entrant and cheap after the first call.
 
-- `register` (entry point `flageval_lite_flaggems`): when FLAGEVAL_FLAGGEMS=1, calls
-  `flag_gems.enable(...)` or `flag_gems.only_enable(include=...)` with op recording to
-  `$FLAGEVAL_OPLOG_DIR/oplog-<pid>.txt` (FlagGems opens that file with mode "w", hence one per pid).
+- `register` (entry point `flageval_lite_flaggems`): when FLAGEVAL_FLAGGEMS=1, switches FlagGems on through
+  `flaggems_hooks.enable` (`flag_gems.enable(...)` or `flag_gems.only_enable(include=...)`) with op recording to
+  `$FLAGEVAL_OPLOG_DIR/oplog-<pid>.txt` (FlagGems opens that file with mode "w", hence one per pid) and our
+  calls log `calls-<pid>.jsonl` beside it.
 - `register_evidence` (entry point `flageval_lite_evidence`): never imports flag_gems; lets the
   native reference report its package versions too.
 
@@ -48,27 +49,24 @@ def _names(var: str) -> list[str]:
 
 
 def _enable_flaggems() -> None:
-    try:
-        import flag_gems
-    except ImportError as exc:
-        # Fail the server start: a "FlagGems" candidate running native kernels would be worse than no run.
-        raise RuntimeError(f"FLAGEVAL_FLAGGEMS=1 but flag_gems cannot be imported: {exc}") from exc
+    from . import flaggems_hooks
+
     include, exclude = _names("FLAGEVAL_FLAGGEMS_INCLUDE"), _names("FLAGEVAL_FLAGGEMS_EXCLUDE")
     record = os.environ.get("FLAGEVAL_FLAGGEMS_RECORD", "1") == "1"
     oplog_dir = os.environ.get("FLAGEVAL_OPLOG_DIR", "")
-    path: Optional[str] = None
+    path = ""
     if record and oplog_dir:
         Path(oplog_dir).mkdir(parents=True, exist_ok=True)
         path = str(Path(oplog_dir) / f"oplog-{os.getpid()}.txt")
-    # once=True logs each call site once: enough to know which operators ran, without per-call I/O
-    # skewing the latency comparison.
-    if include:
-        flag_gems.only_enable(include=include, record=record and path is not None, once=True, path=path)
-        mode = "only_enable"
-    else:
-        flag_gems.enable(unused=exclude or None, record=record and path is not None, once=True, path=path)
-        mode = "enable"
-    _enabled.update(mode=mode, include=include, exclude=exclude, oplog=path or "", pid=os.getpid())
+    try:
+        # once=True logs each call site once: enough to know which operators ran, without per-call I/O
+        # skewing the latency comparison.
+        enabled = flaggems_hooks.enable(include, exclude, log_path=path, once=True,
+                                        calls_dir=oplog_dir if record else "")
+    except flaggems_hooks.FlagGemsUnavailable as exc:
+        # Fail the server start: a "FlagGems" candidate running native kernels would be worse than no run.
+        raise RuntimeError(f"FLAGEVAL_FLAGGEMS=1 but flag_gems cannot be imported: {exc}") from exc
+    _enabled.update(mode=enabled.mode, include=include, exclude=exclude, oplog=path, pid=os.getpid())
 
 
 def write_evidence() -> Optional[Path]:

@@ -1,0 +1,133 @@
+"""A stand-in for a FlagGems candidate whose divergence is caused by known operators (standard library only).
+
+Launched in place of `vllm serve` (same argv: `serve MODEL --port P --served-model-name N ...`), it reads the
+environment our engines set for the `plugin` route and behaves like a model whose answers change when FlagGems'
+implementation of certain operators is on:
+
+- STANDIN_OPS        the operators "the model calls" (comma list)
+- STANDIN_CULPRITS   groups separated by ";", each "a+b": a group changes answers when all its operators are on
+- FLAGEVAL_FLAGGEMS, FLAGEVAL_FLAGGEMS_INCLUDE/_EXCLUDE, FLAGEVAL_OPLOG_DIR: as set for the plugin route
+
+Enabled = nothing when FLAGEVAL_FLAGGEMS is not 1, else the include list (or all but the excluded ones) among
+STANDIN_OPS. Like the real plugin it writes FlagGems' op log (`oplog-<pid>.txt`) and our calls log
+(`calls-<pid>.jsonl`, the format of flageval_lite.servers.flaggems_hooks) for the enabled operators.
+Answers are a function of the prompt (see `answer`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def names(var: str) -> list[str]:
+    return [n.strip() for n in os.environ.get(var, "").split(",") if n.strip()]
+
+
+def enabled_ops() -> list[str]:
+    ops = names("STANDIN_OPS")
+    if os.environ.get("FLAGEVAL_FLAGGEMS") != "1":
+        return []
+    include, exclude = names("FLAGEVAL_FLAGGEMS_INCLUDE"), names("FLAGEVAL_FLAGGEMS_EXCLUDE")
+    return [op for op in ops if op in include] if include else [op for op in ops if op not in exclude]
+
+
+def diverging(enabled: list[str]) -> bool:
+    groups = [set(g.split("+")) for g in os.environ.get("STANDIN_CULPRITS", "").split(";") if g.strip()]
+    return any(group <= set(enabled) for group in groups)
+
+
+def write_logs(enabled: list[str]) -> None:
+    folder = os.environ.get("FLAGEVAL_OPLOG_DIR", "")
+    if not folder or not enabled:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    with open(Path(folder) / f"oplog-{pid}.txt", "w") as log:
+        log.writelines(f"[DEBUG] flag_gems.ops.{op}.{op}: GEMS {op.upper()}\n" for op in enabled)
+    with open(Path(folder) / f"calls-{pid}.jsonl", "w") as calls:
+        calls.writelines(json.dumps({"op": op, "aten": op}) + "\n" for op in enabled)
+
+
+def answer(prompt: str, changed: bool) -> str:
+    """A number from the prompt; a divergence changes the number of a quarter of the prompts and only the
+    punctuation of another quarter (the text differs, the extracted answer does not)."""
+    digest = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+    number = digest % 1000
+    if changed and digest % 4 == 0:
+        return f"The result is {number + 1}."
+    if changed and digest % 4 == 1:
+        return f"The result is {number}!"
+    return f"The result is {number}."
+
+
+def make_handler(model: str, changed: bool):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            pass
+
+        def send_json(self, body: object, status: int = 200) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self.send_json({})
+            elif self.path == "/v1/models":
+                self.send_json({"object": "list", "data": [{"id": model, "object": "model"}]})
+            elif self.path == "/version":
+                self.send_json({"version": "bisect-standin"})
+            else:
+                self.send_json({"error": "not found"}, 404)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []))
+            text = answer(prompt, changed)
+            usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+            if not body.get("stream"):
+                self.send_json({"id": "x", "object": "chat.completion", "created": int(time.time()), "model": model,
+                                "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": text}}], "usage": usage})
+                return
+            events = [{"choices": [{"index": 0, "delta": {"content": word + " "}}]} for word in text.split()]
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage})
+            data = ("".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bisect_standin")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served-model-name", default="")
+    args, _ = parser.parse_known_args(argv)
+    enabled = enabled_ops()
+    write_logs(enabled)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.served_model_name or args.model,
+                                                                      diverging(enabled)))
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
