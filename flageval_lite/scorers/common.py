@@ -47,6 +47,19 @@ def answer_text(response: Optional[str]) -> str:
     return strip_reasoning(response)[0]
 
 
+def closing_brace(text: str, start: int) -> Optional[int]:
+    """Index of the `}` that closes the first `{` at or after `start`; None when it never closes."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
 def last_boxed(text: str) -> Optional[str]:
     """Content of the last ``\\boxed{…}`` / ``\\fbox{…}`` (braces matched), or of ``\\boxed 5``; None if absent."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
@@ -59,30 +72,17 @@ def last_boxed(text: str) -> Optional[str]:
             return re.split(r"[$\n]", rest[1:], maxsplit=1)[0].strip() or None
         return None
     rest = rest.lstrip(" ")
-    depth = 0
-    for i, ch in enumerate(rest):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:i]
-    return None
+    end = closing_brace(rest, 0)
+    return rest[1:end] if end is not None else None
 
 
 def all_boxed_spans(text: str) -> list[tuple[int, str]]:
     """(position, content) of every brace-matched ``\\boxed{…}``/``\\fbox{…}``, in order."""
     spans = []
     for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth = 0
-        for i in range(match.end() - 1, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    spans.append((match.start(), text[match.end():i]))
-                    break
+        end = closing_brace(text, match.end() - 1)
+        if end is not None:
+            spans.append((match.start(), text[match.end():end]))
     return spans
 
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..errors import UserError
 from ..records import ScoreResult
-from .common import UNPARSED, answer_text, last_boxed, to_int, unwrap_latex_text
+from .common import UNPARSED, answer_text, closing_brace, last_boxed, to_int, unwrap_latex_text
 from .mathexpr import math_strip, numeric_value
 
 _FINAL_PHRASE = re.compile(
@@ -74,16 +74,11 @@ def _lmeval_last_boxed(text: str) -> Optional[str]:
     start = text.rfind("\\boxed")
     if start < 0:
         return None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                whole = text[start: i + 1]
-                return whole[len("\\boxed{"): -1] if whole.startswith("\\boxed{") else None
-    return None
+    end = closing_brace(text, start)
+    if end is None:
+        return None
+    whole = text[start: end + 1]
+    return whole[len("\\boxed{"): -1] if whole.startswith("\\boxed{") else None
 
 
 def _lmeval_equiv(a: str, b: str) -> tuple[bool, str]:

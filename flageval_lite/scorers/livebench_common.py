@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from .common import closing_brace
+
 
 class Outcome(NamedTuple):
     value: float
@@ -19,15 +21,8 @@ def lb_last_boxed(text: str) -> Optional[str]:
         start = text.rfind("\\fbox")
         if start < 0:
             return None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start: i + 1].replace("$", "").replace("fbox", "boxed")
-    return None
+    end = closing_brace(text, start)
+    return None if end is None else text[start: end + 1].replace("$", "").replace("fbox", "boxed")
 
 
 def lb_remove_boxed(boxed: str) -> Optional[str]:
