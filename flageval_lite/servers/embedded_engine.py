@@ -187,7 +187,9 @@ class Engine:
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run_forever, name="embedded-engine", daemon=True)
         self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+        # transformers 5.24 names the cache argument `cache`; earlier releases call it `past_key_values`.
+        forward_parameters = inspect.signature(loaded.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_parameters else "past_key_values"
         # Models that keep multimodal rope offsets between calls (Qwen2-VL family) must start each request afresh.
         self._rope_holders = [m for m in loaded.model.modules() if hasattr(m, "rope_deltas")]
         self._decode_token = functools.lru_cache(maxsize=1 << 16)(

