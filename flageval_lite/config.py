@@ -52,6 +52,9 @@ class RunConfig:
     data_dir: str = ""
     lmeval_include_path: str = ""  # folder of extra lm-eval task YAMLs for `lmeval:<task>` entries
     max_image_pixels: Optional[int] = None
+    # Caps every task's max_tokens (both backends alike): a small test model's context cannot hold the
+    # 8k-token answers that AIME or GPQA allow a real one.
+    max_tokens_cap: Optional[int] = None
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
@@ -140,7 +143,7 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     types = {"suite": str, "limit": int, "placement": str, "allow_fallback": bool, "concurrency": int,
              "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
              "margin": (int, float), "release_gate": (int, float), "data_dir": str, "lmeval_include_path": str,
-             "max_image_pixels": int, "judge": dict, "noise_floor": bool}
+             "max_image_pixels": int, "max_tokens_cap": int, "judge": dict, "noise_floor": bool}
     for key, expected in types.items():
         if raw.get(key) is not None:
             _check_type(source, key, raw[key], expected)

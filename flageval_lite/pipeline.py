@@ -58,8 +58,11 @@ def select_tasks(config: RunConfig) -> list[Any]:
     return [load_task(t) for t in config.tasks if not is_lmeval_task(t)]
 
 
-def task_params(spec: Any) -> GenParams:
-    return spec.generation if isinstance(spec.generation, GenParams) else GenParams(**(spec.generation or {}))
+def task_params(spec: Any, max_tokens_cap: Optional[int] = None) -> GenParams:
+    params = spec.generation if isinstance(spec.generation, GenParams) else GenParams(**(spec.generation or {}))
+    if max_tokens_cap and params.max_tokens > max_tokens_cap:
+        params = dataclasses.replace(params, max_tokens=max_tokens_cap)
+    return params
 
 
 def spec_identity(spec: ServeSpec) -> str:
@@ -121,8 +124,9 @@ class Pipeline:
         return min(count, self.config.limit)
 
     def jobs_for(self, endpoint: Endpoint) -> list[Job]:
-        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec), params=task_params(spec),
-                    total=self.expected_items(spec)) for spec in self.tasks]
+        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec),
+                    params=task_params(spec, self.config.max_tokens_cap), total=self.expected_items(spec))
+                for spec in self.tasks]
 
     def run(self) -> RunResult:
         self.preflight()
@@ -197,7 +201,7 @@ class Pipeline:
             repeat = dataclasses.replace(endpoints["reference"], role=AA_ROLE)
             # Reverse order and another concurrency: a different batch composition on the same stack.
             jobs = [Job(endpoint=repeat, task=spec.name, items=reversed(list(self.items(spec))),
-                        params=task_params(spec)) for spec in self.tasks]
+                        params=task_params(spec, self.config.max_tokens_cap)) for spec in self.tasks]
             runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
             asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))
         if cfg.perf.enabled:

@@ -150,3 +150,28 @@ def test_missing_judge_refused_before_any_server_starts(tmp_path):
     done = cli(tmp_path, "run", "--config", str(config), "--quiet", timeout=60)
     assert done.returncode == 2 and "judge" in done.stderr
     assert not list((tmp_path / "runs").glob("*/logs/*.log"))
+
+
+def test_managed_server_dying_mid_run_is_restarted_and_the_run_completes(tmp_path):
+    # The candidate crashes after every 25 answers; ensure_alive restarts it on the same port.
+    crashing = {**stub_spec("stub-cand", "--exit-after", "25"), "max_restarts": 3}
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=crashing, tasks=["demo_arith"],
+                          limit=60, concurrency=4)
+    done = cli(tmp_path, "run", "--config", str(config), "--run-id", "crashy", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "reports/crashy/summary.json").read_text())
+    [task] = summary["comparison"]["tasks"]
+    assert task["n"] == 60 and task["errors_candidate"] == 0
+    assert summary["manifest"]["servers"]["candidate"]["restarts"] == 2
+
+
+def test_native_and_lmeval_tasks_in_one_report(tmp_path):
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=stub_spec("stub-cand"),
+                          tasks=["demo_arith", "lmeval:flageval_arith"], limit=6,
+                          lmeval_include_path=str(REPO / "tests/fixtures/lmeval_bridge"))
+    done = cli(tmp_path, "run", "--config", str(config), "--run-id", "mixed", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = score_rows((tmp_path / "reports/mixed/report.md").read_text())
+    assert rows[0] == "Demo arithmetic" and rows[1].startswith("flageval_arith")
+    tasks = json.loads((tmp_path / "reports/mixed/summary.json").read_text())["comparison"]["tasks"]
+    assert [t["n"] for t in tasks] == [6, 6]
