@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 compare: $(STAMP)
-	$(VENV)/bin/flageval-lite run --suite demo $(COMPARE_ARGS)
+	$(VENV)/bin/flageval-lite run --suite demo --noise-floor $(COMPARE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -27,11 +27,11 @@ PLACEMENTS = ("sequential", "concurrent")
 class PerfConfig:
     """A fixed synthetic load (vLLM `bench serve` style) run against each backend, one at a time."""
 
-    enabled: bool = False
+    enabled: bool = True
     concurrency: tuple[int, ...] = (1, 8)
-    requests: int = 32
-    prompt_words: int = 128
-    output_tokens: int = 64
+    requests: int = 16
+    prompt_words: int = 64
+    output_tokens: int = 32
 
 
 @dataclass

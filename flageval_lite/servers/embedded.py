@@ -2,8 +2,8 @@
 
     python -m flageval_lite.servers.embedded --model smollm2 --port 8000 --served-model-name smollm2
 
-Endpoints: GET /health, /v1/models, /version; POST /v1/chat/completions, /v1/completions. The port is bound only
-after the model is loaded and a warm-up generation ran, so a 200 from /health means ready. Batching and its
+Endpoints: GET /health, /v1/models, /version; POST /v1/chat/completions, /v1/completions, /tokenize. The port is
+bound only after the model is loaded and a warm-up generation ran, so a 200 from /health means ready. Batching and its
 determinism are described in `embedded_engine` and docs/embedded-server.md.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,13 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import flageval_lite
 from flageval_lite.errors import UserError
-from flageval_lite.servers.embedded_engine import Engine, GenerationRequest, GenEvent, SamplingParams, TokenLogprob
+from flageval_lite.servers.embedded_engine import (
+    Engine, GenerationRequest, GenEvent, PromptLogprob, SamplingParams, TokenLogprob,
+)
 from flageval_lite.servers.embedded_model import (
     DTYPES, FlagGemsOptions, LoadedModel, Prompt, PromptError, chat_prompt, completion_prompt, load_model,
-    package_versions,
+    package_versions, token_prompt,
 )
 
 MAX_TOP_LOGPROBS = 20
+LOGPROB_FLOOR = -9999.0  # vLLM's JSON stand-in for a log-probability of -inf
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI and vLLM; chat defaults to the rest of the context
 log = logging.getLogger("flageval_lite.embedded")
 
@@ -77,6 +81,9 @@ class _GenerationBody(BaseModel):
     stream_options: Optional[_StreamOptions] = None
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+    # vLLM extensions: the distribution at every prompt position (teacher forcing), and the token ids.
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    return_token_ids: bool = False
 
 
 class ChatBody(_GenerationBody):
@@ -87,9 +94,27 @@ class ChatBody(_GenerationBody):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
 class CompletionBody(_GenerationBody):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]  # text, or token ids used as they are
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_special_tokens: bool = True  # text prompts only, as vLLM
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's POST /tokenize: `prompt` (text) or `messages` (rendered by the chat template)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[_Message]] = Field(None, min_length=1)
+    add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages (as vLLM)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    return_token_strs: bool = False
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -150,6 +175,7 @@ class EmbeddedServer:
         app.get("/v1/models")(self.models)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/completions")(self.completions)
+        app.post("/tokenize")(self.tokenize)
         return app
 
     def health(self) -> JSONResponse:
@@ -176,22 +202,63 @@ class EmbeddedServer:
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = self._sampling(body, prompt, body.max_completion_tokens or body.max_tokens, max_tokens_field,
                                 "messages", logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-        response = _ChatResponse(self.served_model_name, body.logprobs)
+        response = _ChatResponse(self.served_model_name, body.logprobs, self._token_fields(body, prompt))
         return await self._respond(GenerationRequest(response.id, prompt.ids, params, prompt.model_inputs), response,
                                    body.stream, body.stream_options)
 
     async def completions(self, request: Request):
         body: CompletionBody = await _parse(request, CompletionBody)
         self._check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        single = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)
+        prompts = [body.prompt] if single else body.prompt
         if len(prompts) != 1:
-            raise ApiError("prompt: exactly one prompt string per request is supported", param="prompt")
-        prompt = await asyncio.to_thread(completion_prompt, self.loaded, prompts[0])
+            raise ApiError("prompt: exactly one prompt (a string or a list of token ids) per request is supported",
+                           param="prompt")
+        try:
+            if isinstance(prompts[0], str):
+                prompt = await asyncio.to_thread(completion_prompt, self.loaded, prompts[0], body.add_special_tokens)
+            else:
+                prompt = token_prompt(self.loaded, prompts[0])
+        except PromptError as exc:
+            raise ApiError(str(exc), param=exc.param) from exc
         params = self._sampling(body, prompt, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens",
                                 "prompt", logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
-        response = _CompletionResponse(self.served_model_name, body.logprobs is not None)
+        response = _CompletionResponse(self.served_model_name, body.logprobs is not None,
+                                       self._token_fields(body, prompt))
         return await self._respond(GenerationRequest(response.id, prompt.ids, params), response,
                                    body.stream, body.stream_options)
+
+    async def tokenize(self, request: Request) -> dict:
+        body: TokenizeBody = await _parse(request, TokenizeBody)
+        if body.model is not None:
+            self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError("exactly one of `prompt` and `messages` is required", param="prompt")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise ApiError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           param="continue_final_message")
+        try:
+            if body.prompt is not None:
+                special = True if body.add_special_tokens is None else body.add_special_tokens
+                prompt = await asyncio.to_thread(completion_prompt, self.loaded, body.prompt, special)
+            else:
+                messages = [message.model_dump(exclude_none=True) for message in body.messages]
+                prompt = await asyncio.to_thread(
+                    chat_prompt, self.loaded, messages, body.chat_template_kwargs, body.add_generation_prompt,
+                    body.continue_final_message, bool(body.add_special_tokens))
+        except PromptError as exc:
+            raise ApiError(str(exc), param=exc.param) from exc
+        strings = self.loaded.tokenizer.convert_ids_to_tokens(prompt.ids) if body.return_token_strs else None
+        return {"count": len(prompt.ids), "max_model_len": self.max_model_len, "tokens": prompt.ids,
+                "token_strs": strings}
+
+    def _token_fields(self, body: _GenerationBody, prompt: Prompt) -> "_TokenFields":
+        if body.prompt_logprobs is not None and body.stream:
+            raise ApiError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+        if not prompt.ids:
+            raise ApiError("prompt: the prompt has no tokens", param="prompt")
+        return _TokenFields(prompt.ids, body.prompt_logprobs is not None, body.return_token_ids,
+                            self.engine.decode_token)
 
     def _check_model(self, model: str) -> None:
         if model != self.served_model_name:
@@ -220,6 +287,7 @@ class EmbeddedServer:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             ignore_eos=body.ignore_eos,
+            prompt_logprobs=body.prompt_logprobs,
         )
 
     async def _respond(self, request: GenerationRequest, response: "_Response", stream: bool,
@@ -267,15 +335,45 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+@dataclass(frozen=True)
+class _TokenFields:
+    """The vLLM token extras one request asked for: `prompt_logprobs`, `prompt_token_ids` and `token_ids`."""
+
+    prompt_ids: list[int]
+    prompt_logprobs: bool
+    return_token_ids: bool
+    decode: Callable[[int], str]
+
+    def prompt_extras(self, scored: Optional[list[Optional[PromptLogprob]]]) -> dict:
+        extras: dict[str, Any] = {}
+        if self.prompt_logprobs:
+            extras["prompt_logprobs"] = [None if entry is None else self._position(entry) for entry in scored or ()]
+        if self.return_token_ids:
+            extras["prompt_token_ids"] = self.prompt_ids
+        return extras
+
+    def _position(self, entry: PromptLogprob) -> dict[str, dict]:
+        """vLLM's shape: {token id: {logprob, rank, decoded_token}}, the prompt token first, then the top-k."""
+        position = {str(entry.token_id): self._logprob(entry.token_id, entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            position.setdefault(str(token_id), self._logprob(token_id, logprob, rank))
+        return position
+
+    def _logprob(self, token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": max(logprob, LOGPROB_FLOOR), "rank": rank, "decoded_token": self.decode(token_id)}
+
+
 class _Response(abc.ABC):
     """Shapes engine events into one endpoint's OpenAI JSON, whole or as server-sent events."""
 
     prefix = object_name = chunk_name = ""
+    prompt_extras_in_choice = False  # completions carry them per choice, chat at the top level (as vLLM)
 
-    def __init__(self, model: str, logprobs: bool):
-        self.model, self.logprobs = model, logprobs
+    def __init__(self, model: str, logprobs: bool, tokens: _TokenFields):
+        self.model, self.logprobs, self.tokens = model, logprobs, tokens
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.prompt_ids_sent = False  # streams send prompt_token_ids once
 
     def envelope(self, name: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices,
@@ -285,8 +383,13 @@ class _Response(abc.ABC):
         final = events[-1]
         text = "".join(event.text for event in events)
         entries = [entry for event in events for entry in event.logprobs]
-        return self.envelope(self.object_name, [self.whole_choice(text, entries, final.finish_reason)],
-                             usage=_usage(final))
+        choice = self.whole_choice(text, entries, final.finish_reason)
+        if self.tokens.return_token_ids:
+            choice["token_ids"] = [token for event in events for token in event.token_ids]
+        extras = self.tokens.prompt_extras(events[0].prompt_logprobs)
+        if self.prompt_extras_in_choice:
+            return self.envelope(self.object_name, [{**choice, **extras}], usage=_usage(final))
+        return self.envelope(self.object_name, [choice], usage=_usage(final), **extras)
 
     async def stream(self, events: AsyncIterator[GenEvent], include_usage: bool) -> AsyncIterator[str]:
         for chunk in self.opening_chunks():
@@ -295,13 +398,24 @@ class _Response(abc.ABC):
             if event.error:
                 yield _sse(_error_body(event.error, "server_error"))
                 break
-            if event.text or event.logprobs:
-                yield _sse(self.envelope(self.chunk_name, [self.delta_choice(event.text, event.logprobs, None)]))
+            if event.text or event.logprobs or self.tokens.return_token_ids and event.token_ids:
+                yield _sse(self.content_chunk(event))
             if event.final:
                 yield _sse(self.envelope(self.chunk_name, [self.delta_choice("", [], event.finish_reason)]))
                 if include_usage:
                     yield _sse(self.envelope(self.chunk_name, [], usage=_usage(event)))
         yield "data: [DONE]\n\n"
+
+    def content_chunk(self, event: GenEvent) -> dict:
+        choice = self.delta_choice(event.text, event.logprobs, None)
+        if not self.tokens.return_token_ids:
+            return self.envelope(self.chunk_name, [choice])
+        choice["token_ids"] = event.token_ids
+        extras = {} if self.prompt_ids_sent else {"prompt_token_ids": self.tokens.prompt_ids}
+        self.prompt_ids_sent = True
+        if self.prompt_extras_in_choice:
+            return self.envelope(self.chunk_name, [{**choice, **extras}])
+        return self.envelope(self.chunk_name, [choice], **extras)
 
     def opening_chunks(self) -> list[dict]:
         return []
@@ -345,9 +459,10 @@ class _ChatResponse(_Response):
 
 class _CompletionResponse(_Response):
     prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
+    prompt_extras_in_choice = True
 
-    def __init__(self, model: str, logprobs: bool):
-        super().__init__(model, logprobs)
+    def __init__(self, model: str, logprobs: bool, tokens: _TokenFields):
+        super().__init__(model, logprobs, tokens)
         self.offset = 0  # characters of token text before the next entry, for text_offset
 
     def legacy_logprobs(self, entries: list[TokenLogprob]) -> Optional[dict]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from flageval_lite.servers.embedded_model import LoadedModel
 
 PACKED_ATTENTION = "flageval_packed"
+PROMPT_LOGPROB_CHUNK = 256  # prompt rows per log_softmax when scoring a prompt
 log = logging.getLogger("flageval_lite.embedded")
 
 
@@ -111,6 +112,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    prompt_logprobs: Optional[int] = None  # vLLM extension: top-k per prompt position (0 = the prompt token only)
 
 
 @dataclass(frozen=True)
@@ -128,12 +130,25 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...]
 
 
+@dataclass(frozen=True)
+class PromptLogprob:
+    """The distribution at one prompt position: the prompt token's log-probability and 1-based rank, and the top-k."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
 @dataclass
 class GenEvent:
     """What a request gained in one step; the last event of a request has `finish_reason` (or `error`) set."""
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    # First event only, when asked for: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: Optional[list[Optional[PromptLogprob]]] = None
     finish_reason: Optional[str] = None  # stop | length
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -168,6 +183,11 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.position == 0
+
+    @property
+    def scores_prompt(self) -> bool:
+        """This pass must keep the logits of every prompt row, not just the last one."""
+        return self.prefilling and self.params.prompt_logprobs is not None
 
 
 # --------------------------------------------------------------------------- engine
@@ -229,9 +249,9 @@ class Engine:
                 seq.feed = []
                 seq.emit(GenEvent(error=f"generation failed: {exc}", prompt_tokens=len(seq.request.prompt_ids)))
             logits = ()
-        for seq, row in zip(batch, logits):
+        for seq, rows in zip(batch, logits):
             try:
-                self._advance(seq, row)
+                self._advance(seq, rows)
             except Exception as exc:  # e.g. a tokenizer failure: end this request, keep serving
                 log.exception("request %s failed", seq.request.request_id)
                 seq.feed = []
@@ -261,39 +281,44 @@ class Engine:
                     return list(self._running)
                 self._wake.wait()
 
-    def _forward(self, batch: list[_Sequence]) -> torch.Tensor:
-        """One forward pass; returns float32 CPU logits, one row per sequence."""
+    def _forward(self, batch: list[_Sequence]) -> list[torch.Tensor]:
+        """One forward pass; float32 CPU logits per sequence: its last row, or every fed row when it scores its
+        prompt."""
         if self.loaded.packed:
             return self._forward_packed(batch)
         (seq,) = batch
         return self._forward_single(seq)
 
-    def _forward_packed(self, batch: list[_Sequence]) -> torch.Tensor:
+    def _forward_packed(self, batch: list[_Sequence]) -> list[torch.Tensor]:
         multiple = self.loaded.row_multiple
-        ids, positions, segments, last_rows = [], [], [], []
+        ids, positions, segments, kept_rows, counts = [], [], [], [], []
         for seq in batch:
             if seq.cache is None:
                 seq.cache = KVBuffers(self._num_layers)
-            segments.append(Segment(seq.cache, len(ids), len(seq.feed)))
+            start = len(ids)
+            segments.append(Segment(seq.cache, start, len(seq.feed)))
             ids.extend(seq.feed)
             positions.extend(range(seq.position, seq.position + len(seq.feed)))
-            last_rows.append(len(ids) - 1)
+            rows = range(start, len(ids)) if seq.scores_prompt else [len(ids) - 1]
+            kept_rows.extend(rows)
+            counts.append(len(rows))
         padding = -len(ids) % multiple
         ids.extend([0] * padding)
         positions.extend([0] * padding)
-        # The lm_head sees one row per sequence: pad that count to the multiple too.
-        last_rows.extend([last_rows[0]] * (-len(last_rows) % multiple))
+        # The lm_head sees the kept rows only: pad their count to the multiple too.
+        kept_rows.extend([kept_rows[0]] * (-len(kept_rows) % multiple))
         device = self.loaded.device
         output = self.loaded.model(
             input_ids=torch.tensor([ids], device=device),
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,
-            logits_to_keep=torch.tensor(last_rows, device=device),
+            logits_to_keep=torch.tensor(kept_rows, device=device),
             packed_segments=tuple(segments),
         )
-        return output.logits[0, : len(batch)].float().cpu()
+        logits = output.logits[0, : sum(counts)].float().cpu()
+        return list(torch.split(logits, counts))
 
-    def _forward_single(self, seq: _Sequence) -> torch.Tensor:
+    def _forward_single(self, seq: _Sequence) -> list[torch.Tensor]:
         from transformers import DynamicCache
 
         model = self.loaded.model
@@ -309,16 +334,22 @@ class Engine:
             name: value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
             for name, value in inputs.items()
         }
-        output = model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: seq.cache})
-        return output.logits[:, -1].float().cpu()
+        keep = 0 if seq.scores_prompt else 1  # 0 keeps every row
+        output = model(**inputs, use_cache=True, logits_to_keep=keep, **{self._cache_kwarg: seq.cache})
+        return [output.logits[0].float().cpu()]
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Take the step's token for `seq`, update its text, and emit what changed."""
+    def _advance(self, seq: _Sequence, rows: torch.Tensor) -> None:
+        """Take the step's token for `seq` (from the last of its logits rows), update its text, and emit what
+        changed."""
         params = seq.params
+        event = GenEvent(prompt_tokens=len(seq.request.prompt_ids), completion_tokens=len(seq.generated) + 1)
+        if seq.scores_prompt:
+            event.prompt_logprobs = self._prompt_logprobs(rows[:-1], seq.request.prompt_ids, params.prompt_logprobs)
+        logits = rows[-1]
         seq.position += len(seq.feed)
         token = _sample(logits, params, seq.generator)
         seq.generated.append(token)
-        event = GenEvent(prompt_tokens=len(seq.request.prompt_ids), completion_tokens=len(seq.generated))
+        event.token_ids.append(token)
         if params.logprobs:
             event.logprobs.append(self._logprob(logits, token, params.top_logprobs))
         if token in self.loaded.eos_token_ids and not params.ignore_eos:
@@ -348,6 +379,25 @@ class Engine:
             event.text = seq.text[seq.sent : ready]
             seq.sent = ready
         seq.emit(event)
+
+    def _prompt_logprobs(self, rows: torch.Tensor, prompt_ids: list[int], top: int) -> list[Optional[PromptLogprob]]:
+        """Row i predicts prompt token i + 1.  Ranks count the tokens at least as likely (vLLM's rank), and
+        rows go through log_softmax in chunks to bound the extra memory of a long prompt."""
+        entries: list[Optional[PromptLogprob]] = [None]
+        for start in range(0, rows.shape[0], PROMPT_LOGPROB_CHUNK):
+            logprobs = torch.log_softmax(rows[start : start + PROMPT_LOGPROB_CHUNK], dim=-1)
+            targets = torch.tensor(prompt_ids[start + 1 : start + 1 + logprobs.shape[0]])
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs >= chosen).sum(dim=-1)
+            best = torch.topk(logprobs, top, dim=-1) if top else None
+            for offset, token in enumerate(targets.tolist()):
+                alternatives = () if best is None else tuple(
+                    zip(best.indices[offset].tolist(), best.values[offset].tolist()))
+                entries.append(PromptLogprob(token, float(chosen[offset, 0]), int(ranks[offset]), alternatives))
+        return entries
+
+    def decode_token(self, token_id: int) -> str:
+        return self._decode_token(token_id)
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits, dim=-1)

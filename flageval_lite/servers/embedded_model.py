@@ -246,8 +246,14 @@ class PromptError(ValueError):
         self.param = param
 
 
-def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> Prompt:
-    """OpenAI chat messages -> token ids (and processor tensors for a vision model), via the model's own template."""
+def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                add_special_tokens: bool = False) -> Prompt:
+    """OpenAI chat messages -> token ids (and processor tensors for a vision model), via the model's own template.
+
+    The defaults are a chat request's; `/tokenize` may ask for the others, as vLLM's does."""
+    template_options = {"add_generation_prompt": add_generation_prompt,
+                        "continue_final_message": continue_final_message, **template_kwargs}
     images = []
     converted = []
     for index, message in enumerate(messages):
@@ -275,23 +281,32 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
             converted.append({**message, "content": "\n".join(p["text"] for p in parts)})
     try:
         if loaded.is_vision:
-            text = loaded.processor.apply_chat_template(
-                converted, tokenize=False, add_generation_prompt=True, **template_kwargs)
+            text = loaded.processor.apply_chat_template(converted, tokenize=False, **template_options)
+            # The processor adds special tokens its own way; `add_special_tokens` applies to text-only models.
             inputs = loaded.processor(text=[text], images=images or None, return_tensors="pt")
             return Prompt(ids=inputs["input_ids"][0].tolist(), model_inputs=dict(inputs))
         if not loaded.tokenizer.chat_template:
             raise PromptError(f"model {loaded.label} has no chat template; use /v1/completions", "messages")
-        text = loaded.tokenizer.apply_chat_template(
-            converted, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        text = loaded.tokenizer.apply_chat_template(converted, tokenize=False, **template_options)
     except PromptError:
         raise
     except Exception as exc:  # the template is the model's own Jinja code: any failure is the request's
         raise PromptError(f"messages: the chat template rejected them: {exc}", "messages") from exc
-    return Prompt(ids=loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Prompt(ids=loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def completion_prompt(loaded: LoadedModel, prompt: str) -> Prompt:
-    return Prompt(ids=loaded.tokenizer(prompt)["input_ids"])
+def completion_prompt(loaded: LoadedModel, prompt: str, add_special_tokens: bool = True) -> Prompt:
+    return Prompt(ids=loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def token_prompt(loaded: LoadedModel, ids: list[int]) -> Prompt:
+    """A prompt sent as token ids, used as it is (no template, no special tokens)."""
+    vocab = min(len(loaded.tokenizer), loaded.model.get_input_embeddings().num_embeddings)
+    for index, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise PromptError(f"prompt[{index}]: token id {token} is outside the vocabulary (0..{vocab - 1})",
+                              "prompt")
+    return Prompt(ids=list(ids))
 
 
 def _decode_image(image_url: Any, where: str):
