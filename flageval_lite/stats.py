@@ -271,17 +271,19 @@ def verdict(
     """Classify one benchmark row.  All of delta, intervals, margin and gate share one unit.
 
     First matching rule wins:
-      1. delta < -release_gate                         -> "regression"  (drop beyond the release gate)
+      1. delta < -release_gate and ci95 below 0       -> "regression"  (a shown drop beyond the release gate)
       2. ci90 strictly inside (-margin, +margin)       -> "consistent"  (TOST equivalence)
       3. p_holm < alpha and ci95 entirely below 0      -> "regression"
       4. p_holm < alpha and ci95 entirely above 0      -> "improvement"
       5. otherwise                                     -> "inconclusive"
     Rules 3-4 ask the interval to agree with the test, so a row never reads "significant" beside
-    a 95 % interval that contains 0.  `release_gate` may be math.inf to switch rule 1 off.
+    a 95 % interval that contains 0; rule 1 likewise needs the paired interval to show a drop, so a
+    noisy point estimate past the gate on a few items reads "inconclusive" (the report's gate column
+    still says the point estimate failed it).  `release_gate` may be math.inf to switch rule 1 off.
     """
     if release_gate < 0:
         raise ValueError(f"release gate must be >= 0, got {release_gate}")
-    if delta < -release_gate:
+    if delta < -release_gate and ci95[1] < 0:
         return "regression"
     if tost_equivalent(ci90, margin):
         return "consistent"

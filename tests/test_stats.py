@@ -288,7 +288,8 @@ def test_mde_formula_and_monotone_in_n():
     [
         (0.1, (-0.5, 0.7), (-0.4, 0.6), 0.8, "consistent"),
         (-3.0, (-4.0, -2.0), (-3.8, -2.2), 0.001, "regression"),  # beyond the gate and significant
-        (-2.5, (-6.0, 1.0), (-5.5, 0.5), 0.4, "regression"),  # beyond the 2-point gate, not significant
+        (-2.5, (-6.0, 1.0), (-5.5, 0.5), 0.4, "inconclusive"),  # past the 2-point gate, but no drop shown
+        (-2.5, (-4.0, -0.2), (-3.8, -0.5), 0.2, "regression"),  # past the gate, drop shown before Holm
         (-1.5, (-2.5, -0.5), (-2.3, -0.7), 0.01, "regression"),  # within the gate but significant
         (1.5, (0.5, 2.5), (0.7, 2.3), 0.01, "improvement"),
         (-0.4, (-0.8, -0.1), (-0.7, -0.15), 0.001, "consistent"),  # significant yet inside the margin
