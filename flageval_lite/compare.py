@@ -91,6 +91,8 @@ class Comparison:
     drilldown: dict[str, list[DrillItem]] = field(default_factory=dict)  # task -> items
     noise_floor: Optional["Comparison"] = None
     warnings: list[str] = field(default_factory=list)
+    # teacher_forced.stored_comparison(): per-task teacher-forced divergence, or {} when the mode did not run
+    teacher_forced: dict[str, Any] = field(default_factory=dict)
 
     @property
     def divergence(self) -> dict[str, dict[str, Any]]:
@@ -116,6 +118,7 @@ class Comparison:
             "drilldown": {task: [d.to_dict() for d in items] for task, items in self.drilldown.items()},
             "noise_floor": self.noise_floor.to_dict() if self.noise_floor else None,
             "warnings": list(self.warnings),
+            "teacher_forced": self.teacher_forced,
         }
 
     @classmethod
@@ -135,6 +138,7 @@ class Comparison:
             drilldown={task: [DrillItem(**d) for d in items] for task, items in (data.get("drilldown") or {}).items()},
             noise_floor=cls.from_dict(data["noise_floor"]) if data.get("noise_floor") else None,
             warnings=list(data.get("warnings") or []),
+            teacher_forced=dict(data.get("teacher_forced") or {}),
         )
 
 
@@ -430,13 +434,15 @@ def _load_order(load: str) -> tuple[int, str]:
 def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release_gate: float = 5.0,
                 alpha: float = 0.05, errors_as_zero: bool = True, perf: Optional[Mapping[str, Any]] = None,
                 perf_gate: float = 0.8, noise_floor: Optional[Comparison] = None,
-                drilldown_limit: int = DRILLDOWN_LIMIT) -> Comparison:
+                drilldown_limit: int = DRILLDOWN_LIMIT,
+                teacher_forced: Optional[Mapping[str, Any]] = None) -> Comparison:
     """Compare every task, Holm-adjust across tasks, then decide.
 
     Each task is a mapping with ``task``, ``title``, ``reference`` and ``candidate`` (lists of Score)
     and optionally ``metric`` (accuracy | livebench), ``items`` (item_id -> stored item, for the
     drill-down) and ``records`` (role -> Records, for logprob divergence); the list order is the
-    card order.  `perf` maps role -> load name -> timing samples (dicts or Records).
+    card order.  `perf` maps role -> load name -> timing samples (dicts or Records).  `teacher_forced` is carried
+    through to the report as it is (see teacher_forced.stored_comparison).
     """
     if not tasks:
         raise UserError("nothing to compare: no task has scores")
@@ -470,4 +476,5 @@ def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release
         drilldown=drilldown,
         noise_floor=noise_floor,
         warnings=[f"{r.title}: {w}" for r in rows for w in r.warnings],
+        teacher_forced=dict(teacher_forced or {}),
     )

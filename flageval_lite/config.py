@@ -35,6 +35,16 @@ class PerfConfig:
 
 
 @dataclass
+class TeacherForcedConfig:
+    """Score the reference's greedy token sequences on both backends (vLLM `prompt_logprobs`), see
+    flageval_lite/teacher_forced.py."""
+
+    enabled: bool = True
+    items: int = 20  # per task: the first items the reference answered
+    top_k: int = 5  # prompt_logprobs per position (vLLM allows at most --max-logprobs, 20 by default)
+
+
+@dataclass
 class RunConfig:
     reference: ServeSpec
     candidate: ServeSpec
@@ -58,6 +68,7 @@ class RunConfig:
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
+    teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
     source: str = ""
 
 
@@ -136,6 +147,8 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         perf_raw["concurrency"] = tuple(int(c) for c in perf_raw["concurrency"])
     perf = PerfConfig(**perf_raw)
 
+    teacher_forced = _teacher_forced_config(raw.pop("teacher_forced", {}) or {}, source)
+
     if isinstance(raw.get("tasks"), str):
         raw["tasks"] = tuple(t for t in raw["tasks"].split(",") if t)
     if "tasks" in raw:
@@ -151,4 +164,21 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(source, "placement", f"must be one of {', '.join(PLACEMENTS)}")
     if raw.get("limit") is not None and raw["limit"] < 1:
         raise ConfigError(source, "limit", "must be at least 1")
-    return RunConfig(reference=reference, candidate=candidate, perf=perf, source=source, **raw)
+    return RunConfig(reference=reference, candidate=candidate, perf=perf, teacher_forced=teacher_forced,
+                     source=source, **raw)
+
+
+def _teacher_forced_config(raw: Any, source: str) -> TeacherForcedConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "teacher_forced", "expected a mapping")
+    types = {"enabled": bool, "items": int, "top_k": int}
+    for key, value in raw.items():
+        if key not in types:
+            raise ConfigError(source, f"teacher_forced.{key}", f"unknown field (known: {', '.join(types)})")
+        _check_type(source, f"teacher_forced.{key}", value, types[key])
+    config = TeacherForcedConfig(**raw)
+    if config.items < 1:
+        raise ConfigError(source, "teacher_forced.items", "must be at least 1")
+    if not 1 <= config.top_k <= 20:
+        raise ConfigError(source, "teacher_forced.top_k", "must be between 1 and 20")
+    return config

@@ -13,22 +13,23 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from . import __version__
+from . import __version__, teacher_forced
 from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
 from .config import RunConfig
 from .errors import UserError
-from .records import Endpoint, GenParams, Item, ServeSpec, stable_hash
+from .records import ROLES, Endpoint, GenParams, Item, ServeSpec, stable_hash
 from .report import render_report
 from .runner import Job, Runner
 from .scoring import score_task
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import ServerGroup
 from .servers.placement import plan_placement
-from .store import Store
+from .store import Store, image_urls
 from .tasks import cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class Pipeline:
         check_candidate(evidence["candidate"], specs["candidate"])
 
     def after_main(self, runner: Runner, endpoints: dict[str, Endpoint], store: Store) -> None:
-        """A/A repeat of the reference and the perf sweep, one backend at a time."""
+        """A/A repeat of the reference, teacher forcing and the perf sweep, one backend at a time."""
         cfg = self.config
         if cfg.noise_floor and "reference" in endpoints:
             repeat = dataclasses.replace(endpoints["reference"], role=AA_ROLE)
@@ -204,6 +205,8 @@ class Pipeline:
                         params=task_params(spec, self.config.max_tokens_cap)) for spec in self.tasks]
             runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
             asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))
+        if cfg.teacher_forced.enabled and self.tasks:
+            self.teacher_force(endpoints, store)
         if cfg.perf.enabled:
             params = GenParams(max_tokens=cfg.perf.output_tokens, stream=True,
                                extra_body=(("ignore_eos", True),))
@@ -212,6 +215,41 @@ class Pipeline:
                     job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}",
                               items=perf_items(cfg, level), params=params)
                     asyncio.run(runner.run_jobs([job], concurrency=level))
+
+    def teacher_force(self, endpoints: dict[str, Endpoint], store: Store) -> None:
+        """Build the token sequences while the reference is up, score them on each backend while it is up (and
+        again on the reference for the A/A floor); the compare stage pairs the stored scores."""
+        cfg = self.config
+        sources = self.teacher_forced_sources(store) if "reference" in endpoints else []
+        ordered = {role: endpoints[role] for role in ROLES if role in endpoints}
+        started = time.monotonic()
+        statuses = asyncio.run(teacher_forced.run_stage(
+            store, self.run_id, ordered, sources, cfg.teacher_forced.top_k, cfg.concurrency, cfg.request_timeout_s))
+        if cfg.noise_floor and "reference" in endpoints:
+            repeat = {AA_ROLE: dataclasses.replace(endpoints["reference"], role=AA_ROLE)}
+            statuses |= asyncio.run(teacher_forced.run_stage(
+                store, self.run_id, repeat, [], cfg.teacher_forced.top_k, max(1, cfg.concurrency // 2),
+                cfg.request_timeout_s))
+        log.info("teacher forcing (%s) took %.1f s: %s", ", ".join(statuses), time.monotonic() - started, statuses)
+
+    def teacher_forced_sources(self, store: Store) -> list[teacher_forced.TFSource]:
+        """The first `teacher_forced.items` items of each task that the reference answered, text-only ones (a
+        token-id prompt cannot carry images)."""
+        sources = []
+        for spec in self.tasks:
+            answered = {r.item_id: r.response_text for r in store.records(self.run_id, role="reference",
+                                                                          task=spec.name)
+                        if not r.error and r.response_text}
+            template_kwargs = dict(task_params(spec).extra_body).get("chat_template_kwargs") or {}
+            picked = 0
+            for item in self.items(spec):
+                if picked == self.config.teacher_forced.items:
+                    break
+                if item.item_id in answered and not image_urls(item.messages):
+                    sources.append(teacher_forced.TFSource(spec.name, item.item_id, item.messages,
+                                                           answered[item.item_id], template_kwargs))
+                    picked += 1
+        return sources
 
     def score(self, store: Store) -> None:
         score_run(store, self.run_id, self.config.judge)
@@ -277,13 +315,18 @@ def perf_samples(store: Store, run_id: str) -> dict[str, dict[str, list[dict[str
 
 
 def build_comparison(store: Store, run_id: str, margin: float, release_gate: float) -> Any:
+    tasks = list(store.get_meta("task_specs", {}))
     noise = None
     if store.scores(run_id, role=AA_ROLE):
+        tf_noise = {}
+        if AA_ROLE in (store.get_meta(teacher_forced.META_KEY) or {}).get("status", {}):
+            tf_noise = teacher_forced.stored_comparison(store, run_id, "reference", AA_ROLE, tasks)
         noise = compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, AA_ROLE)),
-                            margin=margin, release_gate=release_gate)
+                            margin=margin, release_gate=release_gate, teacher_forced=tf_noise)
     return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate")),
                        margin=margin, release_gate=release_gate, perf=perf_samples(store, run_id),
-                       noise_floor=noise)
+                       noise_floor=noise,
+                       teacher_forced=teacher_forced.stored_comparison(store, run_id, "reference", "candidate", tasks))
 
 
 def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:

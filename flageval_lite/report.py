@@ -83,6 +83,11 @@ def _ratio(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _small(value: Optional[float]) -> str:
+    """Three significant digits: divergences span from 1e-7 (rounding) to whole nats (a bug)."""
+    return "n/a" if value is None else "0" if value == 0 else f"{value:.3g}"
+
+
 # --------------------------------------------------------------------------- context
 
 
@@ -242,6 +247,45 @@ def _divergence_table(comparison: Comparison) -> Table:
     )
 
 
+def _teacher_forced_table(comparison: Comparison) -> Optional[Table]:
+    tf = comparison.teacher_forced
+    if not tf:
+        return None
+    title = "Teacher-forced divergence"
+    if tf.get("unsupported"):
+        return Table(title=title, headers=["Metrics", "status"],
+                     rows=[[t.title, "not measured"] for t in comparison.tasks],
+                     note=f"Not measured: {tf['unsupported']}.  The mode needs vLLM's POST /tokenize and "
+                          f"`prompt_logprobs` on /v1/completions (the embedded server has both).")
+    noise = comparison.noise_floor.teacher_forced.get("tasks", {}) if comparison.noise_floor else {}
+    aa_headers = ["A/A top-1 agreement", "A/A KL mean"] if noise else []
+    rows = []
+    for t in comparison.tasks:
+        summary = tf.get("tasks", {}).get(t.task)
+        if summary is None:
+            continue
+        aa = noise.get(t.task) or {}
+        rows.append([t.title, str(summary["items"]), str(summary["positions"]), _pct(summary["top1_agreement"]),
+                     _small(summary["kl_mean"]), _small(summary["kl_p99"]), _small(summary["kl_max"]),
+                     _small(summary["logprob_abs_diff_mean"]), _small(summary["logprob_abs_diff_max"]),
+                     _pct(summary["reference_greedy"]), summary["worst_item"] or "n/a"]
+                    + ([_pct(aa.get("top1_agreement")), _small(aa.get("kl_mean"))] if noise else []))
+    failed = f"  {tf['failed']} selected item(s) could not be compared." if tf.get("failed") else ""
+    return Table(
+        title=title,
+        headers=["Metrics", "items", "positions", "top-1 agreement", "KL mean", "KL p99", "KL max",
+                 "|Δ logprob| mean", "|Δ logprob| max", "reference greedy", "worst item"] + aa_headers,
+        rows=rows,
+        note=f"Both servers scored the same token sequences (the reference's prompt and greedy completion) with "
+             f"prompt_logprobs (top-{tf.get('top_k')}), so every completion position has the same context on both "
+             f"sides and, unlike the output divergence above, nothing cascades.  KL(reference ‖ candidate) in nats "
+             f"over the top-k plus the remaining mass; mean, p99 and max pooled over positions.  |Δ logprob|: of "
+             f"the sequence's token.  Reference greedy: positions whose sequence token is the reference's own top-1 "
+             f"(below 100 % where re-tokenised text departs from the generated tokens).  Worst item: the largest "
+             f"KL.{failed}",
+    )
+
+
 def _perf_tables(comparison: Comparison, ref: str, cand: str) -> list[tuple[str, Table, list[charts.PerfRow]]]:
     out = []
     for load, roles in comparison.perf.items():
@@ -329,6 +373,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": _divergence_table(comparison),
         "noise": _noise_table(comparison),
+        "teacher_forced": _teacher_forced_table(comparison),
         "groups": _group_tables(comparison),
         "perf": perf,
         "verdict_text": VERDICT_TEXT,

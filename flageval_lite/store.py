@@ -18,7 +18,7 @@ import io
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS scores (
     PRIMARY KEY (run_id, role, task, item_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS teacher_forced (
+    run_id TEXT NOT NULL, role TEXT NOT NULL, task TEXT NOT NULL, item_id TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (run_id, role, task, item_id)
+);
 """
 
 # An earlier error is replaced by any later result; a stored success is never overwritten.
@@ -236,6 +240,26 @@ class Store:
         sql, args = self._filtered(f"SELECT {_columns(_SCORE_FIELDS)} FROM scores "
                                    f"WHERE run_id = ?", run_id, role=role, task=task)
         return [Score(**dict(zip(_SCORE_FIELDS, row))) for row in self._db.execute(sql + " ORDER BY rowid", args)]
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def put_teacher_forced(self, run_id: str, role: str, rows: Iterable[tuple[str, str, Any]]) -> None:
+        """(task, item_id, JSON value) rows of one role -- the token sequences or one server's scores (see
+        teacher_forced.py) -- in one commit; a row replaces the stored one of the same key."""
+        data = [(run_id, role, task, item_id, _dumps(value)) for task, item_id, value in rows]
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO teacher_forced VALUES (?, ?, ?, ?, ?)", data)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def teacher_forced(self, run_id: str, role: str) -> dict[tuple[str, str], Any]:
+        """(task, item_id) -> value of one role, in the order stored."""
+        rows = self._db.execute("SELECT task, item_id, value FROM teacher_forced WHERE run_id = ? AND role = ? "
+                                "ORDER BY rowid", (run_id, role))
+        return {(task, item_id): json.loads(value) for task, item_id, value in rows}
 
     # ------------------------------------------------------------------ meta
 

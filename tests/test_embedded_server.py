@@ -212,3 +212,97 @@ def test_bfloat16_concurrent_greedy_equals_sequential(tmp_path):
         sequential = [run(prompt) for prompt in PROMPTS]
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             assert list(pool.map(run, PROMPTS)) == sequential
+
+
+# --------------------------------------------------------------------------- vLLM extensions for teacher forcing
+
+
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def tokenize(server, **body) -> dict:
+    status, answer = post(server, "/tokenize", body)
+    assert status == 200, answer
+    return answer
+
+
+def test_tokenize_has_vllms_shape_and_the_chat_prompt_ids(server, client):
+    messages = [{"role": "user", "content": PROMPTS[3]}]
+    answer = tokenize(server, model=MODEL, messages=messages)
+    assert set(answer) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert (answer["count"], answer["max_model_len"], answer["token_strs"]) == (len(answer["tokens"]), 2048, None)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"return_token_ids": True})
+    # The exact ids the chat endpoint generated from, and the generated ones beside them.
+    assert chat.model_extra["prompt_token_ids"] == answer["tokens"]
+    assert len(chat.choices[0].model_extra["token_ids"]) == chat.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                 stream=True, extra_body={"return_token_ids": True}))
+    # Streamed: each chunk carries its own token ids, the prompt ids come once.
+    streamed = [token for chunk in chunks if chunk.choices
+                for token in chunk.choices[0].model_extra.get("token_ids", [])]
+    assert streamed == chat.choices[0].model_extra["token_ids"]
+    prompt_ids = [chunk.model_extra["prompt_token_ids"] for chunk in chunks if "prompt_token_ids" in chunk.model_extra]
+    assert prompt_ids == [answer["tokens"]]
+    without = tokenize(server, messages=messages, add_generation_prompt=False)["tokens"]
+    assert answer["tokens"][: len(without)] == without and len(answer["tokens"]) > len(without)
+
+    text = tokenize(server, prompt="Hello world", return_token_strs=True)
+    assert len(text["token_strs"]) == text["count"] == len(text["tokens"]) and text["token_strs"][-1] == "Ġworld"
+    status, error = post(server, "/tokenize", {"prompt": "x", "messages": messages})
+    assert status == 400 and error["error"]["param"] == "prompt"
+
+
+def test_prompt_logprobs_on_a_token_id_prompt(server, client):
+    text = "The capital of France is Paris."
+    ids = tokenize(server, prompt=text, add_special_tokens=False)["tokens"]
+    response = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                         extra_body={"prompt_logprobs": 3, "return_token_ids": True})
+    choice = response.choices[0].model_extra
+    entries = choice["prompt_logprobs"]
+    assert choice["prompt_token_ids"] == ids and response.usage.prompt_tokens == len(ids)
+    assert len(choice["token_ids"]) == 1 and entries[0] is None and len(entries) == len(ids)
+    for position, entry in enumerate(entries[1:], start=1):
+        token = str(ids[position])
+        assert next(iter(entry)) == token  # the prompt token first, as vLLM
+        top = sorted((v["rank"], v["logprob"]) for v in entry.values() if v["rank"] <= 3)
+        assert [rank for rank, _ in top] == [1, 2, 3]
+        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert len(entry) == (3 if entry[token]["rank"] <= 3 else 4)
+        assert sum(lp >= entry[token]["logprob"] for _, lp in top) == min(entry[token]["rank"], 3)
+    # decoded_token is each token's own text: after the first token ("The") they spell the rest of the prompt.
+    assert "".join(entry[str(token)]["decoded_token"] for entry, token in zip(entries[1:], ids[1:])) == text[3:]
+
+    # The same prompt sent as text scores the same tokens the same way.
+    as_text = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0,
+                                        extra_body={"prompt_logprobs": 3, "add_special_tokens": False})
+    assert as_text.choices[0].model_extra["prompt_logprobs"] == entries
+
+
+def test_chat_prompt_logprobs_sit_at_the_top_level(client):
+    response = ask(client, PROMPTS[0], max_tokens=2, extra_body={"prompt_logprobs": 0})
+    entries = response.model_extra["prompt_logprobs"]
+    assert len(entries) == response.usage.prompt_tokens and entries[0] is None
+    assert all(len(entry) == 1 and next(iter(entry.values()))["rank"] >= 1 for entry in entries[1:])
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
+        ({"prompt": [1, 10**9]}, "prompt"),
+        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+    ],
+)
+def test_bad_token_requests_get_400(server, change, param):
+    status, error = post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1, **change})
+    assert status == 400 and error["error"]["param"] == param and error["error"]["message"]

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -94,11 +94,8 @@ class ChatBody(_GenerationBody):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
-
-
 class CompletionBody(_GenerationBody):
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]]  # text, or token ids used as they are
+    prompt: Union[str, list[Any]]  # text, token ids used as they are, or a list of either (see _one_prompt)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_special_tokens: bool = True  # text prompts only, as vLLM
 
@@ -115,6 +112,22 @@ class TokenizeBody(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     return_token_strs: bool = False
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _one_prompt(prompt: Union[str, list[Any]]) -> Union[str, list[int]]:
+    """The OpenAI forms string | [string] | [int, ...] | [[int, ...]], holding exactly one prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and _is_token_ids(prompt):
+        return prompt
+    if len(prompt) == 1 and (isinstance(prompt[0], str) or prompt[0] and _is_token_ids(prompt[0])):
+        return prompt[0]
+    raise ApiError("prompt: expected one prompt: a string, a list of token ids, or a list holding one of these",
+                   param="prompt")
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -209,16 +222,12 @@ class EmbeddedServer:
     async def completions(self, request: Request):
         body: CompletionBody = await _parse(request, CompletionBody)
         self._check_model(body.model)
-        single = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)
-        prompts = [body.prompt] if single else body.prompt
-        if len(prompts) != 1:
-            raise ApiError("prompt: exactly one prompt (a string or a list of token ids) per request is supported",
-                           param="prompt")
+        text_or_ids = _one_prompt(body.prompt)
         try:
-            if isinstance(prompts[0], str):
-                prompt = await asyncio.to_thread(completion_prompt, self.loaded, prompts[0], body.add_special_tokens)
+            if isinstance(text_or_ids, str):
+                prompt = await asyncio.to_thread(completion_prompt, self.loaded, text_or_ids, body.add_special_tokens)
             else:
-                prompt = token_prompt(self.loaded, prompts[0])
+                prompt = token_prompt(self.loaded, text_or_ids)
         except PromptError as exc:
             raise ApiError(str(exc), param=exc.param) from exc
         params = self._sampling(body, prompt, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens",

@@ -1,0 +1,439 @@
+"""Teacher-forced divergence: both servers score the same token sequence, position by position.
+
+Free-running greedy outputs part ways at their first differing token, and every later token conditions on
+different text, so per-token numbers after that point mean little.  Here one token sequence per item -- the
+reference's prompt and its greedy completion -- is fed to each server as a token-id prompt on `/v1/completions`
+with vLLM's `prompt_logprobs` extension (`max_tokens` 1, `temperature` 0).  The answer holds the distribution at
+every position, so the two servers are compared over the completion positions with identical contexts: no cascade.
+
+Sequences come from the reference alone: vLLM's `POST /tokenize` (the embedded server has the same one) renders the
+item's messages with the server's own chat template (the exact prompt ids its chat endpoint used) and tokenizes the
+completion text.  Re-tokenised text may not give back the generated ids; the share of completion positions whose
+forced token is the reference's own top-1 (`reference_greedy`) shows how closely the sequence follows the
+reference's greedy path.  A server without `/tokenize` or `prompt_logprobs` makes the mode report
+"not supported by <server>"; it never fails the run.
+
+Sequences and each role's scores are stored (`Store.put_teacher_forced`), so with sequential placement the
+reference scores while it is up, the candidate later, and the compare stage pairs them from the store.
+`docs/statistics.md` defines the numbers.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import aiohttp
+import numpy as np
+
+from .divergence import top_k_kl
+from .records import Endpoint
+from .store import Store
+
+SEQUENCE_ROLE = "sequence"  # Store rows of this role hold the token sequences, the others a role's scores
+META_KEY = "teacher_forced"
+OK = "ok"
+
+
+class Unsupported(Exception):
+    """The server cannot do teacher forcing (no /tokenize or no prompt_logprobs); the message says why."""
+
+
+@dataclass(frozen=True)
+class TFSource:
+    """One reference answer to turn into a token sequence."""
+
+    task: str
+    item_id: str
+    messages: list[dict[str, Any]]
+    completion: str
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TFSequence:
+    task: str
+    item_id: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.completion_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_ids": list(self.prompt_ids), "completion_ids": list(self.completion_ids)}
+
+    @classmethod
+    def from_dict(cls, task: str, item_id: str, data: Mapping[str, Any]) -> "TFSequence":
+        return cls(task, item_id, tuple(data["prompt_ids"]), tuple(data["completion_ids"]))
+
+
+@dataclass(frozen=True)
+class TFScores:
+    """One server's view of a sequence, per completion position."""
+
+    forced: tuple[float, ...]  # log-probability of the forced (sequence) token
+    ranks: tuple[int, ...]  # its 1-based rank
+    top: tuple[dict[str, float], ...]  # the top-k {token id: log-probability}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"forced": list(self.forced), "ranks": list(self.ranks), "top": [dict(t) for t in self.top]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TFScores":
+        return cls(tuple(data["forced"]), tuple(data["ranks"]), tuple(dict(t) for t in data["top"]))
+
+
+@dataclass
+class TFResult:
+    """Reference vs candidate on one sequence; lists run over the completion positions."""
+
+    task: str
+    item_id: str
+    top1_agree: list[bool]
+    kl: list[float]  # top-k KL(reference ‖ candidate)
+    logprob_abs_diff: list[float]  # |Δ log-probability| of the forced token
+    reference_greedy: list[bool]  # the forced token is the reference's own top-1
+
+    @property
+    def positions(self) -> int:
+        return len(self.kl)
+
+
+# --------------------------------------------------------------------------- pure comparison
+
+
+def _top1(top: Mapping[str, float]) -> str:
+    return max(top, key=lambda token: (top[token], -int(token)))
+
+
+def compare_scores(task: str, item_id: str, reference: TFScores, candidate: TFScores) -> TFResult:
+    if len(reference.forced) != len(candidate.forced):
+        raise ValueError(f"task {task} item {item_id}: {len(reference.forced)} reference positions but "
+                         f"{len(candidate.forced)} candidate positions")
+    return TFResult(
+        task=task,
+        item_id=item_id,
+        top1_agree=[_top1(p) == _top1(q) for p, q in zip(reference.top, candidate.top)],
+        kl=[top_k_kl(p, q) for p, q in zip(reference.top, candidate.top)],
+        logprob_abs_diff=[abs(a - b) for a, b in zip(reference.forced, candidate.forced)],
+        reference_greedy=[rank == 1 for rank in reference.ranks],
+    )
+
+
+def summarize(results: Sequence[TFResult]) -> dict[str, Any]:
+    """Pooled over all completion positions of `results` (each position weighs the same)."""
+    kl = [v for r in results for v in r.kl]
+    diffs = [v for r in results for v in r.logprob_abs_diff]
+    if not kl:
+        return {"items": len(results), "positions": 0, "top1_agreement": None, "kl_mean": None, "kl_p99": None,
+                "kl_max": None, "logprob_abs_diff_mean": None, "logprob_abs_diff_max": None,
+                "reference_greedy": None, "worst_item": None}
+    worst = max((r for r in results if r.kl), key=lambda r: max(r.kl))
+    return {
+        "items": len(results),
+        "positions": len(kl),
+        "top1_agreement": sum(a for r in results for a in r.top1_agree) / len(kl),
+        "kl_mean": float(np.mean(kl)),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": max(kl),
+        "logprob_abs_diff_mean": float(np.mean(diffs)),
+        "logprob_abs_diff_max": max(diffs),
+        "reference_greedy": sum(g for r in results for g in r.reference_greedy) / len(kl),
+        "worst_item": worst.item_id,
+    }
+
+
+def summarize_by_task(results: Sequence[TFResult], tasks: Iterable[str]) -> dict[str, dict[str, Any]]:
+    return {task: summarize([r for r in results if r.task == task]) for task in tasks}
+
+
+# --------------------------------------------------------------------------- talking to a server
+
+
+def _urls(base_url: str) -> dict[str, str]:
+    """vLLM serves /tokenize beside /v1, not under it."""
+    base = base_url.rstrip("/")
+    root = base[: -len("/v1")] if base.endswith("/v1") else base
+    return {"/tokenize": root + "/tokenize", "/v1/completions": base + "/completions"}
+
+
+class _Client:
+    def __init__(self, endpoint: Endpoint, concurrency: int, timeout_s: float):
+        self.endpoint = endpoint
+        self.urls = _urls(endpoint.base_url)
+        self.concurrency = max(1, concurrency)
+        self.timeout_s = timeout_s
+        self.session: Optional[aiohttp.ClientSession] = None
+
+    async def __aenter__(self) -> "_Client":
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, self.timeout_s), sock_read=self.timeout_s)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.concurrency), timeout=timeout,
+            headers={"Authorization": f"Bearer {self.endpoint.api_key or 'EMPTY'}"})
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON answer; ValueError naming the path and the server's message on anything else."""
+        try:
+            async with self.session.post(self.urls[path], json=body) as response:
+                text = await response.text()
+                status = response.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ValueError(f"POST {path} failed: {exc!r}") from exc
+        if status != 200:
+            raise ValueError(f"POST {path} answered {status}: {_error_message(text)}")
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            raise ValueError(f"POST {path} answered 200 with a body that is not JSON") from None
+        if not isinstance(payload, dict):
+            raise ValueError(f"POST {path} answered 200 with a body that is not a JSON object")
+        return payload
+
+    async def gather(self, calls: Sequence[Any]) -> list[Any]:
+        """Run the coroutines `concurrency` at a time; each result is the value or the exception that failed it."""
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def bounded(call):
+            async with slots:
+                try:
+                    return await call
+                except (ValueError, Unsupported) as exc:
+                    return exc
+
+        return await asyncio.gather(*(bounded(call) for call in calls))
+
+
+def _error_message(text: str) -> str:
+    try:
+        error = json.loads(text).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        return str(message or text)[:300]
+    except (ValueError, AttributeError):
+        return text[:300]
+
+
+def _token_list(payload: Mapping[str, Any], path: str) -> list[int]:
+    tokens = payload.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise ValueError(f"POST {path} answered without a `tokens` list of ints")
+    return tokens
+
+
+async def _sequence(client: _Client, source: TFSource) -> TFSequence:
+    chat_body: dict[str, Any] = {"model": client.endpoint.model, "messages": source.messages,
+                                 "add_generation_prompt": True}
+    if source.chat_template_kwargs:
+        chat_body["chat_template_kwargs"] = source.chat_template_kwargs
+    prompt = await client.post("/tokenize", chat_body)
+    completion = await client.post("/tokenize", {"model": client.endpoint.model, "prompt": source.completion,
+                                                 "add_special_tokens": False})
+    prompt_ids, completion_ids = _token_list(prompt, "/tokenize"), _token_list(completion, "/tokenize")
+    if not completion_ids:
+        raise ValueError("the completion has no tokens")
+    limit = prompt.get("max_model_len")
+    # The server must still generate one token after the sequence.
+    if isinstance(limit, int) and len(prompt_ids) + len(completion_ids) + 1 > limit:
+        raise ValueError(f"{len(prompt_ids) + len(completion_ids)} tokens leave no room under max_model_len {limit}")
+    return TFSequence(source.task, source.item_id, tuple(prompt_ids), tuple(completion_ids))
+
+
+def _scores(payload: Mapping[str, Any], sequence: TFSequence, top_k: int) -> TFScores:
+    """TFScores from a /v1/completions answer carrying vLLM's `choices[0].prompt_logprobs`."""
+    try:
+        return _parse_scores(payload, sequence, top_k)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"prompt_logprobs not in vLLM's shape ({exc!r})") from exc
+
+
+def _parse_scores(payload: Mapping[str, Any], sequence: TFSequence, top_k: int) -> TFScores:
+    choices = payload.get("choices") or [{}]
+    entries = choices[0].get("prompt_logprobs") if isinstance(choices[0], dict) else None
+    if not isinstance(entries, list):
+        raise Unsupported("its /v1/completions answer has no prompt_logprobs")
+    ids = sequence.ids
+    if len(entries) != len(ids):
+        raise ValueError(f"prompt_logprobs has {len(entries)} entries for a prompt of {len(ids)} tokens")
+    forced, ranks, tops = [], [], []
+    for position in range(len(sequence.prompt_ids), len(ids)):
+        entry = entries[position]
+        token = str(ids[position])
+        if not isinstance(entry, dict) or not isinstance(entry.get(token), dict):
+            raise ValueError(f"prompt_logprobs[{position}] lacks the prompt token {token}")
+        forced.append(float(entry[token]["logprob"]))
+        ranks.append(int(entry[token]["rank"]))
+        top = {tid: float(lp["logprob"]) for tid, lp in entry.items()
+               if isinstance(lp, dict) and lp.get("rank") is not None and lp["rank"] <= top_k}
+        if not top:
+            raise ValueError(f"prompt_logprobs[{position}] has no top-{top_k} entries")
+        tops.append(top)
+    return TFScores(tuple(forced), tuple(ranks), tuple(tops))
+
+
+async def _score(client: _Client, sequence: TFSequence, top_k: int) -> TFScores:
+    payload = await client.post("/v1/completions", {
+        "model": client.endpoint.model, "prompt": sequence.ids, "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": top_k})
+    return _scores(payload, sequence, top_k)
+
+
+def _unsupported(endpoint: Endpoint, reason: Any) -> Unsupported:
+    return Unsupported(f"not supported by {endpoint.label}: {reason}")
+
+
+async def build_sequences(endpoint: Endpoint, sources: Sequence[TFSource], concurrency: int = 8,
+                          timeout_s: float = 600.0) -> tuple[list[TFSequence], dict[tuple[str, str], str]]:
+    """Token sequences of the reference's answers via its /tokenize: (sequences, {(task, item): why skipped}).
+
+    The first source is a probe: if it fails, the server is taken not to support the mode (`Unsupported`)."""
+    if not sources:
+        return [], {}
+    async with _Client(endpoint, concurrency, timeout_s) as client:
+        try:
+            first = await _sequence(client, sources[0])
+        except ValueError as exc:
+            raise _unsupported(endpoint, exc) from exc
+        rest = await client.gather([_sequence(client, source) for source in sources[1:]])
+    sequences, skipped = [first], {}
+    for source, outcome in zip(sources[1:], rest):
+        if isinstance(outcome, TFSequence):
+            sequences.append(outcome)
+        else:
+            skipped[(source.task, source.item_id)] = str(outcome)
+    return sequences, skipped
+
+
+async def score_sequences(endpoint: Endpoint, sequences: Sequence[TFSequence], top_k: int = 5,
+                          concurrency: int = 8, timeout_s: float = 600.0
+                          ) -> tuple[dict[tuple[str, str], TFScores], dict[tuple[str, str], str]]:
+    """Each sequence's scores on `endpoint`: ({(task, item): scores}, {(task, item): why it failed}).
+
+    The shortest sequence is a probe: if it fails, the server is taken not to support the mode (`Unsupported`)."""
+    if not sequences:
+        return {}, {}
+    ordered = sorted(sequences, key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
+    async with _Client(endpoint, concurrency, timeout_s) as client:
+        try:
+            first = await _score(client, ordered[0], top_k)
+        except (ValueError, Unsupported) as exc:
+            raise _unsupported(endpoint, exc) from exc
+        rest = await client.gather([_score(client, sequence, top_k) for sequence in ordered[1:]])
+    scores = {(ordered[0].task, ordered[0].item_id): first}
+    failed = {}
+    for sequence, outcome in zip(ordered[1:], rest):
+        key = (sequence.task, sequence.item_id)
+        if isinstance(outcome, TFScores):
+            scores[key] = outcome
+        else:
+            failed[key] = str(outcome)
+    return scores, failed
+
+
+async def teacher_force(endpoints: Mapping[str, Endpoint], sequences: Sequence[TFSequence], top_k: int = 5,
+                        concurrency: int = 8, timeout_s: float = 600.0) -> list[TFResult]:
+    """Score `sequences` on the reference and the candidate endpoint (both up) and compare them position by
+    position; sequences that failed on either side are left out.  Raises `Unsupported`."""
+    scored = {role: (await score_sequences(endpoints[role], sequences, top_k, concurrency, timeout_s))[0]
+              for role in ("reference", "candidate")}
+    return [compare_scores(s.task, s.item_id, scored["reference"][key], scored["candidate"][key])
+            for s in sequences if (key := (s.task, s.item_id)) in scored["reference"] and key in scored["candidate"]]
+
+
+# --------------------------------------------------------------------------- the pipeline's stage, over the store
+
+
+def _status(store: Store) -> dict[str, Any]:
+    return store.get_meta(META_KEY) or {}
+
+
+def _set_status(store: Store, top_k: int, role: str, status: str) -> None:
+    meta = _status(store)
+    meta["top_k"] = top_k
+    meta.setdefault("status", {})[role] = status
+    store.set_meta(META_KEY, meta)
+
+
+def _finished(store: Store, run_id: str, role: str) -> dict[tuple[str, str], Any]:
+    """Stored rows of `role` that are not failures (failures are retried by a resumed run)."""
+    return {key: value for key, value in store.teacher_forced(run_id, role).items() if "error" not in value}
+
+
+def stored_sequences(store: Store, run_id: str) -> list[TFSequence]:
+    return [TFSequence.from_dict(task, item_id, value)
+            for (task, item_id), value in _finished(store, run_id, SEQUENCE_ROLE).items()]
+
+
+def _error_rows(failed: Mapping[tuple[str, str], str]) -> list[tuple[str, str, dict[str, str]]]:
+    return [(task, item, {"error": why}) for (task, item), why in failed.items()]
+
+
+async def run_stage(store: Store, run_id: str, endpoints: Mapping[str, Endpoint], sources: Sequence[TFSource],
+                    top_k: int, concurrency: int, timeout_s: float) -> dict[str, str]:
+    """Teacher forcing while `endpoints` are up: build the sequences when the reference is among them, then score
+    the stored sequences on every role given (in the given order).  Resumable: stored results are not redone.
+    Returns role -> status ("ok" or why not), also kept in the store's meta."""
+    statuses: dict[str, str] = {}
+    if "reference" in endpoints:
+        have = set(_finished(store, run_id, SEQUENCE_ROLE))
+        missing = [s for s in sources if (s.task, s.item_id) not in have]
+        try:
+            built, skipped = await build_sequences(endpoints["reference"], missing, concurrency, timeout_s)
+        except Unsupported as exc:
+            statuses[SEQUENCE_ROLE] = str(exc)
+        else:
+            rows = [(s.task, s.item_id, s.to_dict()) for s in built] + _error_rows(skipped)
+            store.put_teacher_forced(run_id, SEQUENCE_ROLE, rows)
+            statuses[SEQUENCE_ROLE] = OK
+        _set_status(store, top_k, SEQUENCE_ROLE, statuses[SEQUENCE_ROLE])
+    sequences = stored_sequences(store, run_id)
+    for role, endpoint in endpoints.items():
+        if not sequences:
+            statuses[role] = _status(store).get("status", {}).get(SEQUENCE_ROLE) or "no token sequences to score"
+            _set_status(store, top_k, role, statuses[role])
+            continue
+        done = set(_finished(store, run_id, role))
+        todo = [s for s in sequences if (s.task, s.item_id) not in done]
+        try:
+            scores, failed = await score_sequences(endpoint, todo, top_k, concurrency, timeout_s)
+        except Unsupported as exc:
+            statuses[role] = str(exc)
+        else:
+            rows = [(task, item, value.to_dict()) for (task, item), value in scores.items()] + _error_rows(failed)
+            store.put_teacher_forced(run_id, role, rows)
+            statuses[role] = OK
+        _set_status(store, top_k, role, statuses[role])
+    return statuses
+
+
+def stored_comparison(store: Store, run_id: str, reference_role: str, candidate_role: str,
+                      tasks: Sequence[str]) -> dict[str, Any]:
+    """What the compare stage reports: {} when the mode did not run; else top_k, the per-role status,
+    `unsupported` (the first reason it could not run, or ""), `failed` items, and per-task summaries."""
+    meta = _status(store)
+    if not meta:
+        return {}
+    statuses = meta.get("status", {})
+    roles = (SEQUENCE_ROLE, reference_role, candidate_role)
+    problems = [statuses[role] for role in roles if statuses.get(role, OK) != OK]
+    missing = [role for role in roles if role not in statuses]
+    unsupported = problems[0] if problems else (f"{', '.join(missing)} not scored" if missing else "")
+    reference = _finished(store, run_id, reference_role)
+    candidate = _finished(store, run_id, candidate_role)
+    selected = store.teacher_forced(run_id, SEQUENCE_ROLE)
+    results = []
+    for sequence in stored_sequences(store, run_id):
+        key = (sequence.task, sequence.item_id)
+        if key in reference and key in candidate:
+            results.append(compare_scores(sequence.task, sequence.item_id, TFScores.from_dict(reference[key]),
+                                          TFScores.from_dict(candidate[key])))
+    failed = len(selected) - len(results)
+    return {"top_k": meta.get("top_k"), "status": {role: statuses.get(role, "") for role in roles},
+            "unsupported": unsupported, "failed": failed,
+            "tasks": summarize_by_task(results, tasks) if not unsupported else {}}
+

@@ -1,0 +1,234 @@
+"""Teacher-forced divergence: the numbers by hand, the vLLM answer shape, A/A on a real embedded server, and the
+pipeline's report when a server cannot do it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from flageval_lite import teacher_forced as tf
+from flageval_lite.records import Endpoint
+from flageval_lite.store import Store
+from helpers_servers import free_port, launch_server
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-tf"
+PROMPTS = ["What is 7 times 8?", "Name the largest planet.", "Give one word that rhymes with cat."]
+
+
+def lp(p: float) -> float:
+    return math.log(p)
+
+
+# --------------------------------------------------------------------------- pure numbers
+
+
+def test_two_positions_by_hand():
+    # Position 0: both put token 1 first.  Position 1: the reference prefers 7, the candidate 8.
+    reference = tf.TFScores(forced=(lp(0.5), lp(0.05)), ranks=(1, 2),
+                            top=({"1": lp(0.5), "2": lp(0.3)}, {"7": lp(0.9), "8": lp(0.05)}))
+    candidate = tf.TFScores(forced=(lp(0.4), lp(0.6)), ranks=(1, 1),
+                            top=({"1": lp(0.4), "3": lp(0.35)}, {"8": lp(0.6), "7": lp(0.3)}))
+    result = tf.compare_scores("t", "i", reference, candidate)
+    # Token 2 is outside the candidate's top-2: its probability is bounded by the candidate's 2nd, 0.35.
+    kl0 = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.35) + 0.2 * math.log(0.2 / 0.25)
+    kl1 = 0.9 * math.log(0.9 / 0.3) + 0.05 * math.log(0.05 / 0.6) + 0.05 * math.log(0.05 / 0.1)
+    assert result.kl == pytest.approx([kl0, kl1], abs=1e-12)
+    assert result.top1_agree == [True, False]
+    assert result.logprob_abs_diff == pytest.approx([math.log(0.5 / 0.4), math.log(0.6 / 0.05)])
+    assert result.reference_greedy == [True, False]
+
+    summary = tf.summarize([result])
+    assert summary["positions"] == 2 and summary["items"] == 1 and summary["worst_item"] == "i"
+    assert summary["top1_agreement"] == 0.5 and summary["reference_greedy"] == 0.5
+    assert summary["kl_mean"] == pytest.approx((kl0 + kl1) / 2)
+    assert summary["kl_p99"] == pytest.approx(kl0 + 0.99 * (kl1 - kl0))  # numpy's linear interpolation
+    assert summary["kl_max"] == pytest.approx(kl1)
+    assert summary["logprob_abs_diff_max"] == pytest.approx(math.log(12))
+
+
+def test_identical_scores_give_zero():
+    scores = tf.TFScores(forced=(lp(0.2),), ranks=(3,), top=({"5": lp(0.5), "6": lp(0.3)},))
+    result = tf.compare_scores("t", "i", scores, scores)
+    assert (result.kl, result.top1_agree, result.logprob_abs_diff) == ([0.0], [True], [0.0])
+
+
+def test_vllm_answer_is_parsed_over_the_completion_positions():
+    sequence = tf.TFSequence("t", "i", prompt_ids=(10, 11), completion_ids=(12, 13))
+    answer = {"choices": [{"text": "x", "prompt_logprobs": [
+        None,
+        {"11": {"logprob": -0.1, "rank": 1, "decoded_token": "b"}},
+        # the prompt token is outside the top-2: it comes with rank 7 and must not join the top-k
+        {"12": {"logprob": -4.0, "rank": 7, "decoded_token": "c"},
+         "20": {"logprob": -0.5, "rank": 1, "decoded_token": "u"},
+         "21": {"logprob": -1.5, "rank": 2, "decoded_token": "v"}},
+        {"13": {"logprob": -0.2, "rank": 1, "decoded_token": "d"},
+         "22": {"logprob": -2.0, "rank": 2, "decoded_token": "w"}},
+    ]}]}
+    scores = tf._scores(answer, sequence, top_k=2)
+    assert scores.forced == (-4.0, -0.2) and scores.ranks == (7, 1)
+    assert scores.top == ({"20": -0.5, "21": -1.5}, {"13": -0.2, "22": -2.0})
+    with pytest.raises(tf.Unsupported):
+        tf._scores({"choices": [{"text": "x"}]}, sequence, top_k=2)
+    with pytest.raises(ValueError, match="3 entries for a prompt of 4"):
+        tf._scores({"choices": [{"prompt_logprobs": answer["choices"][0]["prompt_logprobs"][:3]}]}, sequence, 2)
+
+
+# --------------------------------------------------------------------------- one real embedded server, as both roles
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    argv = [sys.executable, "-m", "flageval_lite.servers.embedded", "--port", str(port), "--model", "smollm2",
+            "--served-model-name", MODEL, "--dtype", "float32", "--device", "cpu", "--max-batch", "8"]
+    with launch_server(argv, port, tmp_path_factory.mktemp("tf") / "server.log", timeout_s=300) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def answers(server):
+    """The server's greedy chat answers to PROMPTS, with the token ids it generated."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/", api_key="EMPTY", max_retries=0, timeout=120)
+    out = []
+    for prompt in PROMPTS:
+        response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=16, temperature=0, extra_body={"return_token_ids": True})
+        out.append(response)
+    return out
+
+
+def endpoint(server, role: str) -> Endpoint:
+    return Endpoint(role=role, label=f"embedded-{role}", base_url=server.base_url, model=MODEL)
+
+
+def sources(answers) -> list[tf.TFSource]:
+    return [tf.TFSource("demo", f"q{i}", [{"role": "user", "content": prompt}], answer.choices[0].message.content)
+            for i, (prompt, answer) in enumerate(zip(PROMPTS, answers))]
+
+
+def test_sequences_are_the_prompt_and_generated_ids(server, answers):
+    sequences, skipped = asyncio.run(tf.build_sequences(endpoint(server, "reference"), sources(answers)))
+    assert skipped == {} and [s.item_id for s in sequences] == ["q0", "q1", "q2"]
+    for sequence, answer in zip(sequences, answers):
+        assert list(sequence.prompt_ids) == answer.model_extra["prompt_token_ids"]
+        generated = answer.choices[0].model_extra["token_ids"]
+        # The re-tokenised text gives back the generated ids (the end-of-turn token is not text).
+        ended = answer.choices[0].finish_reason == "stop"
+        assert list(sequence.completion_ids) == (generated[:-1] if ended else generated)
+
+
+def test_a_server_against_itself_is_exactly_equal(server, answers):
+    sequences, _ = asyncio.run(tf.build_sequences(endpoint(server, "reference"), sources(answers)))
+    endpoints = {"reference": endpoint(server, "reference"), "candidate": endpoint(server, "candidate")}
+    results = asyncio.run(tf.teacher_force(endpoints, sequences, top_k=5, concurrency=3))
+    assert [r.positions for r in results] == [len(s.completion_ids) for s in sequences]
+    for result in results:
+        assert set(result.kl) == {0.0} and all(result.top1_agree) and set(result.logprob_abs_diff) == {0.0}
+        assert all(result.reference_greedy)  # the sequence is the server's own greedy path
+    summary = tf.summarize(results)
+    assert (summary["kl_mean"], summary["kl_max"], summary["top1_agreement"]) == (0.0, 0.0, 1.0)
+
+
+def test_sequential_roles_pair_through_the_store(server, answers, tmp_path):
+    """Reference first (sequences + its scores), candidate later, comparison from stored rows only."""
+    store = Store(tmp_path / "results.sqlite")
+    try:
+        first = asyncio.run(tf.run_stage(store, "run", {"reference": endpoint(server, "reference")},
+                                         sources(answers), top_k=3, concurrency=2, timeout_s=120))
+        assert first == {tf.SEQUENCE_ROLE: "ok", "reference": "ok"}
+        assert len(store.teacher_forced("run", tf.SEQUENCE_ROLE)) == len(store.teacher_forced("run", "reference")) == 3
+        later = asyncio.run(tf.run_stage(store, "run", {"candidate": endpoint(server, "candidate")}, [],
+                                         top_k=3, concurrency=2, timeout_s=120))
+        assert later == {"candidate": "ok"}
+        report = tf.stored_comparison(store, "run", "reference", "candidate", ["demo", "other"])
+    finally:
+        store.close()
+    assert report["unsupported"] == "" and report["failed"] == 0 and report["top_k"] == 3
+    demo = report["tasks"]["demo"]
+    assert demo["items"] == 3 and demo["positions"] > 3
+    assert (demo["kl_mean"], demo["kl_p99"], demo["top1_agreement"], demo["logprob_abs_diff_max"]) == (0, 0, 1, 0)
+    assert report["tasks"]["other"]["positions"] == 0
+
+
+def test_a_server_without_tokenize_is_not_supported(tmp_path):
+    port = free_port()
+    argv = [sys.executable, "-m", "flageval_lite.servers.stub", "--port", str(port)]
+    with launch_server(argv, port, tmp_path / "stub.log", timeout_s=60) as stub:
+        ref = Endpoint(role="reference", label="stub-ref", base_url=stub.base_url, model="stub")
+        store = Store(tmp_path / "results.sqlite")
+        try:
+            statuses = asyncio.run(tf.run_stage(store, "run", {"reference": ref}, [tf.TFSource(
+                "demo", "q0", [{"role": "user", "content": "hi"}], "hello")], 5, 2, 30))
+            assert statuses[tf.SEQUENCE_ROLE].startswith("not supported by stub-ref: POST /tokenize answered 405")
+            assert statuses["reference"] == statuses[tf.SEQUENCE_ROLE]
+            report = tf.stored_comparison(store, "run", "reference", "candidate", ["demo"])
+        finally:
+            store.close()
+    assert report["unsupported"].startswith("not supported by stub-ref") and report["tasks"] == {}
+
+
+# --------------------------------------------------------------------------- the pipeline's report
+
+
+def test_report_says_not_supported_on_stub_servers(tmp_path):
+    def stub_spec(name: str) -> dict:
+        return {"name": name, "engine": "stub", "served_model_name": "stub", "warmup": False,
+                "args": ["--answer-mode", "letter"]}
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"reference": stub_spec("stub-ref"), "candidate": stub_spec("stub-cand"),
+                                      "tasks": ["demo_mcq"], "limit": 6, "perf": {"enabled": False},
+                                      "teacher_forced": {"items": 4, "top_k": 3}}))
+    done = subprocess.run([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--run-id",
+                           "tf", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+                           str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    report = (tmp_path / "reports/tf/report.md").read_text()
+    section = report.split("### Teacher-forced divergence", 1)[1].split("\n### ", 1)[0]
+    assert "| Demo multiple choice | not measured |" in section
+    assert "Not measured: not supported by stub-ref: POST /tokenize answered 405" in section
+    html = (tmp_path / "reports/tf/report.html").read_text()
+    assert "Teacher-forced divergence" in html and "not supported by stub-ref" in html
+    summary = json.loads((tmp_path / "reports/tf/summary.json").read_text())["comparison"]["teacher_forced"]
+    assert summary["unsupported"].startswith("not supported by stub-ref") and summary["top_k"] == 3
+
+
+def test_config_checks_the_teacher_forced_fields(tmp_path):
+    from flageval_lite.config import load_run_config
+    from flageval_lite.errors import ConfigError
+
+    assert load_run_config().teacher_forced.enabled is True
+    path = tmp_path / "run.yaml"
+    for fields, where in [({"items": 0}, "teacher_forced.items"), ({"top_k": 21}, "teacher_forced.top_k"),
+                          ({"enabled": "yes"}, "teacher_forced.enabled"), ({"k": 1}, "teacher_forced.k")]:
+        path.write_text(yaml.safe_dump({"teacher_forced": fields}))
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            load_run_config(path)
+
+
+
+@pytest.mark.slow
+def test_sequential_run_of_one_stack_against_itself_reports_zero(tmp_path):
+    """Two embedded float32 servers, one after the other: the teacher-forced table from stored rows reads 0."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"reference": "embedded_fp32", "candidate": "embedded_fp32",
+                                      "tasks": ["demo_facts"], "limit": 4, "perf": {"enabled": False},
+                                      "teacher_forced": {"items": 3}}))
+    done = subprocess.run([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--run-id",
+                           "aa", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+                           str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    summary = json.loads((tmp_path / "reports/aa/summary.json").read_text())["comparison"]["teacher_forced"]
+    facts = summary["tasks"]["demo_facts"]
+    assert summary["unsupported"] == "" and facts["items"] == 3 and facts["positions"] >= 3
+    assert (facts["kl_max"], facts["top1_agreement"], facts["reference_greedy"]) == (0.0, 1.0, 1.0)
+    report = (tmp_path / "reports/aa/report.md").read_text()
+    assert "| Demo facts | 3 | " in report.split("### Teacher-forced divergence", 1)[1]
