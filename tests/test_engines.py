@@ -127,8 +127,8 @@ def test_embedded_golden() -> None:
                            "--ops", "aten", "--device", "cpu"]
     assert launch.env_switches == {}
     cand = build_launch(load_serve_spec("embedded_flaggems"), "candidate", RUN, 8400)
-    assert cand.argv[-6:] == ["--ops", "flaggems", "--device", "cuda", "--flaggems-log",
-                                                "/runs/r1/oplogs/candidate/oplog-embedded.txt"]
+    assert cand.argv[-8:] == ["--ops", "flaggems", "--device", "cuda", "--flaggems-include", "mm,addmm,bmm",
+                              "--flaggems-log", "/runs/r1/oplogs/candidate/oplog-embedded.txt"]
     subset = dataclasses.replace(load_serve_spec("embedded_flaggems"), args=("--max-batch", "8"),
                                  flaggems=FlagGemsSpec(route="embedded", include=("mm", "addmm"), record=False))
     assert build_launch(subset, "candidate", RUN, 1).argv[-4:] == ["--flaggems-include", "mm,addmm",
