@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from . import __version__, teacher_forced
 from .compare import compare_run, compare_task
@@ -72,6 +72,18 @@ def spec_identity(spec: ServeSpec) -> str:
     for volatile in ("port", "startup_timeout_s", "warmup", "max_restarts", "source", "name"):
         keep.pop(volatile, None)
     return stable_hash(keep)
+
+
+def block_reversed(items: Iterable[Item], block: int = 64) -> Iterator[Item]:
+    """Items in reversed order within consecutive blocks: reordered, yet never more than `block` in memory
+    (a multimodal task holds its images per item)."""
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == block:
+            yield from reversed(chunk)
+            chunk = []
+    yield from reversed(chunk)
 
 
 def perf_items(config: RunConfig, concurrency: int) -> Iterator[Item]:
@@ -200,8 +212,8 @@ class Pipeline:
         cfg = self.config
         if cfg.noise_floor and "reference" in endpoints:
             repeat = dataclasses.replace(endpoints["reference"], role=AA_ROLE)
-            # Reverse order and another concurrency: a different batch composition on the same stack.
-            jobs = [Job(endpoint=repeat, task=spec.name, items=reversed(list(self.items(spec))),
+            # Another order and concurrency: a different batch composition on the same stack.
+            jobs = [Job(endpoint=repeat, task=spec.name, items=block_reversed(self.items(spec)),
                         params=task_params(spec, self.config.max_tokens_cap)) for spec in self.tasks]
             runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
             asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))

@@ -176,3 +176,10 @@ def test_native_and_lmeval_tasks_in_one_report(tmp_path):
     assert rows[0] == "Demo arithmetic" and rows[1].startswith("flageval_arith")
     tasks = json.loads((tmp_path / "reports/mixed/summary.json").read_text())["comparison"]["tasks"]
     assert [t["n"] for t in tasks] == [6, 6]
+
+
+def test_aa_repeat_order_is_reordered_within_bounded_blocks():
+    from flageval_lite.pipeline import block_reversed
+
+    assert list(block_reversed(range(10), block=4)) == [3, 2, 1, 0, 7, 6, 5, 4, 9, 8]
+    assert list(block_reversed([], block=4)) == []
