@@ -68,10 +68,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import list_tasks
 
-    rows = list_tasks()
+    def cell(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(value)
+        return "not cached" if value is None else str(value)
+
+    rows = list_tasks(data_dir=args.data_dir)
     headers = ["name", "title", "modality", "scorer", "suites", "items"]
-    table = [[str(r.get(h, "") if not isinstance(r.get(h), (list, tuple)) else ",".join(r[h])) for h in headers]
-             for r in rows]
+    table = [[cell(r.get(h)) for h in headers] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
     for row in table:
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--gate", action="store_true")
-    sub.add_parser("tasks", help="list tasks and suites")
+    p = sub.add_parser("tasks", help="list tasks and suites, with item counts where the data is local")
+    p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
     p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, VLMEvalKit or FlagEvalMM")
     p.add_argument("path_a")
     p.add_argument("path_b")

@@ -183,3 +183,14 @@ def test_aa_repeat_order_is_reordered_within_bounded_blocks():
 
     assert list(block_reversed(range(10), block=4)) == [3, 2, 1, 0, 7, 6, 5, 4, 9, 8]
     assert list(block_reversed([], block=4)) == []
+
+
+def test_tasks_command_lists_every_benchmark_and_suite():
+    done = subprocess.run([sys.executable, "-m", "flageval_lite.cli", "tasks"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    titles = {line.split()[0] for line in lines[1:]}
+    assert {"mmmu", "gpqa_diamond", "livebench", "musr", "demo_arith"} <= titles
+    assert sum("omni" in line for line in lines[1:]) == 14
+    assert any(line.startswith("demo_arith") and line.rstrip().endswith("120") for line in lines)
