@@ -153,7 +153,48 @@ def warm_up(base_url: str, model: str, api_key: str, timeout_s: float) -> float:
 # --------------------------------------------------------------------------- a server we start
 
 
-class ManagedServer:
+class _Server:
+    """What both kinds share: the context protocol, the endpoint and evidence once started, and the check
+    that the server lists the served model (which also fixes the model name to send)."""
+
+    launch: Optional[Launch]
+    _endpoint: Optional[Endpoint]
+    _evidence: Optional[ServerEvidence]
+    _since: float
+    _model: str
+    who: str
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise RuntimeError(f"{self.who} has not been started")
+        return self._endpoint
+
+    @property
+    def evidence(self) -> ServerEvidence:
+        """Evidence as of now: op logs are re-read, since they grow while the server answers."""
+        if self._evidence is None or self.launch is None:
+            raise RuntimeError(f"{self.who} has not been started")
+        return refresh_evidence(self._evidence, self.launch, self._since)
+
+    def _lists_model(self, client: httpx.Client) -> bool:
+        assert self.launch is not None
+        ids = _listed_models(client, self.launch.models_url)
+        wanted = self.launch.served_model_name
+        if not ids or (wanted and wanted not in ids):
+            return False
+        self._model = wanted or ids[0]
+        return True
+
+
+class ManagedServer(_Server):
     """A backend process this run starts, owns and stops (engines embedded, vllm, flagscale, stub)."""
 
     def __init__(self, spec: ServeSpec, role: str, run_dir: Union[str, Path], *, launcher: Launcher = build_launch,
@@ -178,28 +219,8 @@ class ManagedServer:
         return f"{self.role} server {self.spec.name!r}"
 
     @property
-    def endpoint(self) -> Endpoint:
-        if self._endpoint is None:
-            raise RuntimeError(f"{self.who} has not been started")
-        return self._endpoint
-
-    @property
-    def evidence(self) -> ServerEvidence:
-        """Evidence as of now: op logs are re-read, since they grow while the server answers."""
-        if self._evidence is None or self.launch is None:
-            raise RuntimeError(f"{self.who} has not been started")
-        return refresh_evidence(self._evidence, self.launch, self._since)
-
-    @property
     def pgid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> "ManagedServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- public protocol
 
@@ -327,14 +348,7 @@ class ManagedServer:
         assert self.launch is not None
         if self.launch.health_url and not _healthy(client, self.launch.health_url):
             return False
-        ids = _listed_models(client, self.launch.models_url)
-        if not ids:
-            return False
-        wanted = self.launch.served_model_name
-        if wanted and wanted not in ids:
-            return False
-        self._model = wanted or ids[0]
-        return True
+        return self._lists_model(client)
 
     def _raise_if_dead(self) -> None:
         assert self._proc is not None and self.launch is not None
@@ -422,7 +436,7 @@ class ManagedServer:
 # --------------------------------------------------------------------------- a server someone else runs
 
 
-class ExternalServer:
+class ExternalServer(_Server):
     """An endpoint that is already running elsewhere: checked and used, never started or stopped."""
 
     def __init__(self, spec: ServeSpec, role: str, poll_interval_s: float = 1.0):
@@ -438,31 +452,12 @@ class ExternalServer:
     def who(self) -> str:
         return f"external endpoint {self.launch.base_url} ({self.role})"
 
-    @property
-    def endpoint(self) -> Endpoint:
-        if self._endpoint is None:
-            raise RuntimeError(f"{self.who} has not been checked (start() first)")
-        return self._endpoint
-
-    @property
-    def evidence(self) -> ServerEvidence:
-        if self._evidence is None:
-            raise RuntimeError(f"{self.who} has not been checked (start() first)")
-        return refresh_evidence(self._evidence, self.launch, self._since)
-
-    def __enter__(self) -> "ExternalServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> Endpoint:
         self._since = time.time()
         started = time.monotonic()
         deadline = started + self.spec.startup_timeout_s
         with _client(self.spec.api_key, timeout=5.0) as client:
-            while not self._ready(client):
+            while not self._lists_model(client):
                 if time.monotonic() >= deadline:
                     listed = _listed_models(client, self.launch.models_url)
                     problem = ("does not answer GET /v1/models" if listed is None else
@@ -483,20 +478,12 @@ class ExternalServer:
                                   server_version=str(self._evidence.version.get("version", "")))
         return self._endpoint
 
-    def _ready(self, client: httpx.Client) -> bool:
-        ids = _listed_models(client, self.launch.models_url)
-        wanted = self.launch.served_model_name
-        if not ids or (wanted and wanted not in ids):
-            return False
-        self._model = wanted or ids[0]
-        return True
-
     def stop(self) -> None:
         """Not ours to stop."""
 
     def alive(self) -> bool:
         with _client(self.spec.api_key, timeout=5.0) as client:
-            return self._ready(client)
+            return self._lists_model(client)
 
     def ensure_alive(self) -> Endpoint:
         if self._endpoint is None:
