@@ -284,6 +284,27 @@ def test_replay_through_the_flaggems_scope_honours_the_perturbation(gems_standin
     assert "registered nothing" in rows[2].note
 
 
+class DropsBroadcastDim(TorchDispatchMode):
+    """A `mul` that returns the first operand's shape, as FlagGems 5.0.2 did on the H200 (docs/gpu-validation.md)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "mul" and out.shape != args[0].shape:
+            return out[..., :1]
+        return out
+
+
+def test_a_kernel_returning_the_wrong_shape_fails_instead_of_erroring() -> None:
+    """The call vLLM's rotary cache makes (einsum i,j->ij), as recorded on the GPU: [4096, 1] × [1, 32], stride (1, 1)."""
+    call = OpCall("mul", "mul.Tensor", [{"tensor": [4096, 1], "stride": [1, 1], "dtype": "float32"},
+                                        {"tensor": [1, 32], "stride": [1, 1], "dtype": "float32"}], {}, "recorded")
+    good, bad = (check_ops([call], "cpu", candidate=lambda op: mode)[0]
+                 for mode in (contextlib.nullcontext(), DropsBroadcastDim()))
+    assert good.status == "pass" and good.gems_max_rel < 1e-6
+    assert bad.status == "FAIL" and bad.note == "FlagGems: result shape [4096, 1] where float64 PyTorch gives [4096, 32]"
+    assert bad.torch_max_rel < 1e-6  # PyTorch's own kernel on the same inputs is right
+
+
 def test_recorder_ignores_repeats_cheaply_and_keeps_a_cap(tmp_path: Path) -> None:
     recorder = CallRecorder(tmp_path, shapes=True)
     for n in range(flaggems_hooks.MAX_SIGNATURES_PER_OP + 5):
