@@ -213,7 +213,10 @@ def _binary_recipe(aten: str, prepare: Optional[Callable] = None) -> Recipe:
     def derive(d: ModelDims, dt: str) -> list[Args]:
         n = d.tokens[-1]
         return [([_t((n, d.intermediate), dt), _t((n, d.intermediate), dt)], {}),
-                ([_t((n, d.hidden), dt), _t((d.hidden,), dt)], {})]  # broadcast, like a norm's weight
+                ([_t((n, d.hidden), dt), _t((d.hidden,), dt)], {}),  # broadcast, like a norm's weight
+                # both operands broadcast, like the rotary cache's positions × frequencies: FlagGems 5.0.2's mul
+                # returned the first operand's shape here (docs/gpu-validation.md)
+                ([_t((n, 1), dt), _t((1, d.head_dim // 2), dt)], {})]
     return Recipe(aten, derive, prepare=prepare) if prepare else Recipe(aten, derive)
 
 
@@ -262,6 +265,13 @@ RECIPES: dict[str, Recipe] = {
     "rsqrt": _unary_recipe("rsqrt", _positive(0)),
     "sqrt": _unary_recipe("sqrt", _positive(0)),
     "log": _unary_recipe("log", _positive(0)),
+    "reciprocal": _unary_recipe("reciprocal", _positive(0)),
+    # the rotary inverse frequencies: base ** (even index / head_dim)
+    "pow_scalar": Recipe("pow.Scalar", lambda d, dt: [([10000.0, _t((d.head_dim // 2,), dt)], {})]),
+    "lt_scalar": Recipe("lt.Scalar", _per_token(lambda d, dt, n: ([_t((n, d.hidden), dt), 0.5], {})),
+                        compare="exact"),
+    "fill_scalar": Recipe("fill.Scalar", lambda d, dt: [([_t((_rows(d), d.hidden), dt), 0.25], {})]),
+    "zero": Recipe("zero", lambda d, dt: [([_t((_rows(d), d.hidden), dt)], {})]),
     "mul": _binary_recipe("mul.Tensor"),
     "add": _binary_recipe("add.Tensor"),
     "sub": _binary_recipe("sub.Tensor"),

@@ -303,6 +303,10 @@ def test_a_kernel_returning_the_wrong_shape_fails_instead_of_erroring() -> None:
     assert good.status == "pass" and good.gems_max_rel < 1e-6
     assert bad.status == "FAIL" and bad.note == "FlagGems: result shape [4096, 1] where float64 PyTorch gives [4096, 32]"
     assert bad.torch_max_rel < 1e-6  # PyTorch's own kernel on the same inputs is right
+    # Without recorded shapes, the model-config recipes include that broadcast too.
+    derived = check_ops(derived_calls("mul", "", SMALL, "float32"), "cpu", candidate=lambda op: DropsBroadcastDim())
+    assert [r.shapes for r in derived if r.status == "FAIL"] == ["float32[8×1], float32[1×8]"]
+    assert len(derived) == 3
 
 
 def test_recorder_ignores_repeats_cheaply_and_keeps_a_cap(tmp_path: Path) -> None:
