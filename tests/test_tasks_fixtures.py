@@ -57,7 +57,7 @@ def items_of(name: str, data_dir: str = HUB, **kw) -> dict:
 
 
 COUNTS = {"mmmu": 8, "mmmu_pro_standard": 6, "mmmu_pro_vision": 6, "cmmmu": 7, "mmvet_v2": 6, "ocrbench": 8,
-          "mathvision": 6, "cii_bench": 6, "blink": 14, "aime": 7, "gpqa_diamond": 6, "livebench": 6, "mmlu": 6,
+          "mathvision": 6, "cii_bench": 6, "blink": 14, "aime": 7, "gpqa_diamond": 6, "livebench": 10, "mmlu": 6,
           "musr": 6}
 
 
@@ -209,8 +209,9 @@ def test_gpqa_shuffle_and_prompt():
 
 def test_livebench_release_filter_and_prompt():
     items = items_of("livebench")
-    # 2025-04-02 questions are newer than release 2024-11-25; b2e1d1 was removed on 2024-08-31.
-    assert set(items) == {"a1f0c3", "a1f0c4", "b2e1d0", "c3d2e1", "c3d2e2", "d4c3b2"}
+    # 2025-04-02 questions are newer than release 2024-11-25; b2e1d1 was removed on 2024-08-31, e5a0b5 on 2024-11-25.
+    assert set(items) == {"a1f0c3", "a1f0c4", "b2e1d0", "c3d2e1", "c3d2e2", "d4c3b2", "e5a0b1", "e5a0b2", "e5a0b3",
+                          "e5a0b4"}
     item = items["b2e1d0"]
     assert item.messages == [{"role": "user", "content": item.meta["question_text"]}]
     assert item.gold == "B"
@@ -369,3 +370,20 @@ def test_undefined_field_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         next(iter_items(load_task(_local_task(tmp_path, "{{ questoin }}"))))
     assert str(info.value) == f"{tmp_path / 'local.yaml'}: prompt: item q1: 'questoin' is undefined"
+
+
+def test_a_local_dataset_edited_in_place_is_read_again(tmp_path) -> None:
+    """`datasets` keys a local folder's cache by its card; ours is keyed by the files, so edits are never stale."""
+    import shutil
+
+    for org in ("math-ai", "HuggingFaceH4"):
+        shutil.copytree(ROOT / "tests/fixtures/hub" / org, tmp_path / org)
+    before = items_of("aime", data_dir=str(tmp_path))
+    rows_file = tmp_path / "math-ai/aime25/test.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    rows[0]["problem"] = "Edited: " + rows[0]["problem"]
+    rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    after = items_of("aime", data_dir=str(tmp_path))
+    assert before.keys() == after.keys()
+    changed = [i for i in after if after[i].messages != before[i].messages]
+    assert len(changed) == 1 and "Edited: " in json.dumps(after[changed[0]].messages)

@@ -3,7 +3,8 @@
 Every task keeps LiveBench's extraction order and partial credit.  Departures (docs/scoring.md): replies
 are stripped of reasoning and surrounding whitespace first; sympy equivalence (AMPS_Hard,
 integrals_with_game) goes through our safe parser, and where LiveBench would ask an OpenAI model to break
-a tie we score 0 and say so in the detail; coding and instruction-following tasks are refused.
+a tie we score 0 and say so in the detail; instruction following (IFEval-style releases) is scored by
+`livebench_if`; coding and IFBench-style instruction following are refused.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from typing import Any, Optional
 
 from ..errors import UserError
 from ..records import ScoreResult
+from . import livebench_if
 from . import livebench_tables as tables
 from .common import UNPARSED, answer_text
 from .livebench_common import Outcome, lb_boxed_content
 from .mathexpr import equivalent, parse_math
 
+IFBENCH_RELEASE = "2025-11-25"  # instruction following switched from IFEval- to IFBench-style checkers
 CODING_TASKS = {"LCB_generation", "coding_completion", "code_generation", "code_completion", "agentic_coding"}
 _TRUTH_WORDS = ("yes", "no", "unknown")
 
@@ -494,14 +497,12 @@ def integrals_with_game(ground_truth: str, answer: str) -> Outcome:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _release_date(meta: dict, task: str) -> str:
+def _release_date(meta: dict, task: str, why: str = "its scorer changed over releases") -> str:
     value = meta.get("livebench_release_date")
     if isinstance(value, (datetime, date)):
         return value.strftime("%Y-%m-%d")
     if not value:
-        raise UserError(
-            f"livebench scorer: task {task} needs meta['livebench_release_date'] (its scorer changed over releases)"
-        )
+        raise UserError(f"livebench scorer: task {task} needs meta['livebench_release_date'] ({why})")
     return str(value)[:10]
 
 
@@ -543,26 +544,36 @@ def _dispatch(task: str, subtask: str, gold: Any, answer: str, meta: dict) -> tu
     raise UserError(f"livebench scorer: task {subtask!r} is not a LiveBench task we can score")
 
 
+def _if_instructions(task: str, meta: dict) -> list[tuple[str, dict]]:
+    if _release_date(meta, task, "it picks the IFEval- or IFBench-style checkers") >= IFBENCH_RELEASE:
+        raise UserError(
+            f"livebench scorer: task {task} (instruction_following, release >= {IFBENCH_RELEASE}) needs the IFBench "
+            "checkers, which we do not implement"
+        )
+    return livebench_if.instructions_of(meta)
+
+
 def livebench(response: str, gold: Any, meta: dict, compat: bool = False) -> ScoreResult:
-    """Dispatch on meta["task"]/meta["subtask"]; refuses coding and instruction-following questions."""
+    """Dispatch on meta["category"]/meta["task"]/meta["subtask"]; refuses coding and IFBench-style questions."""
     task = str(meta.get("task") or "")
     if not task:
         raise UserError("livebench scorer: meta has no 'task'")
     subtask = str(meta.get("subtask") or task)
     category = str(meta.get("category") or "")
-    if category == "instruction_following":
-        raise UserError(
-            f"livebench scorer: task {task} (instruction_following) needs the IFEval/IFBench checkers and nltk "
-            "data, which are not available here"
-        )
     if category == "coding" or task in CODING_TASKS or subtask in CODING_TASKS:
         raise UserError(f"livebench scorer: task {task} (coding) needs sandboxed code execution, which we do not run")
-    if gold is None or (isinstance(gold, str) and not gold.strip()):
+    # Bad rows fail whatever the reply, so both checks come before the empty-reply shortcut.
+    if category == "instruction_following":
+        instructions = _if_instructions(task, meta)
+    elif gold is None or (isinstance(gold, str) and not gold.strip()):
         raise UserError(f"livebench scorer: task {task} item has no ground_truth")
     text = answer_text(response)
     if not text:
         return UNPARSED
-    outcome, detail = _dispatch(task, subtask, gold, text, meta)
+    if category == "instruction_following":
+        outcome, detail = livebench_if.instruction_following(text, instructions)
+    else:
+        outcome, detail = _dispatch(task, subtask, gold, text, meta)
     return ScoreResult(
         float(outcome.value), outcome.extracted, parsed=outcome.parsed, detail={"task": subtask, **detail}
     )

@@ -177,16 +177,32 @@ def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: 
 
     local = Path(data_dir) / source.hub if data_dir else None
     target, revision = (str(local), None) if local and local.is_dir() else (source.hub, source.revision or None)
+    cache_dir = _local_cache_dir(local) if target != source.hub else None  # type: ignore[arg-type]
     where = f"{spec.title}: dataset {target}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     try:
         with _quiet_datasets():
-            return datasets.load_dataset(target, config, split=split, revision=revision)
+            return datasets.load_dataset(target, config, split=split, revision=revision, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError) as exc:
         if target == source.hub:
             raise UserError(_missing_hub_message(spec, source, data_dir)) from None
         raise UserError(f"{where}: {_first_line(exc)}") from None
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as exc:
         raise UserError(f"{where}: {_first_line(exc)}") from None
+
+
+def _local_cache_dir(folder: Path) -> str:
+    """A `datasets` cache folder keyed by every file's name, size and mtime under `folder`.
+
+    `datasets` keys the cache of a local folder by its dataset card, so rows edited or re-downloaded into the same
+    folder would be served stale from the first load."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    import datasets.config
+
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "flageval-lite-local" / digest.hexdigest()[:16])
 
 
 def _first_line(exc: BaseException) -> str:
