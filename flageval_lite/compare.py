@@ -41,6 +41,17 @@ class PairedTaskComparison(TaskComparison):
     excluded_errors: int = 0  # pairs dropped because errors were not counted as 0
     answer_disagreements: int = 0  # pairs whose extracted answers or outcomes differ
     warnings: list[str] = field(default_factory=list)
+    # A/B against A/A per item (see beyond_noise_floor); {} without a noise floor
+    noise_test: dict[str, Any] = field(default_factory=dict)
+    # Paired item ids, and those whose response texts differ: inputs of the noise test, kept out of summary.json
+    # (they can name every item of a task).
+    paired_items: frozenset = field(default_factory=frozenset, repr=False)
+    differing_outputs: frozenset = field(default_factory=frozenset, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        del data["paired_items"], data["differing_outputs"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PairedTaskComparison":
@@ -351,7 +362,33 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         excluded_errors=excluded_errors,
         answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
         warnings=warnings,
+        paired_items=frozenset(p.item_id for p in pairs),
+        differing_outputs=frozenset(p.item_id for p in pairs
+                                    if p.reference.response_text != p.candidate.response_text),
     )
+
+
+def beyond_noise_floor(rows: Sequence[PairedTaskComparison], noise: Comparison, alpha: float = 0.05) -> None:
+    """Per task, do the candidate's outputs differ from the reference's more often than the reference's own repeat?
+
+    On the items paired in both comparisons, b = outputs differ A/B but not A/A, c = the other way round; exact
+    McNemar on (b, c), Holm-adjusted across tasks.  "Beyond the noise floor" needs b > c and p_holm < alpha.
+    Fills each row's `noise_test`."""
+    repeat = {t.task: t for t in noise.tasks}
+    tested = []
+    for row in rows:
+        other = repeat.get(row.task)
+        if other is None:
+            continue
+        common = row.paired_items & other.paired_items
+        ab, aa = row.differing_outputs & common, other.differing_outputs & common
+        b, c = len(ab - aa), len(aa - ab)
+        row.noise_test = {"n": len(common), "ab_differ": len(ab), "aa_differ": len(aa), "ab_only": b, "aa_only": c,
+                          "p": stats.mcnemar_exact(b, c)}
+        tested.append(row)
+    for row, adjusted in zip(tested, stats.holm([r.noise_test["p"] for r in tested])):
+        row.noise_test["p_holm"] = adjusted
+        row.noise_test["beyond_noise"] = row.noise_test["ab_only"] > row.noise_test["aa_only"] and adjusted < alpha
 
 
 def clip_text(text: str, limit: int = DRILLDOWN_TEXT_CHARS) -> str:
@@ -462,6 +499,8 @@ def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release
                                     (row.delta_ci90.low, row.delta_ci90.high), adjusted, margin, release_gate,
                                     alpha=alpha)
     overall = stats.overall_verdict([r.verdict for r in rows])
+    if noise_floor is not None:
+        beyond_noise_floor(rows, noise_floor, alpha)
     summaries, ratios = _perf_tables(perf or {}, perf_gate)
     return Comparison(
         tasks=rows,

@@ -6,6 +6,7 @@ A run config is a YAML file (see `serve/compare.yaml`); every field has a defaul
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,6 +69,8 @@ class RunConfig:
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
+    # role -> CUDA_VISIBLE_DEVICES, overriding the serve spec's: e.g. reference on GPU 0, candidate on GPU 1.
+    gpus: dict[str, str] = field(default_factory=dict)
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
     source: str = ""
 
@@ -104,6 +107,24 @@ def resolve_backend(value: Any, path: str, field_name: str) -> ServeSpec:
     raise ConfigError(path, field_name, f"expected a serve spec name, path or mapping, got {type(value).__name__}")
 
 
+def _gpu_sets(value: Any, source: str) -> dict[str, str]:
+    """`gpus: {reference: "0", candidate: "1,2"}` -> role -> CUDA_VISIBLE_DEVICES (indices or GPU-/MIG- UUIDs)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(source, "gpus", "expected a mapping such as {reference: \"0\", candidate: \"1\"}")
+    sets = {}
+    for role, devices in value.items():
+        if role not in ("reference", "candidate"):
+            raise ConfigError(source, f"gpus.{role}", "unknown role (known: candidate, reference)")
+        text = ",".join(str(d) for d in devices) if isinstance(devices, list) else str(devices)
+        ids = [d.strip() for d in text.split(",")]
+        if not all(ids) or isinstance(devices, bool):
+            raise ConfigError(source, f"gpus.{role}", f"expected device indices such as \"0,1\", got {devices!r}")
+        sets[role] = ",".join(ids)
+    return sets
+
+
 def _check_type(path: str, name: str, value: Any, expected: type | tuple[type, ...]) -> None:
     if not isinstance(value, expected) or isinstance(value, bool) and expected in (int, float, (int, float)):
         want = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
@@ -135,6 +156,14 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
 
     reference = resolve_backend(raw.pop("reference", DEFAULT_REFERENCE), source, "reference")
     candidate = resolve_backend(raw.pop("candidate", list(DEFAULT_CANDIDATE)), source, "candidate")
+    raw["gpus"] = _gpu_sets(raw.get("gpus"), source)
+    reference, candidate = (dataclasses.replace(spec, cuda_visible_devices=raw["gpus"][role])
+                            if role in raw["gpus"] else spec
+                            for role, spec in (("reference", reference), ("candidate", candidate)))
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(reference, key) != getattr(candidate, key):
+            raise ConfigError(source, "candidate", f"{key} {getattr(candidate, key)} differs from the reference's "
+                              f"{getattr(reference, key)}: a comparison needs the same parallelism on both sides")
 
     perf_raw = raw.pop("perf", {}) or {}
     if not isinstance(perf_raw, dict):

@@ -27,8 +27,9 @@ from .report import render_report
 from .runner import Job, Runner
 from .scoring import score_task
 from .servers.evidence import check_candidate, check_reference
-from .servers.lifecycle import ServerGroup
+from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
+from .servers.spec import replica_specs
 from .store import Store, image_urls
 from .tasks import cached_item_count, iter_items, load_suite, load_task
 
@@ -69,9 +70,17 @@ def task_params(spec: Any, max_tokens_cap: Optional[int] = None) -> GenParams:
 def spec_identity(spec: ServeSpec) -> str:
     """What was started, minus where and how patiently: stable across restarts on new ports."""
     keep = spec.to_dict()
-    for volatile in ("port", "startup_timeout_s", "warmup", "max_restarts", "source", "name"):
+    # Nor how many replicas: any replica's answer is the backend's, so a rerun resumes whatever their count.
+    for volatile in ("port", "startup_timeout_s", "warmup", "max_restarts", "replicas", "source", "name"):
         keep.pop(volatile, None)
     return stable_hash(keep)
+
+
+def live_replicas(runner: Runner, role: str, replicas: list[Endpoint]) -> list[Endpoint]:
+    """The replicas of `role` that the runner has not given up on (the A/A repeat asks the reference's)."""
+    roles = {role, AA_ROLE} if role == "reference" else {role}
+    dropped = {f["base_url"] for f in runner.replica_failures if f["role"] in roles}
+    return [e for e in replicas if e.base_url not in dropped]
 
 
 def block_reversed(items: Iterable[Item], block: int = 64) -> Iterator[Item]:
@@ -117,6 +126,8 @@ class Pipeline:
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
+        for backend in (self.config.reference, self.config.candidate):
+            replica_specs(backend)  # devices that do not split over the replicas
 
     def items(self, spec: Any) -> Iterator[Item]:
         return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,
@@ -136,8 +147,8 @@ class Pipeline:
             return count
         return min(count, self.config.limit)
 
-    def jobs_for(self, endpoint: Endpoint) -> list[Job]:
-        return [Job(endpoint=endpoint, task=spec.name, items=self.items(spec),
+    def jobs_for(self, replicas: list[Endpoint]) -> list[Job]:
+        return [Job(endpoint=replicas[0], task=spec.name, items=self.items(spec), replicas=tuple(replicas),
                     params=task_params(spec, self.config.max_tokens_cap), total=self.expected_items(spec))
                 for spec in self.tasks]
 
@@ -175,54 +186,68 @@ class Pipeline:
         store.set_meta("placement", dataclasses.asdict(placement))
         runner = Runner(store, self.run_id, concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
                         max_attempts=cfg.max_attempts, progress=not self.quiet and sys.stderr.isatty())
-        evidence: dict[str, Any] = {}
+        evidence: dict[str, list[Any]] = {}  # role -> evidence of each replica
         specs = {"reference": placement.apply(cfg.reference, "reference"),
                  "candidate": placement.apply(cfg.candidate, "candidate")}
 
-        def endpoint_of(server: Any, spec: ServeSpec) -> Endpoint:
-            return dataclasses.replace(server.endpoint, spec_id=spec_identity(spec))
-
         with ServerGroup(self.run_dir) as group:
             if placement.mode == "concurrent":
-                servers = {role: group.start(specs[role], role) for role in ("reference", "candidate")}
-                endpoints = {role: endpoint_of(s, specs[role]) for role, s in servers.items()}
-                runner.supervisors = {role: servers[role] for role in servers}
-                jobs = self.jobs_for(endpoints["reference"]) + self.jobs_for(endpoints["candidate"])
-                asyncio.run(runner.run_jobs(jobs, interleave=cfg.interleave))
-                for endpoint in endpoints.values():
-                    self.run_lmeval(endpoint, store)
-                self.after_main(runner, endpoints, store)
-                evidence = {role: s.evidence for role, s in servers.items()}
+                servers = {role: group.start_all(specs[role], role) for role in ROLES}
+                self.ask(runner, servers, specs, store)
+                evidence = {role: [s.evidence for s in replicas] for role, replicas in servers.items()}
             else:
-                for role in ("reference", "candidate"):
-                    server = group.start(specs[role], role)
-                    endpoint = endpoint_of(server, specs[role])
-                    runner.supervisors = {role: server}
-                    asyncio.run(runner.run_jobs(self.jobs_for(endpoint)))
-                    self.run_lmeval(endpoint, store)
-                    self.after_main(runner, {role: endpoint}, store)
-                    evidence[role] = server.evidence
-                    group.stop(server)
-        store.set_meta("servers", {role: ev.to_dict() for role, ev in evidence.items()})
-        check_reference(evidence["reference"])
-        check_candidate(evidence["candidate"], specs["candidate"])
+                for role in ROLES:
+                    servers = {role: group.start_all(specs[role], role)}
+                    self.ask(runner, servers, specs, store)
+                    evidence[role] = [s.evidence for s in servers[role]]
+                    for server in servers[role]:
+                        group.stop(server)
+        # `servers` keeps the single-server form (replica 0) that older runs have; `replicas` lists them all.
+        store.set_meta("servers", {role: evs[0].to_dict() for role, evs in evidence.items()})
+        store.set_meta("replicas", {role: [ev.to_dict() for ev in evs] for role, evs in evidence.items()})
+        store.set_meta("replica_failures", runner.replica_failures)
+        for ev in evidence["reference"]:
+            check_reference(ev)
+        for ev in evidence["candidate"]:
+            check_candidate(ev, specs["candidate"])
 
-    def after_main(self, runner: Runner, endpoints: dict[str, Endpoint], store: Store) -> None:
-        """A/A repeat of the reference, teacher forcing and the perf sweep, one backend at a time."""
+    def ask(self, runner: Runner, servers: dict[str, list[Server]], specs: dict[str, ServeSpec],
+            store: Store) -> None:
+        """The main run on the started servers of one or both roles, then the stages that follow it."""
+        # Every replica gets the role's spec identity: records are the same whichever replica answered.
+        endpoints = {role: [dataclasses.replace(s.endpoint, spec_id=spec_identity(specs[role])) for s in replicas]
+                     for role, replicas in servers.items()}
+        runner.supervisors = {role: {e.base_url: s for e, s in zip(endpoints[role], servers[role])}
+                              for role in servers}
+        jobs = [job for replicas in endpoints.values() for job in self.jobs_for(replicas)]
+        asyncio.run(runner.run_jobs(jobs, interleave=self.config.interleave))
+        for role, replicas in endpoints.items():
+            # lm-eval talks to one base_url: the first replica still up.
+            self.run_lmeval(live_replicas(runner, role, replicas)[0], store)
+        self.after_main(runner, endpoints, store)
+
+    def after_main(self, runner: Runner, endpoints: dict[str, list[Endpoint]], store: Store) -> None:
+        """A/A repeat of the reference, teacher forcing and the perf sweep, one backend at a time.  Replicas
+        given up on during the run are left out."""
         cfg = self.config
         if cfg.noise_floor and "reference" in endpoints:
-            repeat = dataclasses.replace(endpoints["reference"], role=AA_ROLE)
+            repeat = [dataclasses.replace(e, role=AA_ROLE) for e in live_replicas(runner, "reference",
+                                                                                   endpoints["reference"])]
             # Another order and concurrency: a different batch composition on the same stack.
-            jobs = [Job(endpoint=repeat, task=spec.name, items=block_reversed(self.items(spec)),
-                        params=task_params(spec, self.config.max_tokens_cap)) for spec in self.tasks]
+            jobs = [Job(endpoint=repeat[0], task=spec.name, items=block_reversed(self.items(spec)),
+                        replicas=tuple(repeat), params=task_params(spec, self.config.max_tokens_cap))
+                    for spec in self.tasks]
             runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
             asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))
+        # Teacher forcing and perf use one replica per role: replicas are identical, and perf then measures
+        # one server on each side, comparable whatever the two sides' replica counts.
+        first = {role: live_replicas(runner, role, replicas)[0] for role, replicas in endpoints.items()}
         if cfg.teacher_forced.enabled and self.tasks:
-            self.teacher_force(endpoints, store)
+            self.teacher_force(first, store)
         if cfg.perf.enabled:
             params = GenParams(max_tokens=cfg.perf.output_tokens, stream=True,
                                extra_body=(("ignore_eos", True),))
-            for endpoint in endpoints.values():
+            for endpoint in first.values():
                 for level in cfg.perf.concurrency:
                     job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}",
                               items=perf_items(cfg, level), params=params)
@@ -345,7 +370,9 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
     config = store.get_meta("config", {})
     comparison = build_comparison(store, run_id, config.get("margin", 1.0), config.get("release_gate", 5.0))
     manifest = {"run_id": run_id, "config": config, "specs": store.get_meta("specs", {}),
-                "servers": store.get_meta("servers", {}), "placement": store.get_meta("placement", {}),
+                "servers": store.get_meta("servers", {}), "replicas": store.get_meta("replicas", {}),
+                "replica_failures": store.get_meta("replica_failures", []),
+                "placement": store.get_meta("placement", {}),
                 "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {})}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 ROLES = ("reference", "candidate")
 Role = Literal["reference", "candidate"]
@@ -67,7 +67,8 @@ class ServeSpec(_Serialisable):
     served_model_name: str = ""  # "" = derived from the model
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port at start
-    base_url: str = ""  # external engine: http://host:port/v1
+    # external engine: http://host:port/v1, or a tuple of such URLs (one replica each)
+    base_url: Union[str, tuple[str, ...]] = ""
     api_key: str = "EMPTY"
     dtype: str = "auto"
     device: str = "auto"
@@ -77,9 +78,14 @@ class ServeSpec(_Serialisable):
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables
     gpu_memory_utilization: float = 0.0  # 0 = engine default
     cuda_visible_devices: str = ""
+    # vLLM's own parallelism, passed through; a comparison needs the same values on both sides.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     startup_timeout_s: float = 900.0
     warmup: bool = True
     max_restarts: int = 2
+    # identical servers of this backend (external: one per base_url); the runner spreads items over them
+    replicas: int = 1
     source: str = ""  # the file this spec came from, for error messages
 
 

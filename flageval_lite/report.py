@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jinja2
+import markupsafe
 
 from . import __version__, charts
 from .compare import Comparison, PairedTaskComparison
@@ -112,6 +113,8 @@ def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
         "ops": spec.get("ops", "?"),
         "flaggems_route": flaggems.get("route", "off"),
         "device": evidence.get("gpu") or spec.get("device", "?"),
+        "parallelism": _parallelism(spec, len((manifest.get("replicas") or {}).get(role) or ()) or 1),
+        "spec": spec,
         "server_version": version.get("version") or ", ".join(f"{k} {v}" for k, v in version.items()) or "unknown",
         "packages": ", ".join(f"{k} {v}" for k, v in sorted((evidence.get("packages") or {}).items())) or "unknown",
         "env_switches": ", ".join(f"{k}={v}" for k, v in sorted((evidence.get("env_switches") or {}).items())),
@@ -121,6 +124,41 @@ def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
         "startup_s": evidence.get("startup_s"),
         "restarts": evidence.get("restarts", 0),
     }
+
+
+def _parallelism(spec: Mapping[str, Any], replicas: int = 1) -> str:
+    """e.g. "TP 2 × PP 1 on GPUs 0,1" or "TP 1 × PP 1 on GPUs 0,1, 2 replicas"; the GPU set is the spec's
+    CUDA_VISIBLE_DEVICES (with the run's `gpus`)."""
+    tp, pp = _tp_pp(spec)
+    devices = spec.get("cuda_visible_devices") or ""
+    where = f" on GPU{'s' if ',' in devices else ''} {devices}" if devices else ""
+    return f"TP {tp} × PP {pp}{where}" + (f", {replicas} replicas" if replicas > 1 else "")
+
+
+def _tp_pp(spec: Mapping[str, Any]) -> tuple[int, int]:
+    return int(spec.get("tensor_parallel_size") or 1), int(spec.get("pipeline_parallel_size") or 1)
+
+
+def hardware_warnings(manifest: Mapping[str, Any]) -> list[str]:
+    """Why a difference might come from the machine rather than the operators: other GPU models or drivers,
+    other parallelism, or other boards of the same model."""
+    sides = {role: _backend(manifest, role) for role in ROLES}
+    ref, cand = sides["reference"], sides["candidate"]
+    warnings = []
+    if ref["device"] != cand["device"]:
+        warnings.append(f"The two sides ran on different hardware (reference: {ref['device']}; candidate: "
+                        f"{cand['device']}): score and performance differences may come from the hardware, not "
+                        "from the operators.")
+    if _tp_pp(ref["spec"]) != _tp_pp(cand["spec"]):
+        warnings.append(f"The two sides used different parallelism ({ref['parallelism']} vs {cand['parallelism']}): "
+                        "the reductions differ, so outputs may differ without any operator being wrong.")
+    specs = manifest.get("specs") or {}
+    ref_gpus, cand_gpus = ((specs.get(role) or {}).get("cuda_visible_devices") or "" for role in ROLES)
+    if ref["device"] == cand["device"] and ref_gpus and cand_gpus and ref_gpus != cand_gpus:
+        warnings.append(f"The sides ran on different GPUs of the same model (reference {ref_gpus}, candidate "
+                        f"{cand_gpus}): boards differ by a few per cent in clocks and thermals, so compare "
+                        "performance ratios with that margin.")
+    return warnings
 
 
 def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -135,6 +173,9 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
         ("alpha", f"{comparison.alpha:g} (Holm-adjusted across {len(comparison.tasks)} tasks)"),
         ("flageval-lite", str(config.get("flageval_lite") or __version__)),
     ]
+    for failure in manifest.get("replica_failures") or ():
+        facts.append(("replica given up", f"{failure.get('role')} replica {failure.get('replica')} "
+                                          f"({failure.get('base_url')}): {failure.get('error')}"))
     if config.get("compared"):
         facts.append(("stored runs compared", " vs ".join(map(str, config["compared"]))))
     facts += _diagnosis_facts(manifest)
@@ -286,7 +327,41 @@ def _teacher_forced_table(comparison: Comparison) -> Optional[Table]:
     )
 
 
-def _perf_tables(comparison: Comparison, ref: str, cand: str) -> list[tuple[str, Table, list[charts.PerfRow]]]:
+def divergence_headline(comparison: Comparison) -> str:
+    """One sentence: do the outputs differ beyond the A/A noise floor (exact McNemar per task, Holm-adjusted)?"""
+    if comparison.noise_floor is None:
+        return ("not tested: without the A/A noise floor (`noise_floor: true`) differing outputs cannot be told "
+                "apart from the reference's own nondeterminism")
+    tested = [t for t in comparison.tasks if t.noise_test]
+    if not tested:
+        return "not tested: no task was paired in both the A/B and the A/A comparison"
+    beyond = [t for t in tested if t.noise_test.get("beyond_noise")]
+    ab_only = sum(t.noise_test["ab_only"] for t in tested)
+    aa_only = sum(t.noise_test["aa_only"] for t in tested)
+    counts = (f"over {sum(t.noise_test['n'] for t in tested)} items, outputs differed A/B but not A/A on {ab_only} "
+              f"and A/A but not A/B on {aa_only}")
+    if beyond:
+        text = (f"**detected** on {len(beyond)} of {len(tested)} tasks ({', '.join(t.title for t in beyond)}; "
+                f"exact McNemar, Holm-adjusted p ≤ {_p(max(t.noise_test['p_holm'] for t in beyond))}): {counts}")
+    else:
+        text = f"not shown on any of {len(tested)} tasks: {counts}"
+    tf, tf_aa = comparison.teacher_forced.get("tasks") or {}, comparison.noise_floor.teacher_forced.get("tasks") or {}
+    pooled = [_pooled_top1(tf), _pooled_top1(tf_aa)]
+    if None not in pooled:
+        text += f"; teacher-forced top-1 agreement {_pct(pooled[0])} (A/A {_pct(pooled[1])})"
+    return text
+
+
+def _pooled_top1(tasks: Mapping[str, Mapping[str, Any]]) -> Optional[float]:
+    positions = sum(t.get("positions") or 0 for t in tasks.values())
+    if not positions:
+        return None
+    return sum((t.get("top1_agreement") or 0) * (t.get("positions") or 0) for t in tasks.values()) / positions
+
+
+def _perf_tables(comparison: Comparison, ref: str, cand: str,
+                 backends: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Table, list[charts.PerfRow]]]:
+    hardware = "; ".join(f"{b['label']} on {b['device']}, {b['parallelism']}" for b in backends.values())
     out = []
     for load, roles in comparison.perf.items():
         ratios = comparison.perf_ratios.get(load) or {}
@@ -307,7 +382,7 @@ def _perf_tables(comparison: Comparison, ref: str, cand: str) -> list[tuple[str,
             title=f"Performance, {_load_title(load)}",
             headers=["metric", ref, cand, "candidate / reference", "gate"],
             rows=rows,
-            note=f"Requests: {requests}.  Latencies: lower is better; throughputs: higher is better.  The gate "
+            note=f"Hardware: {hardware}.  Requests: {requests}.  Latencies: lower is better; throughputs: higher is better.  The gate "
                  f"asks the candidate's output tok/s to reach {comparison.perf_gate:.0%} of the reference's.",
         )
         out.append((load, table, bars))
@@ -335,15 +410,25 @@ def _noise_table(comparison: Comparison) -> Optional[Table]:
             f"{aa.flips_ref_only + aa.flips_cand_only}" if aa else "n/a",
             _pct(t.answer_agreement), _pct(aa.answer_agreement) if aa else "n/a",
             _pct(t.output_agreement), _pct(aa.output_agreement) if aa else "n/a",
+            _noise_test_cell(t.noise_test),
         ])
     return Table(
         title="Noise floor: A/B beside A/A",
         headers=["Metrics", "A/B Δ [95 % CI]", "A/A Δ [95 % CI]", "A/B flips", "A/A flips", "A/B same answer",
-                 "A/A same answer", "A/B same output", "A/A same output"],
+                 "A/A same answer", "A/B same output", "A/A same output", "outputs beyond A/A"],
         rows=rows,
         note="A/A: the reference compared with itself, asked again in another order and batch mix.  A/B "
-             "differences no larger than A/A's come from run-to-run nondeterminism, not from the candidate.",
+             "differences no larger than A/A's come from run-to-run nondeterminism, not from the candidate.  "
+             "Outputs beyond A/A: items whose output differed A/B only / A/A only, exact McNemar p (Holm-adjusted "
+             "across tasks); \"yes\" when A/B differs more often at p < alpha.",
     )
+
+
+def _noise_test_cell(test: Mapping[str, Any]) -> str:
+    if not test:
+        return "n/a"
+    verdict = "yes" if test.get("beyond_noise") else "no"
+    return f"{verdict} ({test['ab_only']}/{test['aa_only']}, p {_p(test['p_holm'])})"
 
 
 def _group_tables(comparison: Comparison) -> list[Table]:
@@ -360,12 +445,14 @@ def _group_tables(comparison: Comparison) -> list[Table]:
 
 def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
     ref, cand = _label(manifest, "reference"), _label(manifest, "candidate")
-    perf = _perf_tables(comparison, ref, cand)
+    perf = _perf_tables(comparison, ref, cand, {role: _backend(manifest, role) for role in ROLES})
     return {
         "comparison": comparison,
         "reference_label": ref,
         "candidate_label": cand,
         "backends": [_backend(manifest, role) for role in ROLES],
+        "hardware_warnings": hardware_warnings(manifest),
+        "divergence_headline": divergence_headline(comparison),
         "facts": _run_facts(comparison, manifest),
         "scores": _comparison_table(comparison, ref, cand),
         "details": _detail_table(comparison),
@@ -405,6 +492,13 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def _bold_markup(text: str) -> markupsafe.Markup:
+    """The markdown **bold** of a headline as <b>, everything else escaped."""
+    parts = str(text).split("**")
+    return markupsafe.Markup("").join(markupsafe.Markup("<b>{}</b>").format(p) if i % 2 else markupsafe.escape(p)
+                                      for i, p in enumerate(parts))
+
+
 def _environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("flageval_lite", "templates"), autoescape=autoescape,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
@@ -412,12 +506,14 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     env.filters["md"] = _md_cell
     env.filters["num"] = _num
     env.filters["pct"] = _pct
+    env.filters["bold_markup"] = _bold_markup
     return env
 
 
 def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
-            "manifest": dict(manifest)}
+            "divergence_beyond_noise": divergence_headline(comparison).replace("**", ""),
+            "hardware_warnings": hardware_warnings(manifest), "manifest": dict(manifest)}
 
 
 def render_report(comparison: Comparison, manifest: dict[str, Any], out_dir: Path) -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """Send every item of every job to its endpoint and store each Record the moment it finishes.
 
-Asyncio over aiohttp, one `ClientSession` (own keep-alive pool) per endpoint and a semaphore per
-endpoint for bounded concurrency.  Items are pulled from their iterators only when a request slot is
+Asyncio over aiohttp, one `ClientSession` (own keep-alive pool) per server and `concurrency` request
+slots per server.  A backend may be several identical servers (replicas): each request takes a slot on
+the least busy replica, a retry prefers another one, and a replica whose server cannot be brought back is
+dropped while the others carry on.  Items are pulled from their iterators only when a request slot is
 free, so a task's items are never all in memory.  With `interleave=True` one dispatcher walks the
 tasks and hands each item to every role before pulling the next, which keeps the two backends working
 on the same items at the same time (load and time don't confound the comparison); the slower backend
@@ -21,10 +23,11 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Union
 
 import aiohttp
 import yarl
@@ -33,6 +36,8 @@ from flageval_lite.errors import UserError
 from flageval_lite.progress import Progress, TaskProgress
 from flageval_lite.records import Endpoint, GenParams, Item, Record
 from flageval_lite.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Supervisor(Protocol):
@@ -44,6 +49,11 @@ class Supervisor(Protocol):
         The return value is ignored."""
 
 
+# What `Runner.supervisors[role]` (or `supervisor_for(role)`) holds: one supervisor, or one per replica
+# keyed by its base_url.
+Supervisors = Union[Supervisor, Mapping[str, Supervisor], None]
+
+
 @dataclass
 class Job:
     endpoint: Endpoint
@@ -51,6 +61,13 @@ class Job:
     items: Iterable[Item]
     params: GenParams = field(default_factory=GenParams)
     total: Optional[int] = None  # item count, when known, for the progress bar's ETA
+    # All servers of the backend when it has several (replicas); items are spread over them.  Records name
+    # `endpoint` whichever replica answered, so they equal a single server's and resume on any assignment.
+    replicas: tuple[Endpoint, ...] = ()
+
+    @property
+    def servers(self) -> tuple[Endpoint, ...]:
+        return self.replicas or (self.endpoint,)
 
 
 @dataclass
@@ -164,11 +181,15 @@ def _short_hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class _Backend:
-    """Per-endpoint HTTP session, concurrency slots and server-health bookkeeping."""
+UP, CHECKING, GIVEN_UP = "up", "checking", "given up"
 
-    def __init__(self, endpoint: Endpoint, concurrency: int, timeout_s: float, supervisor: Optional[Supervisor]):
-        self.endpoint = endpoint
+
+class _Replica:
+    """One server of a backend: its HTTP session, its request slots and its health."""
+
+    def __init__(self, endpoint: Endpoint, index: int, concurrency: int, timeout_s: float,
+                 supervisor: Optional[Supervisor]):
+        self.endpoint, self.index = endpoint, index
         base = endpoint.base_url.rstrip("/")
         # Parsed once: a URL string would be parsed again on every request.
         self.completions_url, self.models_url = yarl.URL(f"{base}/chat/completions"), yarl.URL(f"{base}/models")
@@ -177,18 +198,70 @@ class _Backend:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),
             headers={"Authorization": f"Bearer {endpoint.api_key or 'EMPTY'}", "Content-Type": "application/json"})
-        self.slots = asyncio.Semaphore(concurrency)
+        self.limit, self.busy = concurrency, 0
         self.supervisor = supervisor
-        self.health_lock = asyncio.Lock()
-        self.health_checked_at = 0.0
+        self.state = UP  # CHECKING: out of rotation while its server is checked (and restarted)
+        self.check: Optional[asyncio.Task] = None
+        self.checked_at = 0.0
 
     def describe(self) -> str:
         return f"{self.endpoint.role} endpoint {self.endpoint.base_url}"
 
 
+class _Pool:
+    """The replicas of one backend.  A request takes a slot on the least busy replica that is up (ties go
+    round the replicas in turn), so faster servers get more of the work; with one replica this is a
+    semaphore of `concurrency` slots."""
+
+    def __init__(self, replicas: list[_Replica]):
+        self.replicas = replicas
+        self.error: Optional[BaseException] = None  # why the last replica was given up: the run ends
+        self._turn = 0
+        self._waiters: list[asyncio.Future] = []
+
+    def others_up(self, replica: _Replica) -> bool:
+        return any(r.state == UP and r is not replica for r in self.replicas)
+
+    def _take(self, avoid: Optional[_Replica]) -> Optional[_Replica]:
+        """A free slot, not on `avoid` while another replica is up."""
+        skip = avoid if avoid is not None and self.others_up(avoid) else None
+        best = None
+        count = len(self.replicas)
+        for k in range(count):
+            replica = self.replicas[(self._turn + k) % count]
+            if replica.state == UP and replica.busy < replica.limit and replica is not skip and (
+                    best is None or replica.busy < best.busy):
+                best = replica
+        if best is not None:
+            best.busy += 1
+            self._turn = best.index + 1
+        return best
+
+    async def acquire(self, avoid: Optional[_Replica] = None) -> _Replica:
+        while (replica := self._take(avoid)) is None:
+            if self.error is not None:
+                raise self.error
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        return replica
+
+    def release(self, replica: _Replica) -> None:
+        replica.busy -= 1
+        if self._waiters:
+            self.wake()
+
+    def wake(self) -> None:
+        """Let every waiter look again (a slot was freed, or a replica came back or was given up)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class _JobState:
-    def __init__(self, job: Job, backend: _Backend, progress: TaskProgress, run_id: str):
-        self.job, self.backend, self.progress = job, backend, progress
+    def __init__(self, job: Job, pool: _Pool, progress: TaskProgress, run_id: str):
+        self.job, self.pool, self.progress = job, pool, progress
         self.stats = RunStats(job.endpoint.role, job.task)
         self.params = job.params.to_dict()
         endpoint_id = job.endpoint.identity()
@@ -274,15 +347,17 @@ class _GroupCommit:
 class Runner:
     def __init__(self, store: Store, run_id: str, concurrency: int = 16, request_timeout_s: float = 600.0,
                  max_attempts: int = 4, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 progress: bool = True, supervisor_for: Optional[Callable[[str], Optional[Supervisor]]] = None):
+                 progress: bool = True, supervisor_for: Optional[Callable[[str], Supervisors]] = None):
         if concurrency < 1 or max_attempts < 1:
             raise UserError(f"runner: concurrency ({concurrency}) and max_attempts ({max_attempts}) must be >= 1")
         self.store, self.run_id = store, run_id
         self.concurrency, self.request_timeout_s, self.max_attempts = concurrency, request_timeout_s, max_attempts
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.progress = Progress(progress)
-        self.supervisor_for = supervisor_for or (lambda role: None)
-        self.supervisors: dict[str, Supervisor] = {}  # role -> supervisor; takes precedence over supervisor_for
+        self.supervisor_for: Callable[[str], Supervisors] = supervisor_for or (lambda role: None)
+        self.supervisors: dict[str, Supervisors] = {}  # role -> supervisor(s); takes precedence over supervisor_for
+        # Replicas given up while the run went on: {role, replica, base_url, error}, for the manifest.
+        self.replica_failures: list[dict[str, Any]] = []
         self._jitter = random.Random()
 
     # ------------------------------------------------------------------ public API
@@ -294,8 +369,9 @@ class Runner:
     async def run_jobs(self, jobs: list[Job], interleave: bool = True,
                        concurrency: Optional[int] = None) -> dict[tuple[str, str], RunStats]:
         """Run all jobs; tasks go in order, roles concurrently, at most `concurrency` (default: the
-        runner's) requests in flight per endpoint.  Raises UserError when an endpoint is down for good;
-        whatever finished before that (or before a cancel) stays stored for the rerun."""
+        runner's) requests in flight per server (per replica).  Raises UserError when a backend is down
+        for good (its last replica); whatever finished before that (or before a cancel) stays stored for
+        the rerun."""
         concurrency = concurrency or self.concurrency
         seen = set()
         for job in jobs:
@@ -303,29 +379,45 @@ class Runner:
             if key in seen:
                 raise UserError(f"runner: two jobs for role {key[0]} and task {key[1]}")
             seen.add(key)
-        backends: dict[str, _Backend] = {}
+        pools: dict[tuple[str, ...], _Pool] = {}
         states: list[_JobState] = []
         try:
             for job in jobs:
-                ident = job.endpoint.identity()
-                if ident not in backends:
-                    role = job.endpoint.role
-                    supervisor = self.supervisors[role] if role in self.supervisors else self.supervisor_for(role)
-                    backends[ident] = _Backend(job.endpoint, concurrency, self.request_timeout_s, supervisor)
+                key = (job.endpoint.identity(), *(e.base_url for e in job.servers))
+                if key not in pools:
+                    pools[key] = _Pool([_Replica(e, i, concurrency, self.request_timeout_s, supervisor)
+                                        for i, (e, supervisor) in enumerate(self._supervised(job))])
                 total = job.total if job.total is not None else (
                     len(job.items) if hasattr(job.items, "__len__") else None)
-                states.append(_JobState(job, backends[ident], self.progress.task(job.endpoint.role, job.task, total),
+                states.append(_JobState(job, pools[key], self.progress.task(job.endpoint.role, job.task, total),
                                         self.run_id))
             return await self._run_states(states, interleave)
         finally:
             for state in states:
                 if not state.finished:
                     state.progress.finish(f"stopped early; {state.stats.summary()}")
-            await asyncio.gather(*(b.session.close() for b in backends.values()), return_exceptions=True)
+            await asyncio.gather(*(r.session.close() for pool in pools.values() for r in pool.replicas),
+                                 return_exceptions=True)
+
+    def _supervised(self, job: Job) -> list[tuple[Endpoint, Optional[Supervisor]]]:
+        """The job's servers, each with its supervisor (looked up by base_url when the role has several)."""
+        role = job.endpoint.role
+        found = self.supervisors[role] if role in self.supervisors else self.supervisor_for(role)
+        for replica in job.servers:
+            if (replica.role, replica.model) != (role, job.endpoint.model):
+                raise UserError(f"runner: replica {replica.base_url} of {role} is {replica.role} serving "
+                                f"{replica.model!r}, not {role} serving {job.endpoint.model!r}")
+        if isinstance(found, Mapping):
+            return [(e, found.get(e.base_url)) for e in job.servers]
+        if found is not None and len(job.servers) > 1:
+            raise UserError(f"runner: {role} has {len(job.servers)} replicas; give their supervisors as "
+                            f"{{base_url: supervisor}}")
+        return [(e, found) for e in job.servers]
 
     async def _run_states(self, states: list[_JobState], interleave: bool) -> dict[tuple[str, str], RunStats]:
         finished = self.store.finished_keys(self.run_id)
         self._inflight: set[asyncio.Task] = set()
+        self._checks: set[asyncio.Task] = set()  # health checks of replicas after connection failures
         self._fatal: list[BaseException] = []
         self._commits = _GroupCommit(self.store, self._fail)
         lanes = [asyncio.create_task(self._lane(groups, finished)) for groups in self._plan_lanes(states, interleave)]
@@ -336,13 +428,13 @@ class Runner:
             except asyncio.CancelledError:
                 if not self._fatal:
                     raise
-            while self._inflight and not self._fatal:
-                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            while (self._inflight or self._checks) and not self._fatal:  # a restart still under way included
+                await asyncio.wait({*self._inflight, *self._checks}, return_when=asyncio.FIRST_COMPLETED)
             self._commits.commit()  # the last turn's records, and their reports
             if self._fatal:
                 raise self._fatal[0]
         finally:
-            leftovers = [*lanes, *self._inflight]
+            leftovers = [*lanes, *self._inflight, *self._checks]
             for task in leftovers:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
@@ -353,7 +445,7 @@ class Runner:
 
     @staticmethod
     def _plan_lanes(states: list[_JobState], interleave: bool) -> list[list[list[_JobState]]]:
-        """Lanes of task groups: one lane for all roles when interleaving, else one lane per endpoint."""
+        """Lanes of task groups: one lane for all roles when interleaving, else one lane per backend."""
         if interleave:
             groups: dict[str, list[_JobState]] = {}
             for state in states:
@@ -361,7 +453,7 @@ class Runner:
             return [list(groups.values())]
         lanes: dict[int, list[list[_JobState]]] = {}
         for state in states:
-            lanes.setdefault(id(state.backend), []).append([state])
+            lanes.setdefault(id(state.pool), []).append([state])
         return list(lanes.values())
 
     @staticmethod
@@ -405,10 +497,10 @@ class Runner:
             return
         self._commits.join()
         self.store.put_item(self.run_id, item)
-        await state.backend.slots.acquire()
+        replica = await state.pool.acquire()
         state.pending += 1
         state.stats.sent += 1
-        task = asyncio.create_task(self._complete(state, body, record))
+        task = asyncio.create_task(self._complete(state, replica, body, record))
         self._inflight.add(task)
         task.add_done_callback(self._request_done)
 
@@ -424,24 +516,20 @@ class Runner:
             for lane in self._lanes:
                 lane.cancel()
 
-    async def _complete(self, state: _JobState, body: bytes, record: Record) -> None:
+    async def _complete(self, state: _JobState, replica: _Replica, body: bytes, record: Record) -> None:
         try:
-            await self._attempt_all(state.backend, body, record, state.job.params)
+            replica = await self._attempt_all(state.pool, replica, body, record, state.job.params)
         except BaseException:
-            self._release(state)
+            state.pending -= 1  # _attempt_all has given its slot back
             raise
         self._commits.join()
         self.store.put_record(record)
-        self._commits.then(lambda: self._report(state, record))
+        self._commits.then(lambda: self._report(state, replica, record))
 
-    @staticmethod
-    def _release(state: _JobState) -> None:
-        state.backend.slots.release()
-        state.pending -= 1
-
-    def _report(self, state: _JobState, record: Record) -> None:
+    def _report(self, state: _JobState, replica: _Replica, record: Record) -> None:
         """Count a committed record as done and hand its request slot on."""
-        self._release(state)
+        state.pool.release(replica)
+        state.pending -= 1
         state.stats.attempts += record.attempts
         if record.ok:
             state.stats.ok += 1
@@ -452,32 +540,45 @@ class Runner:
 
     # ------------------------------------------------------------------ one item
 
-    async def _attempt_all(self, backend: _Backend, body: bytes, record: Record, params: GenParams) -> None:
-        """Fill `record` with the answer, or with the last failure once retries are spent."""
+    async def _attempt_all(self, pool: _Pool, replica: _Replica, body: bytes, record: Record,
+                           params: GenParams) -> _Replica:
+        """Fill `record` with the answer, or with the last failure once retries are spent.  Returns the
+        replica whose slot the request holds (a retry may move it); on an exception the slot is given back."""
         record.started_at = time.time()
         first = time.perf_counter()
-        for attempt in range(1, self.max_attempts + 1):
-            record.attempts = attempt
-            try:
-                if params.stream:
-                    await self._send_streaming(backend, body, record, params.logprobs)
-                else:
-                    await self._send(backend, body, record, params.logprobs)
-                return
-            except Exception as exc:  # noqa: BLE001 - classified below; unknown kinds are re-raised
-                failure = _classify(exc)
-                if failure is None:
-                    raise
-            failed_at = time.monotonic()
-            if failure.kind == "connection":
-                await self._check_server(backend, failed_at)
-            if not failure.retryable or attempt == self.max_attempts:
-                break
-            await asyncio.sleep(self._backoff(attempt, failure.retry_after))
-        if failure.kind == "connection" and backend.supervisor is None:
-            await self._confirm_reachable(backend)
-        record.error, record.error_kind = str(failure) or failure.kind, failure.kind
-        record.latency_s = time.perf_counter() - first
+        held: Optional[_Replica] = replica
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                record.attempts = attempt
+                try:
+                    if params.stream:
+                        await self._send_streaming(replica, body, record, params.logprobs)
+                    else:
+                        await self._send(replica, body, record, params.logprobs)
+                    return replica
+                except Exception as exc:  # noqa: BLE001 - classified below; unknown kinds are re-raised
+                    failure = _classify(exc)
+                    if failure is None:
+                        raise
+                failed_at = time.monotonic()
+                if failure.kind == "connection":
+                    await self._check_server(pool, replica, failed_at)
+                if not failure.retryable or attempt == self.max_attempts:
+                    break
+                await asyncio.sleep(self._backoff(attempt, failure.retry_after))
+                if len(pool.replicas) > 1:  # retry on another replica: the failure may be this server's
+                    pool.release(replica)
+                    held = None
+                    replica = held = await pool.acquire(avoid=replica)
+            if failure.kind == "connection" and replica.supervisor is None and len(pool.replicas) == 1:
+                await self._confirm_reachable(replica)
+            record.error, record.error_kind = str(failure) or failure.kind, failure.kind
+            record.latency_s = time.perf_counter() - first
+            return replica
+        except BaseException:
+            if held is not None:
+                pool.release(held)
+            raise
 
     def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
         """Retry-After when the server sent one (up to backoff_max_s), else exponential with full jitter."""
@@ -485,32 +586,68 @@ class Runner:
             return min(max(retry_after, 0.0), self.backoff_max_s)
         return self._jitter.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
 
-    async def _check_server(self, backend: _Backend, failed_at: float) -> None:
-        """After a connection failure, let the supervisor restart a dead server (once for all the
-        requests that failed together); its UserError ends the run."""
-        if backend.supervisor is None:
-            return
-        async with backend.health_lock:
-            if backend.health_checked_at > failed_at:
-                return
-            await asyncio.to_thread(backend.supervisor.ensure_alive)
-            backend.health_checked_at = time.monotonic()
+    async def _check_server(self, pool: _Pool, replica: _Replica, failed_at: float) -> None:
+        """After a connection failure, check the replica's server in the background (its supervisor restarts
+        a dead one; without a supervisor, a probe), once for all the requests that failed together, with the
+        replica out of rotation meanwhile.  A request waits for the check only when no other replica is up
+        to take its retry; when the backend's last replica is given up, its UserError ends the run."""
+        if replica.supervisor is None and len(pool.replicas) == 1:
+            return  # a lone unsupervised endpoint is probed once its item's attempts are spent
+        if replica.state == UP and replica.checked_at <= failed_at:
+            replica.state = CHECKING
+            replica.check = asyncio.create_task(self._check(pool, replica))
+            self._checks.add(replica.check)
+            replica.check.add_done_callback(self._checks.discard)
+        if replica.check is not None and not pool.others_up(replica):
+            await asyncio.shield(replica.check)
+        if pool.error is not None:
+            raise pool.error
 
-    async def _confirm_reachable(self, backend: _Backend) -> None:
-        """Without a supervisor: an item that failed for good on connection errors ends the run if the
-        server no longer answers at all (down for good), else it is just this item's failure."""
+    async def _check(self, pool: _Pool, replica: _Replica) -> None:
+        try:
+            if replica.supervisor is not None:
+                await asyncio.to_thread(replica.supervisor.ensure_alive)
+            else:
+                await self._confirm_reachable(replica)
+            replica.state = UP
+        except UserError as exc:
+            self._give_up(pool, replica, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in the supervisor: end the run with it
+            self._fail(exc)
+        finally:
+            replica.check = None
+            replica.checked_at = time.monotonic()
+            pool.wake()
+
+    def _give_up(self, pool: _Pool, replica: _Replica, exc: UserError) -> None:
+        """Drop a replica that cannot be brought back; the run goes on while another one is left."""
+        replica.state = GIVEN_UP
+        left = sum(r.state != GIVEN_UP for r in pool.replicas)
+        if not left:
+            pool.error = exc
+            self._fail(exc)
+            return
+        self.replica_failures.append({"role": replica.endpoint.role, "replica": replica.index,
+                                      "base_url": replica.endpoint.base_url, "error": str(exc)})
+        log.warning("%s (replica %d) given up, the run goes on with %d replica(s): %s", replica.describe(),
+                    replica.index, left, exc)
+
+    async def _confirm_reachable(self, replica: _Replica) -> None:
+        """Without a supervisor: UserError when the server no longer answers at all (down for good).  For a
+        lone endpoint this runs once an item's attempts are spent on connection errors: then the run ends,
+        else it is just this item's failure."""
         try:
             timeout = aiohttp.ClientTimeout(total=min(10.0, self.request_timeout_s))
-            async with backend.session.get(backend.models_url, timeout=timeout) as response:
+            async with replica.session.get(replica.models_url, timeout=timeout) as response:
                 await response.read()  # any HTTP answer, even an error status, means it is up
         except (aiohttp.ClientError, OSError) as exc:  # timeouts included
-            raise UserError(f"{backend.describe()} is unreachable ({type(exc).__name__}: {exc}); finished items "
+            raise UserError(f"{replica.describe()} is unreachable ({type(exc).__name__}: {exc}); finished items "
                             f"are stored, rerun the same command to resume") from exc
 
     @staticmethod
-    async def _send(backend: _Backend, body: bytes, record: Record, want_logprobs: bool) -> None:
+    async def _send(replica: _Replica, body: bytes, record: Record, want_logprobs: bool) -> None:
         start = time.perf_counter()
-        async with backend.session.post(backend.completions_url, data=body) as response:
+        async with replica.session.post(replica.completions_url, data=body) as response:
             raw = await response.read()
             if response.status >= 400:
                 raise _status_failure(response.status, response.headers, raw)
@@ -526,7 +663,7 @@ class Runner:
               answer.get("usage"), logprobs, end - start, None, [])
 
     @staticmethod
-    async def _send_streaming(backend: _Backend, body: bytes, record: Record, want_logprobs: bool) -> None:
+    async def _send_streaming(replica: _Replica, body: bytes, record: Record, want_logprobs: bool) -> None:
         """Server-sent events parsed by hand: `data:` lines, events end at a blank line, `[DONE]` last.
 
         Timings are taken when the bytes of a chunk arrive, as `vllm bench serve` does."""
@@ -538,7 +675,7 @@ class Runner:
         finish, usage = "", None
         start = time.perf_counter()
         end = start
-        async with backend.session.post(backend.completions_url, data=body) as response:
+        async with replica.session.post(replica.completions_url, data=body) as response:
             if response.status >= 400:
                 raise _status_failure(response.status, response.headers, await response.read())
             pending = b""  # an incomplete line

@@ -192,6 +192,38 @@ def test_perf_and_noise_floor_are_carried():
     assert run.noise_floor is noise and run.to_dict()["noise_floor"]["tasks"][0]["delta"] == 0.0
 
 
+def _reworded(scores: list[Score], role: str, ids: set[str]) -> list[Score]:
+    """A copy of `scores` for `role` whose response text differs on `ids` (same extracted answer and value)."""
+    return [Score(**{**s.to_dict(), "role": role, "response_text": s.response_text + (" (reworded)"
+                                                                                       if s.item_id in ids else "")})
+            for s in scores]
+
+
+def test_outputs_beyond_the_noise_floor_need_more_ab_than_aa_differences():
+    # Task "x": the candidate rewords 20 of 60 outputs, the repeat 2 (one of them also reworded A/B).
+    # Task "y": both reword the same 10 items: nondeterminism, not the candidate.
+    ref = {name: [score("reference", f"{name}{i}", float(i % 2), task=name) for i in range(60)] for name in "xy"}
+    ab_ids = {"x": {f"x{i}" for i in range(20)}, "y": {f"y{i}" for i in range(10)}}
+    aa_ids = {"x": {"x0", "x40"}, "y": {f"y{i}" for i in range(10)}}
+    cand = {n: _reworded(ref[n], "candidate", ab_ids[n]) for n in "xy"}
+    repeat = {n: _reworded(ref[n], "candidate", aa_ids[n]) for n in "xy"}
+    noise = compare_run([{"task": n, "title": n.upper(), "reference": ref[n], "candidate": repeat[n]} for n in "xy"])
+    run = compare_run([{"task": n, "title": n.upper(), "reference": ref[n], "candidate": cand[n]} for n in "xy"],
+                      noise_floor=noise)
+    x, y = run.tasks
+    assert (x.noise_test["ab_only"], x.noise_test["aa_only"], x.noise_test["n"]) == (19, 1, 60)
+    assert x.noise_test["p"] == pytest.approx(stats.mcnemar_exact(19, 1))
+    assert x.noise_test["p_holm"] == pytest.approx(2 * stats.mcnemar_exact(19, 1))
+    assert x.noise_test["beyond_noise"] is True
+    assert (y.noise_test["ab_only"], y.noise_test["aa_only"], y.noise_test["p"]) == (0, 0, 1.0)
+    assert y.noise_test["beyond_noise"] is False
+    assert x.delta == 0 and run.verdict == "inconclusive"  # same answers: accuracy alone cannot see it
+    data = run.to_dict()["tasks"][0]
+    assert data["noise_test"]["beyond_noise"] is True and "differing_outputs" not in data
+    assert compare_run([{"task": "x", "title": "X", "reference": ref["x"], "candidate": cand["x"]}]).tasks[0] \
+        .noise_test == {}
+
+
 # --------------------------------------------------------------------------- livebench
 
 

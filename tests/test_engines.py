@@ -16,7 +16,7 @@ from flageval_lite.records import FlagGemsSpec, ServeSpec
 from flageval_lite.servers import vllm_plugin
 from flageval_lite.servers.engines import EVIDENCE_PLUGIN_NAME, PLUGIN_NAME, build_launch
 from flageval_lite.servers.evidence import parse_oplog
-from flageval_lite.servers.spec import load_serve_spec
+from flageval_lite.servers.spec import load_serve_spec, serve_spec_from_mapping
 
 RUN = Path("/runs/r1")
 PY = sys.executable
@@ -111,6 +111,23 @@ def test_gpu_flags_and_no_duplicate_seed() -> None:
     assert launch.argv.count("--seed") == 1
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "1"
     assert build_launch(vllm_spec("off"), "reference", RUN, 9000).argv[-2:] == ["--seed", "0"]
+
+
+def test_parallelism_passes_through_identically_and_only_through_the_spec_fields() -> None:
+    ref = build_launch(vllm_spec("off", tensor_parallel_size=2, pipeline_parallel_size=2), "reference", RUN, 1)
+    cand = build_launch(vllm_spec("plugin", tensor_parallel_size=2, pipeline_parallel_size=2), "candidate", RUN, 1)
+    assert ref.argv[-6:] == ["--seed", "0", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+    assert cand.argv == ref.argv
+    fs = dataclasses.replace(load_serve_spec("flagscale_qwen3_o"), tensor_parallel_size=4)
+    assert json.loads(build_launch(fs, "candidate", RUN, 9010).argv[6])["tensor_parallel_size"] == 4
+    hidden = dataclasses.replace(fs, args=("--engine-args", '{"tensor_parallel_size": 2}'))
+    with pytest.raises(ConfigError, match="set tensor_parallel_size in the spec, not in --engine-args"):
+        build_launch(hidden, "candidate", RUN, 9010)
+    for args in (["-tp", "2"], ["--pipeline-parallel-size=2"]):
+        with pytest.raises(ConfigError, match=f"args: set .*_parallel_size instead of passing {args[0].split('=')[0]}"):
+            serve_spec_from_mapping({"name": "v", "engine": "vllm", "model": "/m", "args": args}, "v.yaml")
+    with pytest.raises(ConfigError, match="engine embedded runs on one device"):
+        serve_spec_from_mapping({"name": "e", "engine": "embedded", "tensor_parallel_size": 2}, "e.yaml")
 
 
 def test_spec_env_may_not_contradict_a_switch() -> None:
@@ -251,3 +268,9 @@ def test_oplog_parser_reads_flaggems_record_lines() -> None:
         "(EngineCore pid=1) INFO vllm: GEMS MM\n",
     ]
     assert parse_oplog(lines) == {"zero_", "to_copy", "general_mm", "mm"}
+
+
+def test_gpus_of_a_server_are_named_together() -> None:
+    assert vllm_plugin.describe_gpus(["NVIDIA H200"]) == "NVIDIA H200"
+    assert vllm_plugin.describe_gpus(["NVIDIA H200"] * 2) == "NVIDIA H200 ×2"
+    assert vllm_plugin.describe_gpus(["NVIDIA H200", "NVIDIA H100"]) == "NVIDIA H200, NVIDIA H100"

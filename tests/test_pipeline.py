@@ -134,6 +134,8 @@ def test_report_rerenders_and_stored_runs_compare(tmp_path):
     ({"tasks": ["no_such_task"]}, "no_such_task"),
     ({"placement": "sideways"}, "placement"),
     ({"concurrancy": 4}, "concurrancy"),
+    ({"gpus": {"ref": 0}}, "gpus.ref"),
+    ({"reference": {"name": "r", "engine": "vllm", "model": "/m", "tensor_parallel_size": 2}}, "tensor_parallel_size"),
 ])
 def test_bad_config_is_one_line_naming_file_and_field(tmp_path, fields, where):
     config = write_config(tmp_path, **fields)

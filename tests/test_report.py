@@ -163,3 +163,57 @@ def test_summary_json_round_trips(tmp_path):
     again = render_report(restored, summary["manifest"], tmp_path / "again")
     assert again["md"].read_text() == paths["md"].read_text()
     assert again["html"].read_text() == paths["html"].read_text()
+
+
+def test_hardware_of_each_side_is_stated_and_a_difference_is_flagged(tmp_path):
+    comparison, manifest = synthetic_inputs()
+    same = render_report(comparison, manifest, tmp_path / "same")["md"].read_text()
+    assert "Hardware differs" not in same
+    assert "| parallelism | TP 1 × PP 1 | TP 1 × PP 1 |" in same
+    assert "Hardware: native-cuda on NVIDIA H200, TP 1 × PP 1; flaggems on NVIDIA H200, TP 1 × PP 1." in same
+
+    manifest["servers"]["candidate"]["gpu"] = "NVIDIA H100 80GB HBM3 (driver 570.86)"
+    for role, gpus in (("reference", "0"), ("candidate", "1")):
+        manifest["specs"][role]["cuda_visible_devices"] = gpus
+    paths = render_report(comparison, manifest, tmp_path / "differs")
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    assert ("> **Hardware differs:** The two sides ran on different hardware (reference: NVIDIA H200; candidate: "
+            "NVIDIA H100 80GB HBM3 (driver 570.86)): score and performance differences may come from the hardware, "
+            "not from the operators.") in md
+    assert "| parallelism | TP 1 × PP 1 on GPU 0 | TP 1 × PP 1 on GPU 1 |" in md
+    assert 'id="hardware"' in html and "NVIDIA H100 80GB HBM3" in html
+    assert json.loads(paths["json"].read_text())["hardware_warnings"][0].startswith("The two sides ran on different")
+
+    manifest["servers"]["candidate"]["gpu"] = "NVIDIA H200"
+    manifest["specs"]["candidate"]["tensor_parallel_size"] = 2
+    md = render_report(comparison, manifest, tmp_path / "boards")["md"].read_text()
+    assert "different parallelism (TP 1 × PP 1 on GPU 0 vs TP 2 × PP 1 on GPU 1)" in md
+    assert "different GPUs of the same model (reference 0, candidate 1)" in md
+
+
+def test_divergence_headline_says_whether_outputs_differ_beyond_the_noise_floor(tmp_path):
+    comparison, manifest = synthetic_inputs()
+    md = render_report(comparison, manifest, tmp_path / "a")["md"].read_text()
+    headline = next(line for line in md.splitlines() if line.startswith("**Output divergence beyond the noise floor:**"))
+    tested = [t for t in comparison.tasks if t.noise_test]
+    assert tested and f"of {len(tested)} tasks" in headline
+    assert _md_table(md, "Noise floor: A/B beside A/A")[0].endswith("| outputs beyond A/A |")
+    comparison.noise_floor = None
+    paths = render_report(comparison, manifest, tmp_path / "b")
+    assert "**Output divergence beyond the noise floor:** not tested: without the A/A noise floor" in \
+        paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["divergence_beyond_noise"].startswith("not tested")
+    assert 'id="divergence-headline"' in paths["html"].read_text()
+
+
+def test_replicas_are_stated_and_a_given_up_replica_is_a_fact(tmp_path):
+    comparison, manifest = synthetic_inputs()
+    manifest["replicas"] = {"reference": [manifest["servers"]["reference"]] * 2,
+                            "candidate": [manifest["servers"]["candidate"]]}
+    manifest["replica_failures"] = [{"role": "reference", "replica": 1, "base_url": "http://127.0.0.1:9001/v1",
+                                     "error": "connection refused after 2 restarts"}]
+    md = render_report(comparison, manifest, tmp_path)["md"].read_text()
+    assert "| parallelism | TP 1 × PP 1, 2 replicas | TP 1 × PP 1 |" in md
+    assert "Hardware differs" not in md  # replica counts are not hardware
+    assert ("- replica given up: reference replica 1 (http://127.0.0.1:9001/v1): connection refused after 2 "
+            "restarts") in md

@@ -157,6 +157,10 @@ def build_launch(spec: ServeSpec, role: str, run_dir: Optional[Path], port: int)
             argv += ["--seed", "0"]
         if spec.gpu_memory_utilization:
             argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+        if spec.tensor_parallel_size > 1:
+            argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+        if spec.pipeline_parallel_size > 1:
+            argv += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
         argv += list(spec.args)
         return Launch(argv=argv, env=_merge_env(spec, env, switches), env_switches=switches, op_logs=op_logs,
                       **common)
@@ -181,6 +185,10 @@ def _flagscale_engine_args(spec: ServeSpec, host: str, name: str) -> tuple[dict,
         engine_args["dtype"] = spec.dtype
     if spec.gpu_memory_utilization:
         engine_args["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    if spec.tensor_parallel_size > 1:
+        engine_args["tensor_parallel_size"] = spec.tensor_parallel_size
+    if spec.pipeline_parallel_size > 1:
+        engine_args["pipeline_parallel_size"] = spec.pipeline_parallel_size
     rest: list[str] = []
     args = list(spec.args)
     while args:
@@ -193,6 +201,10 @@ def _flagscale_engine_args(spec: ServeSpec, host: str, name: str) -> tuple[dict,
                 raise ConfigError(spec.source, "args", f"--engine-args is not valid JSON: {exc}") from None
             if not isinstance(extra, dict):
                 raise ConfigError(spec.source, "args", "--engine-args must be a JSON object")
+            for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+                if extra.get(key, getattr(spec, key)) != getattr(spec, key):
+                    raise ConfigError(spec.source, "args", f"set {key} in the spec, not in --engine-args: "
+                                      "placement and the report need it")
             engine_args.update(extra)
         else:
             rest.append(word)

@@ -10,6 +10,10 @@ Readiness = `GET /health` answers 200 and `GET /v1/models` lists the served name
 `spec.startup_timeout_s` while watching the child: if it exits first, the error quotes its log.
 Then one timed warm-up chat request (Triton compiles FlagGems kernels on first use, which can take
 more than a minute), so that cost never lands on the first benchmark item.
+
+A spec with `replicas: N` is N such servers (`ServerGroup.start_all`), each its own object with its own
+port, log and op-log directory; replica 0 keeps the single-server names (`logs/<role>.log`), replica i
+gets `<role>-r<i>`.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from ..errors import UserError
 from ..records import Endpoint, ServerEvidence, ServeSpec
 from .engines import Launch, build_launch
 from .evidence import collect_evidence, refresh_evidence
+from .spec import replica_specs
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +202,12 @@ class _Server:
 class ManagedServer(_Server):
     """A backend process this run starts, owns and stops (engines embedded, vllm, flagscale, stub)."""
 
-    def __init__(self, spec: ServeSpec, role: str, run_dir: Union[str, Path], *, launcher: Launcher = build_launch,
-                 stop_timeout_s: float = 30.0, poll_interval_s: float = 0.25):
-        self.spec, self.role, self.run_dir = spec, role, Path(run_dir)
-        self.log_path = self.run_dir / "logs" / f"{role}.log"
+    def __init__(self, spec: ServeSpec, role: str, run_dir: Union[str, Path], *, replica: int = 0,
+                 launcher: Launcher = build_launch, stop_timeout_s: float = 30.0, poll_interval_s: float = 0.25):
+        self.spec, self.role, self.run_dir, self.replica = spec, role, Path(run_dir), replica
+        # Names this replica's log and the launch's directories (oplogs/<slot>, flagscale/<slot>).
+        self.slot = replica_slot(role, replica)
+        self.log_path = self.run_dir / "logs" / f"{self.slot}.log"
         self.stop_timeout_s, self.poll_interval_s = stop_timeout_s, poll_interval_s
         self.restarts = 0
         self.port = 0
@@ -216,7 +223,7 @@ class ManagedServer(_Server):
 
     @property
     def who(self) -> str:
-        return f"{self.role} server {self.spec.name!r}"
+        return f"{self.role} server {self.spec.name!r}{f' replica {self.replica}' if self.replica else ''}"
 
     @property
     def pgid(self) -> Optional[int]:
@@ -234,7 +241,7 @@ class ManagedServer(_Server):
                 self._refuse_taken_port()
             else:
                 self.port = free_port(host)
-            self.launch = self._launcher(self.spec, self.role, self.run_dir, self.port)
+            self.launch = self._launcher(self.spec, self.slot, self.run_dir, self.port)
             self._since = time.time()
             startup_s, warmup_s = self._boot()
             self._evidence = collect_evidence(self.spec, self.role, self.launch, api_key=self.spec.api_key,
@@ -497,11 +504,17 @@ class ExternalServer(_Server):
 Server = Union[ManagedServer, ExternalServer]
 
 
-def start_server(spec: ServeSpec, role: str, run_dir: Union[str, Path]) -> Server:
-    """The right server object for `spec` (not yet started: call .start() or use it as a context manager)."""
+def replica_slot(role: str, replica: int) -> str:
+    return role if replica == 0 else f"{role}-r{replica}"
+
+
+def start_server(spec: ServeSpec, role: str, run_dir: Union[str, Path], replica: int = 0) -> Server:
+    """The server object for replica `replica` of `spec` (not yet started: call .start() or use it as a context
+    manager)."""
+    one = replica_specs(spec)[replica]
     if spec.engine == "external":
-        return ExternalServer(spec, role)
-    return ManagedServer(spec, role, run_dir)
+        return ExternalServer(one, role)
+    return ManagedServer(one, role, run_dir, replica=replica)
 
 
 class ServerGroup:
@@ -526,11 +539,16 @@ class ServerGroup:
                 self._previous[sig] = signal.signal(sig, _exit_on_signal)
         return self
 
-    def start(self, spec: ServeSpec, role: str) -> Server:
-        server = start_server(spec, role, self.run_dir)
+    def start(self, spec: ServeSpec, role: str, replica: int = 0) -> Server:
+        server = start_server(spec, role, self.run_dir, replica)
         self.servers.append(server)  # tracked before start(): a half-started server is stopped on exit too
         server.start()
         return server
+
+    def start_all(self, spec: ServeSpec, role: str) -> list[Server]:
+        """Every replica of `spec`, one after the other: vLLM's memory profiling misreads a GPU whose usage
+        changes while another instance starts."""
+        return [self.start(spec, role, i) for i in range(len(replica_specs(spec)))]
 
     def stop(self, server: Server) -> None:
         server.stop()

@@ -11,19 +11,20 @@ Engines that do not take GPU memory from a shared pool (embedded on CPU, stub, e
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import json
 import math
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import UserError
 from ..records import ServeSpec
+from .spec import GPU_ENGINES, on_ray, replica_specs
 
 GiB = 1024**3
-GPU_ENGINES = ("vllm", "flagscale")
 DEFAULT_KV_MIN_BYTES = 4 * GiB  # a useful KV cache for 32k-token contexts at modest batch sizes
 DEFAULT_OVERHEAD_BYTES = 3 * GiB  # CUDA context, activations, CUDA graphs / Triton workspaces
 HEADROOM = 0.95  # never hand out the last 5 % of free memory
@@ -45,67 +46,123 @@ class Placement:
 def plan_placement(ref: ServeSpec, cand: ServeSpec, mode: str, gpu_free_bytes: Optional[int] = None,
                    model_bytes: Optional[int] = None, allow_fallback: bool = False, *,
                    gpu_total_bytes: Optional[int] = None, kv_min_bytes: int = DEFAULT_KV_MIN_BYTES,
-                   overhead_bytes: int = DEFAULT_OVERHEAD_BYTES) -> Placement:
+                   overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+                   probe: Callable[[str], Optional[tuple[int, int]]] = None) -> Placement:  # type: ignore[assignment]
     """Decide sequential vs concurrent.  Unknown GPU memory / model size (None) is probed / estimated.
 
-    `model_bytes` is the weight size of one copy; both sides serve the same model.
+    `model_bytes` is the weight size of one copy; both sides serve the same model.  `gpu_free_bytes` /
+    `gpu_total_bytes`, when given, hold for every GPU; otherwise `probe(device)` (nvidia-smi) answers per GPU.
+    Every server (replicas included) holds one shard per GPU of its set; GPUs that several servers share are
+    checked and their memory split.
     """
     if mode not in ("sequential", "concurrent"):
         raise UserError(f"placement must be sequential or concurrent, not {mode!r}")
-    if mode == "sequential":
-        return Placement("sequential", "one backend at a time, as configured")
     specs = {"reference": ref, "candidate": cand}
+    loads = {role: servers_per_gpu(spec) for role, spec in specs.items()}
+    if mode == "sequential":
+        # Replicas of one side sharing a GPU split it evenly; nothing else shares.
+        fractions = {role: _even_share(specs[role], max(loads[role].values())) for role in specs
+                     if specs[role].engine in GPU_ENGINES and loads[role] and max(loads[role].values()) > 1}
+        reason = "one backend at a time, as configured"
+        if fractions:
+            reason += "; replicas sharing a GPU split its memory: " + ", ".join(f"{r} {f:g}" for r, f in
+                                                                               fractions.items())
+        return Placement("sequential", reason, fractions)
     on_gpu = [role for role, spec in specs.items() if spec.engine in GPU_ENGINES]
-    if len(on_gpu) < 2:
+    if len(on_gpu) < 2 and not any(max(loads[r].values(), default=0) > 1 for r in on_gpu):
         return Placement("concurrent", "at most one backend uses a GPU memory pool: nothing to share")
-    if _disjoint_devices(ref.cuda_visible_devices, cand.cuda_visible_devices):
-        return Placement("concurrent", f"different GPUs ({ref.cuda_visible_devices} vs {cand.cuda_visible_devices})")
+    ray = [role for role in on_gpu if on_ray(specs[role])]
+    if ray:
+        problem = (f"the {ray[0]} runs on several nodes (Ray), whose GPUs this host cannot see; give each side "
+                   "its own cluster and compare them as engine: external")
+        if allow_fallback:
+            return Placement("sequential", f"concurrent placement refused: {problem}; falling back to sequential")
+        raise UserError(f"concurrent placement refused: {problem}; or use placement: sequential")
+    load = {d: {role: loads[role][d] for role in on_gpu if loads[role][d]} for role in on_gpu for d in loads[role]}
+    shared = [d for d, by_role in load.items() if sum(by_role.values()) > 1]
+    if not shared:
+        return Placement("concurrent", f"different GPUs ({','.join(loads['reference'])} vs "
+                                       f"{','.join(loads['candidate'])})")
 
-    if gpu_free_bytes is None:
-        probed = probe_gpu_memory(ref.cuda_visible_devices)
-        if probed is not None:
-            gpu_free_bytes, gpu_total_bytes = probed[0], gpu_total_bytes or probed[1]
+    probe = probe or probe_gpu_memory
+    memory = {d: (gpu_free_bytes, gpu_total_bytes or gpu_free_bytes) if gpu_free_bytes is not None else probe(d)
+              for d in shared}
     weights = {role: model_bytes if model_bytes is not None else estimate_model_bytes(spec)
                for role, spec in specs.items()}
-
-    if gpu_free_bytes is None:
-        problem = "free GPU memory is unknown (nvidia-smi gave no answer)"
-    elif any(w is None for w in weights.values()):
+    unknown = [d for d, m in memory.items() if m is None]
+    if unknown:
+        problem = f"free GPU memory is unknown (nvidia-smi gave no answer for GPU {unknown[0]})"
+    elif any(weights[role] is None for role in on_gpu):
         problem = (f"the size of model {ref.model!r} cannot be estimated (not a local directory with "
                    f"*.safetensors or config.json)")
     else:
-        need = {role: w + kv_min_bytes + overhead_bytes for role, w in weights.items()}  # type: ignore[operator]
-        usable = gpu_free_bytes * HEADROOM
-        if sum(need.values()) <= usable:
-            total = gpu_total_bytes or gpu_free_bytes
-            fractions = {role: math.floor(100 * usable * need[role] / sum(need.values()) / total) / 100
-                         for role in specs}
-            return Placement("concurrent", f"both fit: {_gib(sum(need.values()))} needed of "
-                                           f"{_gib(gpu_free_bytes)} free", fractions)
-        one = need["reference"]
-        problem = (f"two copies need {_gib(sum(need.values()))} (each {_gib(one)}: weights "
-                   f"{_gib(weights['reference'])} + KV cache minimum {_gib(kv_min_bytes)} + overhead "
-                   f"{_gib(overhead_bytes)}) but only {_gib(gpu_free_bytes)} of GPU memory is free")
+        # Per server and GPU: one shard of weights and KV minimum, plus the process's own context and activations.
+        need = {role: (weights[role] + kv_min_bytes) / shards(specs[role]) + overhead_bytes  # type: ignore[operator]
+                for role in on_gpu}
+        total_need = {d: sum(count * need[role] for role, count in load[d].items()) for d in shared}
+        # The GPU whose servers leave the least room decides.
+        tightest = min(shared, key=lambda d: memory[d][0] * HEADROOM - total_need[d])  # type: ignore[index]
+        free, total = memory[tightest]  # type: ignore[misc]
+        usable, needed = free * HEADROOM, total_need[tightest]
+        count = sum(load[tightest].values())
+        servers = "two copies" if count == 2 else f"{count} servers (" + " + ".join(
+            f"{n} {role}" for role, n in load[tightest].items()) + ")"
+        where = f"GPU {tightest}" if len(shared) == 1 else f"GPU {tightest} (the tightest of {', '.join(shared)})"
+        if needed <= usable:
+            # Each role's fraction of total memory on the shared GPUs it is on; the smallest one holds everywhere.
+            fractions: dict[str, float] = {}
+            for d in shared:
+                d_free, d_total = memory[d]  # type: ignore[misc]
+                for role in load[d]:
+                    share = math.floor(100 * d_free * HEADROOM * need[role] / total_need[d] / d_total) / 100
+                    fractions[role] = min(fractions.get(role, 1.0), share)
+            return Placement("concurrent", f"{'both' if count == 2 else f'all {count}'} fit: {_gib(needed)} needed "
+                                           f"of {_gib(free)} free on {where}", fractions)
+        share = f"weights {_gib(weights['reference'])} + KV cache minimum {_gib(kv_min_bytes)}"  # type: ignore[arg-type]
+        if shards(ref) > 1:
+            share = f"({share}) / {shards(ref)} GPUs"
+        problem = (f"{servers} need {_gib(needed)} on {where} (each {_gib(need['reference'])}: {share} "
+                   f"+ overhead {_gib(overhead_bytes)}) but only {_gib(free)} of GPU memory is free")
     if allow_fallback:
         return Placement("sequential", f"concurrent placement refused: {problem}; falling back to sequential")
     raise UserError(f"concurrent placement refused: {problem}; use placement: sequential or allow_fallback: true")
+
+
+def _even_share(spec: ServeSpec, servers: int) -> float:
+    """Each of `servers` servers on one GPU: the spec's fraction (vLLM's default 0.9) split evenly."""
+    return math.floor(100 * (spec.gpu_memory_utilization or 0.9) / servers) / 100
+
+
+def shards(spec: ServeSpec) -> int:
+    """GPUs one server of this spec spans (vLLM: tensor × pipeline parallel size)."""
+    return spec.tensor_parallel_size * spec.pipeline_parallel_size
+
+
+def servers_per_gpu(spec: ServeSpec) -> Counter:
+    """GPU -> how many of the spec's servers (replicas) hold a shard on it.  vLLM takes the first TP × PP devices
+    of a server's CUDA_VISIBLE_DEVICES, or 0 … TP × PP − 1 without it; a Ray server's GPUs are not counted."""
+    counts: Counter = Counter()
+    for one in replica_specs(spec):
+        if on_ray(one):
+            continue
+        listed = [d.strip() for d in one.cuda_visible_devices.split(",")] if one.cuda_visible_devices else \
+            [str(i) for i in range(shards(one))]
+        if one.engine in GPU_ENGINES and len(listed) < shards(one):
+            raise UserError(f"{spec.name}: a server needs {shards(one)} GPUs (tensor_parallel_size × "
+                            f"pipeline_parallel_size) but CUDA_VISIBLE_DEVICES lists {len(listed)} "
+                            f"({one.cuda_visible_devices})")
+        counts.update(listed[:shards(one)])
+    return counts
 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def _disjoint_devices(a: str, b: str) -> bool:
-    if not a or not b:
-        return False
-    return not ({d.strip() for d in a.split(",")} & {d.strip() for d in b.split(",")})
-
-
-def probe_gpu_memory(cuda_visible_devices: str = "") -> Optional[tuple[int, int]]:
-    """(free, total) bytes of the first GPU the spec would see, from nvidia-smi (no CUDA context here)."""
+def probe_gpu_memory(device: str = "0") -> Optional[tuple[int, int]]:
+    """(free, total) bytes of one GPU (index or UUID), from nvidia-smi (no CUDA context here)."""
     if shutil.which("nvidia-smi") is None:
         return None
-    device = (cuda_visible_devices.split(",")[0].strip() if cuda_visible_devices else "") or "0"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits",
                               "-i", device], capture_output=True, text=True, timeout=20, check=True).stdout

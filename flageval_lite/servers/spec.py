@@ -2,10 +2,13 @@
 
 Every field of `ServeSpec` may appear in the YAML under the same name; `name` and `engine` are
 required.  `flaggems` is a mapping (route/include/exclude/record) or just the route as a string.
+`replicas: N` asks for N identical servers; an external backend lists one `base_url` per replica instead.
+`replica_specs` turns a spec into one single-server spec per replica.
 Anything wrong raises `ConfigError(file, field, message)`, which prints as one line.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -16,6 +19,7 @@ from ..errors import ConfigError
 from ..records import FlagGemsSpec, ServeSpec
 
 ENGINES = ("embedded", "vllm", "flagscale", "external", "stub")
+GPU_ENGINES = ("vllm", "flagscale")  # engines whose servers take GPU memory from a shared pool
 ROUTES = ("off", "plugin", "fl", "flagscale", "embedded")
 # Which FlagGems routes make sense for which engine ("off" is always allowed, except for FlagScale
 # whose qwen3_o serve.yaml exports USE_FLAGGEMS=true itself, so it cannot serve a native reference).
@@ -27,13 +31,16 @@ ENGINE_ROUTES = {
     "external": ROUTES,
     "stub": ("off",),
 }
+PARALLEL_FLAGS = {"--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size",
+                  "--pipeline-parallel-size": "pipeline_parallel_size", "-pp": "pipeline_parallel_size"}
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 OPS = ("aten", "flaggems")
 
 _FIELD_NAMES = tuple(f.name for f in fields(ServeSpec) if f.name != "source")
 _FLAGGEMS_FIELDS = tuple(f.name for f in fields(FlagGemsSpec))
-_STR_FIELDS = ("name", "engine", "model", "served_model_name", "host", "base_url", "api_key", "dtype", "device",
-               "ops", "cuda_visible_devices")
+_STR_FIELDS = ("name", "engine", "model", "served_model_name", "host", "api_key", "dtype", "device", "ops",
+               "cuda_visible_devices")
+MAX_REPLICAS = 64
 
 
 def serve_dirs() -> list[Path]:
@@ -91,8 +98,13 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
             values[key] = _as_str(data[key], source, key, allow_int=key == "cuda_visible_devices")
     if "port" in data:
         values["port"] = _as_int(data["port"], source, "port", 0, 65535)
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if key in data:
+            values[key] = _as_int(data[key], source, key, 1, 1024)
     if "max_restarts" in data:
         values["max_restarts"] = _as_int(data["max_restarts"], source, "max_restarts", 0, 100)
+    if "replicas" in data:
+        values["replicas"] = _as_int(data["replicas"], source, "replicas", 1, MAX_REPLICAS)
     if "gpu_memory_utilization" in data:
         value = _as_float(data["gpu_memory_utilization"], source, "gpu_memory_utilization")
         if not 0.0 <= value <= 1.0:
@@ -120,15 +132,68 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
     values["flaggems"], values["ops"] = _flaggems_and_ops(data, values, source)
 
     if engine == "external":
-        base_url = values.get("base_url", "")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(source, "base_url", "engine external needs base_url: http://HOST:PORT/v1")
-        values["base_url"] = base_url.rstrip("/")
-    elif values.get("base_url"):
+        urls = _as_urls(data.get("base_url"), source)
+        if values.get("replicas", len(urls)) != len(urls):
+            raise ConfigError(source, "replicas", f"engine external has one replica per base_url ({len(urls)} "
+                                                  f"listed), not replicas: {values['replicas']}")
+        values["base_url"] = urls[0] if len(urls) == 1 else urls
+        values["replicas"] = len(urls)
+    elif data.get("base_url"):
         raise ConfigError(source, "base_url", f"only engine external takes a base_url (this one is {engine})")
+    elif values.get("port") and values["port"] + values.get("replicas", 1) - 1 > 65535:
+        last = values["port"] + values["replicas"] - 1
+        raise ConfigError(source, "port", f"the replicas would take ports {values['port']}..{last}, past 65535")
+    split_devices(values.get("cuda_visible_devices", ""), values.get("replicas", 1), source,
+                  values.get("tensor_parallel_size", 1) * values.get("pipeline_parallel_size", 1))
+    for flag, key in PARALLEL_FLAGS.items():
+        if any(arg == flag or arg.startswith(flag + "=") for arg in values.get("args", ())):
+            raise ConfigError(source, "args", f"set {key} instead of passing {flag}: placement and the report need it")
+    parallel = values.get("tensor_parallel_size", 1) * values.get("pipeline_parallel_size", 1)
+    if parallel > 1 and engine not in ("vllm", "flagscale", "external"):
+        raise ConfigError(source, "tensor_parallel_size", f"engine {engine} runs on one device; only vllm and "
+                          "flagscale take tensor_parallel_size / pipeline_parallel_size")
     if engine in ("vllm", "flagscale") and not values.get("model"):
         raise ConfigError(source, "model", f"engine {engine} needs a model (a local path or hub id)")
     return ServeSpec(source=source, **values)
+
+
+def split_devices(devices: str, replicas: int, source: str = "", shards: int = 1) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each replica.  Listed devices are cut into `replicas` consecutive groups ("0,1,2,3"
+    over 2 replicas gives "0,1" and "2,3"), except that exactly one server's worth (`shards` = TP × PP devices) is
+    shared by every replica.  Unset devices stay unset."""
+    if not devices:
+        return [""] * replicas
+    ids = [d.strip() for d in devices.split(",")]
+    if replicas > 1 and len(ids) == shards:
+        return [",".join(ids)] * replicas
+    if len(ids) % replicas:
+        raise ConfigError(source, "cuda_visible_devices", f"{len(ids)} devices ({devices}) do not split evenly "
+                                                          f"over {replicas} replicas")
+    size = len(ids) // replicas
+    return [",".join(ids[i * size:(i + 1) * size]) for i in range(replicas)]
+
+
+def replica_specs(spec: ServeSpec) -> list[ServeSpec]:
+    """One single-server spec per replica: an external backend's i-th base_url, or a managed server with the
+    i-th group of devices and, when the spec fixes a port P, port P + i.  vLLM replicas without devices get one
+    GPU set each (0 … TP × PP × replicas − 1); to share GPUs, list one server's worth."""
+    if spec.engine == "external":
+        urls = (spec.base_url,) if isinstance(spec.base_url, str) else spec.base_url
+        return [dataclasses.replace(spec, base_url=url, replicas=1) for url in urls]
+    shards = spec.tensor_parallel_size * spec.pipeline_parallel_size
+    devices = spec.cuda_visible_devices
+    if not devices and spec.replicas > 1 and spec.engine in GPU_ENGINES and not on_ray(spec):
+        devices = ",".join(str(i) for i in range(shards * spec.replicas))
+    groups = split_devices(devices, spec.replicas, spec.source, shards)
+    return [dataclasses.replace(spec, cuda_visible_devices=group, port=spec.port + i if spec.port else 0, replicas=1)
+            for i, group in enumerate(groups)]
+
+
+def on_ray(spec: ServeSpec) -> bool:
+    """vLLM's multi-node mode: the workers' GPUs sit on other nodes of a Ray cluster, out of this host's sight."""
+    args = list(spec.args)
+    return any(a == "--distributed-executor-backend=ray" or a == "--distributed-executor-backend"
+               and args[i + 1:i + 2] == ["ray"] for i, a in enumerate(args))
 
 
 def _flaggems_and_ops(data: Mapping[str, Any], values: dict[str, Any], source: str) -> tuple[FlagGemsSpec, str]:
@@ -182,6 +247,18 @@ def _as_str(value: Any, source: str, key: str, allow_int: bool = False) -> str:
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(source, key, f"expected a string, got {value!r}")
+
+
+def _as_urls(value: Any, source: str) -> tuple[str, ...]:
+    """`base_url`: one URL, or a list of them (one replica each); trailing slashes dropped."""
+    urls = value if isinstance(value, (list, tuple)) else [value]
+    if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+        raise ConfigError(source, "base_url", "engine external needs base_url: http://HOST:PORT/v1 (or a list of "
+                                              f"such URLs, one per replica), got {value!r}")
+    out = tuple(u.rstrip("/") for u in urls)
+    if len(set(out)) < len(out):
+        raise ConfigError(source, "base_url", f"the same URL is listed twice: {list(out)}")
+    return out
 
 
 def _as_int(value: Any, source: str, key: str, low: int, high: int) -> int:

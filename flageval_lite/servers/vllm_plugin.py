@@ -129,7 +129,10 @@ def _registered_ops() -> list[str]:
 
 
 def _gpu_info() -> tuple[str, str]:
-    """GPU name and driver through NVML, which unlike torch.cuda creates no CUDA context in this process."""
+    """GPU model(s) and driver through NVML, which unlike torch.cuda creates no CUDA context in this process.
+
+    Every device of CUDA_VISIBLE_DEVICES is named ("NVIDIA H200 ×2", or "A, B" when they differ), so a
+    tensor-parallel server on mixed boards shows it; without the variable, device 0."""
     try:
         import pynvml
     except ImportError:
@@ -139,11 +142,21 @@ def _gpu_info() -> tuple[str, str]:
             return "", ""
     try:
         pynvml.nvmlInit()
-        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-        handle = (pynvml.nvmlDeviceGetHandleByUUID(first) if first.startswith(("GPU-", "MIG-"))
-                  else pynvml.nvmlDeviceGetHandleByIndex(int(first)))
-        name, driver = pynvml.nvmlDeviceGetName(handle), pynvml.nvmlSystemGetDriverVersion()
-        return (name.decode() if isinstance(name, bytes) else str(name),
-                driver.decode() if isinstance(driver, bytes) else str(driver))
+        devices = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if d.strip()] or ["0"]
+        names = []
+        for device in devices:
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(device) if device.startswith(("GPU-", "MIG-"))
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(device)))
+            name = pynvml.nvmlDeviceGetName(handle)
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return (describe_gpus(names), driver.decode() if isinstance(driver, bytes) else str(driver))
     except Exception:  # no driver, no device, a MIG/UUID form NVML does not accept: evidence stays empty
         return "", ""
+
+
+def describe_gpus(names: list[str]) -> str:
+    """"NVIDIA H200" for one, "NVIDIA H200 ×2" for two alike, "NVIDIA H200, NVIDIA H100" when they differ."""
+    if len(set(names)) == 1:
+        return names[0] + (f" ×{len(names)}" if len(names) > 1 else "")
+    return ", ".join(names)
