@@ -76,6 +76,14 @@ def spec_identity(spec: ServeSpec) -> str:
     return stable_hash(keep)
 
 
+def check_side(role: str, evidence: Any, spec: ServeSpec) -> None:
+    """The reference must show no FlagGems, the candidate the FlagGems its spec asks for."""
+    if role == "reference":
+        check_reference(evidence)
+    else:
+        check_candidate(evidence, spec)
+
+
 def live_replicas(runner: Runner, role: str, replicas: list[Endpoint]) -> list[Endpoint]:
     """The replicas of `role` that the runner has not given up on (the A/A repeat asks the reference's)."""
     roles = {role, AA_ROLE} if role == "reference" else {role}
@@ -206,14 +214,19 @@ class Pipeline:
         store.set_meta("servers", {role: evs[0].to_dict() for role, evs in evidence.items()})
         store.set_meta("replicas", {role: [ev.to_dict() for ev in evs] for role, evs in evidence.items()})
         store.set_meta("replica_failures", runner.replica_failures)
-        for ev in evidence["reference"]:
-            check_reference(ev)
-        for ev in evidence["candidate"]:
-            check_candidate(ev, specs["candidate"])
+        for role in ROLES:
+            for ev in evidence[role]:
+                check_side(role, ev, specs[role])
 
     def ask(self, runner: Runner, servers: dict[str, list[Server]], specs: dict[str, ServeSpec],
             store: Store) -> None:
         """The main run on the started servers of one or both roles, then the stages that follow it."""
+        for role, replicas in servers.items():
+            # The warm-up request already ran the model: a stack that is not what the spec asks for is refused
+            # now rather than after a whole run (`serve_and_ask` checks again with everything the run called).
+            if specs[role].warmup:
+                for server in replicas:
+                    check_side(role, server.evidence, specs[role])
         # Every replica gets the role's spec identity: records are the same whichever replica answered.
         endpoints = {role: [dataclasses.replace(s.endpoint, spec_id=spec_identity(specs[role])) for s in replicas]
                      for role, replicas in servers.items()}

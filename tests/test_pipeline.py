@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_servers import ServerPool
+from helpers_servers import ServerPool, free_port, launch_server
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_ORDER = ["CMMMU", "MMMU", "MMMU_Pro_standard", "MMMU_Pro_vision", "MM-Vet v2", "OCRBench", "MathVision",
@@ -196,3 +196,20 @@ def test_tasks_command_lists_every_benchmark_and_suite():
     assert {"mmmu", "gpqa_diamond", "livebench", "musr", "demo_arith"} <= titles
     assert sum("omni" in line for line in lines[1:]) == 14
     assert any(line.startswith("demo_arith") and line.rstrip().endswith("120") for line in lines)
+
+
+def test_candidate_without_flaggems_is_refused_after_warm_up_before_any_item(tmp_path):
+    # An external server that claims the FlagGems plugin route but shows no FlagGems operator: refused as soon as
+    # it is up (warm-up on), not after the whole run has been asked of it.
+    port = free_port()
+    with launch_server([sys.executable, "-m", "flageval_lite.servers.stub", "--port", str(port), "--model", "stub"],
+                       port, tmp_path / "claims.log", timeout_s=30) as claims:
+        candidate = {"name": "claims-flaggems", "engine": "external", "base_url": claims.base_url,
+                     "served_model_name": "stub", "flaggems": {"route": "plugin"}}
+        config = write_config(tmp_path, reference=stub_spec("ref"), candidate=candidate, tasks=["demo_arith"],
+                              limit=30, placement="concurrent", perf={"enabled": False})
+        done = cli(tmp_path, "run", "--config", str(config), "--quiet", timeout=120)
+        asked = claims.get("/stats")
+    assert done.returncode == 2, done.stderr
+    assert "candidate ran without FlagGems: spec 'claims-flaggems' asks for route 'plugin'" in done.stderr
+    assert asked["answered"] <= 1  # the warm-up request only: none of the 30 items
