@@ -328,6 +328,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
                             margin, release_gate, alpha=alpha)
 
     by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
+    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
     return PairedTaskComparison(
         task=task,
         title=title,
@@ -345,7 +346,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         flips_ref_only=lost,
         flips_cand_only=gained,
         answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
-        output_agreement=_mean([p.reference.response_text == p.candidate.response_text for p in pairs]),
+        output_agreement=1.0 - len(differing) / n,
         mde=100.0 * stats.minimum_detectable_effect(ref_stat, cand_stat, alpha=alpha),
         equivalent=equivalent,
         within_release_gate=-delta <= release_gate,
@@ -363,8 +364,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
         warnings=warnings,
         paired_items=frozenset(p.item_id for p in pairs),
-        differing_outputs=frozenset(p.item_id for p in pairs
-                                    if p.reference.response_text != p.candidate.response_text),
+        differing_outputs=differing,
     )
 
 

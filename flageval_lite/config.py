@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ConfigError
 from .records import ServeSpec
-from .servers.spec import load_serve_spec
+from .servers.spec import device_ids, load_serve_spec, replica_specs
 
 DEFAULT_REFERENCE = "embedded_fp32"
 # On a CUDA machine with FlagGems the candidate is the FlagGems stack; on CPU, bfloat16 stands in.
@@ -69,8 +69,6 @@ class RunConfig:
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
-    # role -> CUDA_VISIBLE_DEVICES, overriding the serve spec's: e.g. reference on GPU 0, candidate on GPU 1.
-    gpus: dict[str, str] = field(default_factory=dict)
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
     source: str = ""
 
@@ -117,8 +115,7 @@ def _gpu_sets(value: Any, source: str) -> dict[str, str]:
     for role, devices in value.items():
         if role not in ("reference", "candidate"):
             raise ConfigError(source, f"gpus.{role}", "unknown role (known: candidate, reference)")
-        text = ",".join(str(d) for d in devices) if isinstance(devices, list) else str(devices)
-        ids = [d.strip() for d in text.split(",")]
+        ids = device_ids(",".join(map(str, devices)) if isinstance(devices, list) else str(devices))
         if not all(ids) or isinstance(devices, bool):
             raise ConfigError(source, f"gpus.{role}", f"expected device indices such as \"0,1\", got {devices!r}")
         sets[role] = ",".join(ids)
@@ -149,17 +146,20 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
             raise ConfigError(source, "", "expected a mapping at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})
 
-    known = {f.name for f in fields(RunConfig)} - {"source"}
+    known = {f.name for f in fields(RunConfig)} - {"source"} | {"gpus"}
     for key in raw:
         if key not in known:
             raise ConfigError(source, key, f"unknown field (known: {', '.join(sorted(known))})")
 
     reference = resolve_backend(raw.pop("reference", DEFAULT_REFERENCE), source, "reference")
     candidate = resolve_backend(raw.pop("candidate", list(DEFAULT_CANDIDATE)), source, "candidate")
-    raw["gpus"] = _gpu_sets(raw.get("gpus"), source)
-    reference, candidate = (dataclasses.replace(spec, cuda_visible_devices=raw["gpus"][role])
-                            if role in raw["gpus"] else spec
+    # `gpus: {reference: "0", candidate: "1"}`: each role's CUDA_VISIBLE_DEVICES, overriding its serve spec's.
+    gpus = _gpu_sets(raw.pop("gpus", None), source)
+    reference, candidate = (dataclasses.replace(spec, cuda_visible_devices=gpus[role]) if role in gpus else spec
                             for role, spec in (("reference", reference), ("candidate", candidate)))
+    for role, spec in (("reference", reference), ("candidate", candidate)):
+        if role in gpus:
+            replica_specs(spec, source, f"gpus.{role}")  # split over the replicas, enough for TP × PP
     for key in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(reference, key) != getattr(candidate, key):
             raise ConfigError(source, "candidate", f"{key} {getattr(candidate, key)} differs from the reference's "

@@ -266,8 +266,9 @@ RECIPES: dict[str, Recipe] = {
     "sqrt": _unary_recipe("sqrt", _positive(0)),
     "log": _unary_recipe("log", _positive(0)),
     "reciprocal": _unary_recipe("reciprocal", _positive(0)),
-    # the rotary inverse frequencies: base ** (even index / head_dim)
-    "pow_scalar": Recipe("pow.Scalar", lambda d, dt: [([10000.0, _t((d.head_dim // 2,), dt)], {})]),
+    # the rotary inverse frequencies: base ** (even index / head_dim), exponents in [0, 1)
+    "pow_scalar": Recipe("pow.Scalar", lambda d, dt: [([10000.0, _t((d.head_dim // 2,), dt)], {})],
+                         prepare=lambda args, kwargs, gen: args.__setitem__(1, torch.sigmoid(args[1]))),
     "lt_scalar": Recipe("lt.Scalar", _per_token(lambda d, dt, n: ([_t((n, d.hidden), dt), 0.5], {})),
                         compare="exact"),
     "fill_scalar": Recipe("fill.Scalar", lambda d, dt: [([_t((_rows(d), d.hidden), dt), 0.25], {})]),

@@ -26,6 +26,7 @@ from .records import ROLES, Endpoint, GenParams, Item, ServeSpec, stable_hash
 from .report import render_report
 from .runner import Job, Runner
 from .scoring import score_task
+from .servers.engines import build_launch
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
@@ -68,10 +69,11 @@ def task_params(spec: Any, max_tokens_cap: Optional[int] = None) -> GenParams:
 
 
 def spec_identity(spec: ServeSpec) -> str:
-    """What was started, minus where and how patiently: stable across restarts on new ports."""
+    """What was started, minus where, how many and how patiently: stable across restarts on new ports, across
+    replica counts (any replica's answer is the backend's) and across placements (which set the memory share)."""
     keep = spec.to_dict()
-    # Nor how many replicas: any replica's answer is the backend's, so a rerun resumes whatever their count.
-    for volatile in ("port", "startup_timeout_s", "warmup", "max_restarts", "replicas", "source", "name"):
+    for volatile in ("port", "base_url", "replicas", "gpu_memory_utilization", "startup_timeout_s", "warmup",
+                     "max_restarts", "source", "name"):
         keep.pop(volatile, None)
     return stable_hash(keep)
 
@@ -126,7 +128,8 @@ class Pipeline:
     # ----------------------------------------------------------------- stages
 
     def preflight(self) -> None:
-        """Fail before any server starts: every task must yield its first item, a judge must be set."""
+        """Fail before any server starts: every task must yield its first item, a judge must be set, every server's
+        command line must build (a contradiction in a spec would otherwise surface only when its turn comes)."""
         judged = [spec.title for spec in self.tasks if spec.scorer == "mmvet_judge"]
         if judged and not self.config.judge.get("base_url"):
             raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
@@ -134,8 +137,9 @@ class Pipeline:
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
-        for backend in (self.config.reference, self.config.candidate):
-            replica_specs(backend)  # devices that do not split over the replicas
+        for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
+            for one in replica_specs(backend):
+                build_launch(one, role, self.run_dir, port=0)
 
     def items(self, spec: Any) -> Iterator[Item]:
         return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jinja2
-import markupsafe
 
 from . import __version__, charts
 from .compare import Comparison, PairedTaskComparison
@@ -139,11 +138,10 @@ def _tp_pp(spec: Mapping[str, Any]) -> tuple[int, int]:
     return int(spec.get("tensor_parallel_size") or 1), int(spec.get("pipeline_parallel_size") or 1)
 
 
-def hardware_warnings(manifest: Mapping[str, Any]) -> list[str]:
+def hardware_warnings(backends: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Why a difference might come from the machine rather than the operators: other GPU models or drivers,
-    other parallelism, or other boards of the same model."""
-    sides = {role: _backend(manifest, role) for role in ROLES}
-    ref, cand = sides["reference"], sides["candidate"]
+    other parallelism, or other boards of the same model.  `backends`: role -> `_backend(...)`."""
+    ref, cand = backends["reference"], backends["candidate"]
     warnings = []
     if ref["device"] != cand["device"]:
         warnings.append(f"The two sides ran on different hardware (reference: {ref['device']}; candidate: "
@@ -152,8 +150,7 @@ def hardware_warnings(manifest: Mapping[str, Any]) -> list[str]:
     if _tp_pp(ref["spec"]) != _tp_pp(cand["spec"]):
         warnings.append(f"The two sides used different parallelism ({ref['parallelism']} vs {cand['parallelism']}): "
                         "the reductions differ, so outputs may differ without any operator being wrong.")
-    specs = manifest.get("specs") or {}
-    ref_gpus, cand_gpus = ((specs.get(role) or {}).get("cuda_visible_devices") or "" for role in ROLES)
+    ref_gpus, cand_gpus = (side["spec"].get("cuda_visible_devices") or "" for side in (ref, cand))
     if ref["device"] == cand["device"] and ref_gpus and cand_gpus and ref_gpus != cand_gpus:
         warnings.append(f"The sides ran on different GPUs of the same model (reference {ref_gpus}, candidate "
                         f"{cand_gpus}): boards differ by a few per cent in clocks and thermals, so compare "
@@ -327,29 +324,31 @@ def _teacher_forced_table(comparison: Comparison) -> Optional[Table]:
     )
 
 
-def divergence_headline(comparison: Comparison) -> str:
-    """One sentence: do the outputs differ beyond the A/A noise floor (exact McNemar per task, Holm-adjusted)?"""
+def divergence_headline(comparison: Comparison) -> tuple[str, str]:
+    """(status, why): do the outputs differ beyond the A/A noise floor (exact McNemar per task, Holm-adjusted)?
+    status is "detected", "not shown" or "not tested"."""
     if comparison.noise_floor is None:
-        return ("not tested: without the A/A noise floor (`noise_floor: true`) differing outputs cannot be told "
-                "apart from the reference's own nondeterminism")
+        return "not tested", ("without the A/A noise floor (`noise_floor: true`) differing outputs cannot be told "
+                              "apart from the reference's own nondeterminism")
     tested = [t for t in comparison.tasks if t.noise_test]
     if not tested:
-        return "not tested: no task was paired in both the A/B and the A/A comparison"
+        return "not tested", "no task was paired in both the A/B and the A/A comparison"
     beyond = [t for t in tested if t.noise_test.get("beyond_noise")]
     ab_only = sum(t.noise_test["ab_only"] for t in tested)
     aa_only = sum(t.noise_test["aa_only"] for t in tested)
     counts = (f"over {sum(t.noise_test['n'] for t in tested)} items, outputs differed A/B but not A/A on {ab_only} "
               f"and A/A but not A/B on {aa_only}")
     if beyond:
-        text = (f"**detected** on {len(beyond)} of {len(tested)} tasks ({', '.join(t.title for t in beyond)}; "
-                f"exact McNemar, Holm-adjusted p ≤ {_p(max(t.noise_test['p_holm'] for t in beyond))}): {counts}")
+        status = "detected"
+        text = (f"on {len(beyond)} of {len(tested)} tasks ({', '.join(t.title for t in beyond)}; exact McNemar, "
+                f"Holm-adjusted p ≤ {_p(max(t.noise_test['p_holm'] for t in beyond))}): {counts}")
     else:
-        text = f"not shown on any of {len(tested)} tasks: {counts}"
+        status, text = "not shown", f"on any of {len(tested)} tasks: {counts}"
     tf, tf_aa = comparison.teacher_forced.get("tasks") or {}, comparison.noise_floor.teacher_forced.get("tasks") or {}
     pooled = [_pooled_top1(tf), _pooled_top1(tf_aa)]
     if None not in pooled:
         text += f"; teacher-forced top-1 agreement {_pct(pooled[0])} (A/A {_pct(pooled[1])})"
-    return text
+    return status, text
 
 
 def _pooled_top1(tasks: Mapping[str, Mapping[str, Any]]) -> Optional[float]:
@@ -445,13 +444,14 @@ def _group_tables(comparison: Comparison) -> list[Table]:
 
 def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
     ref, cand = _label(manifest, "reference"), _label(manifest, "candidate")
-    perf = _perf_tables(comparison, ref, cand, {role: _backend(manifest, role) for role in ROLES})
+    backends = {role: _backend(manifest, role) for role in ROLES}
+    perf = _perf_tables(comparison, ref, cand, backends)
     return {
         "comparison": comparison,
         "reference_label": ref,
         "candidate_label": cand,
-        "backends": [_backend(manifest, role) for role in ROLES],
-        "hardware_warnings": hardware_warnings(manifest),
+        "backends": list(backends.values()),
+        "hardware_warnings": hardware_warnings(backends),
         "divergence_headline": divergence_headline(comparison),
         "facts": _run_facts(comparison, manifest),
         "scores": _comparison_table(comparison, ref, cand),
@@ -492,13 +492,6 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _bold_markup(text: str) -> markupsafe.Markup:
-    """The markdown **bold** of a headline as <b>, everything else escaped."""
-    parts = str(text).split("**")
-    return markupsafe.Markup("").join(markupsafe.Markup("<b>{}</b>").format(p) if i % 2 else markupsafe.escape(p)
-                                      for i, p in enumerate(parts))
-
-
 def _environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("flageval_lite", "templates"), autoescape=autoescape,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
@@ -506,14 +499,14 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     env.filters["md"] = _md_cell
     env.filters["num"] = _num
     env.filters["pct"] = _pct
-    env.filters["bold_markup"] = _bold_markup
     return env
 
 
 def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
-            "divergence_beyond_noise": divergence_headline(comparison).replace("**", ""),
-            "hardware_warnings": hardware_warnings(manifest), "manifest": dict(manifest)}
+            "divergence_beyond_noise": dict(zip(("status", "detail"), divergence_headline(comparison))),
+            "hardware_warnings": hardware_warnings({role: _backend(manifest, role) for role in ROLES}),
+            "manifest": dict(manifest)}
 
 
 def render_report(comparison: Comparison, manifest: dict[str, Any], out_dir: Path) -> dict[str, Path]:

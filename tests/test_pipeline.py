@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_servers import ServerPool, free_port, launch_server
+from helpers_servers import ServerPool, launch_stub
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_ORDER = ["CMMMU", "MMMU", "MMMU_Pro_standard", "MMMU_Pro_vision", "MM-Vet v2", "OCRBench", "MathVision",
@@ -135,6 +135,9 @@ def test_report_rerenders_and_stored_runs_compare(tmp_path):
     ({"placement": "sideways"}, "placement"),
     ({"concurrancy": 4}, "concurrancy"),
     ({"gpus": {"ref": 0}}, "gpus.ref"),
+    # only found when the command line is built: before any server starts, not when the candidate's turn comes
+    ({"candidate": {"name": "fs", "engine": "flagscale", "model": "qwen3_o", "flaggems": "flagscale",
+                    "args": ["--engine-args", '{"tensor_parallel_size": 2}']}}, "not in --engine-args"),
     ({"reference": {"name": "r", "engine": "vllm", "model": "/m", "tensor_parallel_size": 2}}, "tensor_parallel_size"),
 ])
 def test_bad_config_is_one_line_naming_file_and_field(tmp_path, fields, where):
@@ -201,9 +204,7 @@ def test_tasks_command_lists_every_benchmark_and_suite():
 def test_candidate_without_flaggems_is_refused_after_warm_up_before_any_item(tmp_path):
     # An external server that claims the FlagGems plugin route but shows no FlagGems operator: refused as soon as
     # it is up (warm-up on), not after the whole run has been asked of it.
-    port = free_port()
-    with launch_server([sys.executable, "-m", "flageval_lite.servers.stub", "--port", str(port), "--model", "stub"],
-                       port, tmp_path / "claims.log", timeout_s=30) as claims:
+    with launch_stub(tmp_path, "--model", "stub") as claims:
         candidate = {"name": "claims-flaggems", "engine": "external", "base_url": claims.base_url,
                      "served_model_name": "stub", "flaggems": {"route": "plugin"}}
         config = write_config(tmp_path, reference=stub_spec("ref"), candidate=candidate, tasks=["demo_arith"],

@@ -110,9 +110,14 @@ def test_the_tightest_shared_gpu_decides() -> None:
 
 def test_a_gpu_set_smaller_than_the_parallelism_is_refused() -> None:
     a = dataclasses.replace(NATIVE, cuda_visible_devices="0", tensor_parallel_size=2)
-    with pytest.raises(UserError, match=r"vllm-native: a server needs 2 GPUs \(tensor_parallel_size × pipeline_parallel_size\) "
-                                        r"but CUDA_VISIBLE_DEVICES lists 1 \(0\)"):
+    with pytest.raises(UserError, match=r"qwen3_omni_native.yaml: cuda_visible_devices: the server needs 2 GPUs "
+                                        r"\(tensor_parallel_size × pipeline_parallel_size\) but gets 1 of 0"):
         plan_placement(a, dataclasses.replace(FLAGGEMS, tensor_parallel_size=2), "sequential")
+    with pytest.raises(UserError, match=r"each replica needs 2 GPUs .* but gets 1 of 0,1,2,3"):
+        replica_specs(dataclasses.replace(NATIVE, cuda_visible_devices="0,1,2,3", replicas=4, tensor_parallel_size=2))
+    # one server's worth is shared by the replicas instead
+    shared = replica_specs(dataclasses.replace(NATIVE, cuda_visible_devices="0,1", replicas=2, tensor_parallel_size=2))
+    assert [one.cuda_visible_devices for one in shared] == ["0,1", "0,1"]
 
 
 def test_unknown_model_size_is_refused_or_falls_back() -> None:
@@ -165,6 +170,9 @@ def test_run_config_pins_each_role_to_its_gpus(tmp_path: Path) -> None:
     assert (cfg.reference.cuda_visible_devices, cfg.candidate.cuda_visible_devices) == ("0", "1")
     placement = plan_placement(cfg.reference, cfg.candidate, cfg.placement, gpu_free_bytes=1, model_bytes=10**12)
     assert placement.mode == "concurrent" and placement.reason == "different GPUs (0 vs 1)"
+    config.write_text("candidate: {name: c, engine: vllm, model: /m, replicas: 2}\ngpus: {candidate: '0,1,2'}\n")
+    with pytest.raises(UserError, match=r"run.yaml: gpus.candidate: 3 devices \(0,1,2\) do not split evenly over 2"):
+        load_run_config(config)
 
 
 def test_multi_node_ray_servers_are_not_checked_here_and_not_shared() -> None:

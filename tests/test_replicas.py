@@ -3,6 +3,7 @@ loopback, the real runner and real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import yaml
 from flageval_lite.config import load_run_config
 from flageval_lite.errors import ConfigError, UserError
 from flageval_lite.pipeline import Pipeline, spec_identity
+from flageval_lite.servers.placement import plan_placement
 from flageval_lite.records import Endpoint, GenParams
 from flageval_lite.runner import Job, Runner
 from flageval_lite.servers.evidence import check_candidate
@@ -104,6 +106,14 @@ def test_replica_count_is_not_part_of_the_backend_identity():
     one, two = load_serve_spec(stub_backend()), load_serve_spec(stub_backend(replicas=2))
     assert spec_identity(one) == spec_identity(two)
     assert spec_identity(one) != spec_identity(load_serve_spec(stub_backend(args=["--latency-ms", "1"])))
+    # vLLM replicas sharing a GPU get a placement-derived memory share; URLs are where, not what
+    vllm = load_serve_spec({"name": "v", "engine": "vllm", "model": "/m", "cuda_visible_devices": "0"})
+    shared = dataclasses.replace(vllm, replicas=2)
+    placed = plan_placement(shared, vllm, "sequential").apply(shared, "reference")
+    assert placed.gpu_memory_utilization == 0.45 and spec_identity(placed) == spec_identity(vllm)
+    urls = ["http://h1:9010/v1", "http://h2:9010/v1"]
+    external = [load_serve_spec({"name": "e", "engine": "external", "base_url": u}) for u in (urls, urls[0])]
+    assert spec_identity(external[0]) == spec_identity(external[1])
 
 
 # --------------------------------------------------------------------------- lifecycle

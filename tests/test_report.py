@@ -202,7 +202,7 @@ def test_divergence_headline_says_whether_outputs_differ_beyond_the_noise_floor(
     paths = render_report(comparison, manifest, tmp_path / "b")
     assert "**Output divergence beyond the noise floor:** not tested: without the A/A noise floor" in \
         paths["md"].read_text()
-    assert json.loads(paths["json"].read_text())["divergence_beyond_noise"].startswith("not tested")
+    assert json.loads(paths["json"].read_text())["divergence_beyond_noise"]["status"] == "not tested"
     assert 'id="divergence-headline"' in paths["html"].read_text()
 
 

@@ -511,8 +511,12 @@ def replica_slot(role: str, replica: int) -> str:
 def start_server(spec: ServeSpec, role: str, run_dir: Union[str, Path], replica: int = 0) -> Server:
     """The server object for replica `replica` of `spec` (not yet started: call .start() or use it as a context
     manager)."""
-    one = replica_specs(spec)[replica]
-    if spec.engine == "external":
+    return _server_for(replica_specs(spec)[replica], role, run_dir, replica)
+
+
+def _server_for(one: ServeSpec, role: str, run_dir: Union[str, Path], replica: int) -> Server:
+    """The server object of one replica's single-server spec."""
+    if one.engine == "external":
         return ExternalServer(one, role)
     return ManagedServer(one, role, run_dir, replica=replica)
 
@@ -540,15 +544,17 @@ class ServerGroup:
         return self
 
     def start(self, spec: ServeSpec, role: str, replica: int = 0) -> Server:
-        server = start_server(spec, role, self.run_dir, replica)
-        self.servers.append(server)  # tracked before start(): a half-started server is stopped on exit too
-        server.start()
-        return server
+        return self._started(start_server(spec, role, self.run_dir, replica))
 
     def start_all(self, spec: ServeSpec, role: str) -> list[Server]:
         """Every replica of `spec`, one after the other: vLLM's memory profiling misreads a GPU whose usage
         changes while another instance starts."""
-        return [self.start(spec, role, i) for i in range(len(replica_specs(spec)))]
+        return [self._started(_server_for(one, role, self.run_dir, i)) for i, one in enumerate(replica_specs(spec))]
+
+    def _started(self, server: Server) -> Server:
+        self.servers.append(server)  # tracked before start(): a half-started server is stopped on exit too
+        server.start()
+        return server
 
     def stop(self, server: Server) -> None:
         server.stop()

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import UserError
 from ..records import ServeSpec
-from .spec import GPU_ENGINES, on_ray, replica_specs
+from .spec import GPU_ENGINES, on_ray, replica_specs, server_gpus, shards
 
 GiB = 1024**3
 DEFAULT_KV_MIN_BYTES = 4 * GiB  # a useful KV cache for 32k-token contexts at modest batch sizes
@@ -47,7 +47,7 @@ def plan_placement(ref: ServeSpec, cand: ServeSpec, mode: str, gpu_free_bytes: O
                    model_bytes: Optional[int] = None, allow_fallback: bool = False, *,
                    gpu_total_bytes: Optional[int] = None, kv_min_bytes: int = DEFAULT_KV_MIN_BYTES,
                    overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
-                   probe: Callable[[str], Optional[tuple[int, int]]] = None) -> Placement:  # type: ignore[assignment]
+                   probe: Optional[Callable[[str], Optional[tuple[int, int]]]] = None) -> Placement:
     """Decide sequential vs concurrent.  Unknown GPU memory / model size (None) is probed / estimated.
 
     `model_bytes` is the weight size of one copy; both sides serve the same model.  `gpu_free_bytes` /
@@ -78,7 +78,8 @@ def plan_placement(ref: ServeSpec, cand: ServeSpec, mode: str, gpu_free_bytes: O
         if allow_fallback:
             return Placement("sequential", f"concurrent placement refused: {problem}; falling back to sequential")
         raise UserError(f"concurrent placement refused: {problem}; or use placement: sequential")
-    load = {d: {role: loads[role][d] for role in on_gpu if loads[role][d]} for role in on_gpu for d in loads[role]}
+    load = {d: {role: loads[role][d] for role in on_gpu if loads[role][d]}
+            for d in sorted(set().union(*(loads[role] for role in on_gpu)), key=lambda d: (len(d), d))}
     shared = [d for d, by_role in load.items() if sum(by_role.values()) > 1]
     if not shared:
         return Placement("concurrent", f"different GPUs ({','.join(loads['reference'])} vs "
@@ -118,10 +119,11 @@ def plan_placement(ref: ServeSpec, cand: ServeSpec, mode: str, gpu_free_bytes: O
                     fractions[role] = min(fractions.get(role, 1.0), share)
             return Placement("concurrent", f"{'both' if count == 2 else f'all {count}'} fit: {_gib(needed)} needed "
                                            f"of {_gib(free)} free on {where}", fractions)
-        share = f"weights {_gib(weights['reference'])} + KV cache minimum {_gib(kv_min_bytes)}"  # type: ignore[arg-type]
-        if shards(ref) > 1:
-            share = f"({share}) / {shards(ref)} GPUs"
-        problem = (f"{servers} need {_gib(needed)} on {where} (each {_gib(need['reference'])}: {share} "
+        role = next(iter(load[tightest]))  # both sides serve the same model: one describes a server
+        share = f"weights {_gib(weights[role])} + KV cache minimum {_gib(kv_min_bytes)}"  # type: ignore[arg-type]
+        if shards(specs[role]) > 1:
+            share = f"({share}) / {shards(specs[role])} GPUs"
+        problem = (f"{servers} need {_gib(needed)} on {where} (each {_gib(need[role])}: {share} "
                    f"+ overhead {_gib(overhead_bytes)}) but only {_gib(free)} of GPU memory is free")
     if allow_fallback:
         return Placement("sequential", f"concurrent placement refused: {problem}; falling back to sequential")
@@ -133,26 +135,9 @@ def _even_share(spec: ServeSpec, servers: int) -> float:
     return math.floor(100 * (spec.gpu_memory_utilization or 0.9) / servers) / 100
 
 
-def shards(spec: ServeSpec) -> int:
-    """GPUs one server of this spec spans (vLLM: tensor × pipeline parallel size)."""
-    return spec.tensor_parallel_size * spec.pipeline_parallel_size
-
-
 def servers_per_gpu(spec: ServeSpec) -> Counter:
-    """GPU -> how many of the spec's servers (replicas) hold a shard on it.  vLLM takes the first TP × PP devices
-    of a server's CUDA_VISIBLE_DEVICES, or 0 … TP × PP − 1 without it; a Ray server's GPUs are not counted."""
-    counts: Counter = Counter()
-    for one in replica_specs(spec):
-        if on_ray(one):
-            continue
-        listed = [d.strip() for d in one.cuda_visible_devices.split(",")] if one.cuda_visible_devices else \
-            [str(i) for i in range(shards(one))]
-        if one.engine in GPU_ENGINES and len(listed) < shards(one):
-            raise UserError(f"{spec.name}: a server needs {shards(one)} GPUs (tensor_parallel_size × "
-                            f"pipeline_parallel_size) but CUDA_VISIBLE_DEVICES lists {len(listed)} "
-                            f"({one.cuda_visible_devices})")
-        counts.update(listed[:shards(one)])
-    return counts
+    """GPU -> how many of the spec's servers (replicas) hold a shard on it."""
+    return Counter(gpu for one in replica_specs(spec) for gpu in server_gpus(one))
 
 
 def _gib(n: float) -> str:

@@ -143,50 +143,74 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
     elif values.get("port") and values["port"] + values.get("replicas", 1) - 1 > 65535:
         last = values["port"] + values["replicas"] - 1
         raise ConfigError(source, "port", f"the replicas would take ports {values['port']}..{last}, past 65535")
-    split_devices(values.get("cuda_visible_devices", ""), values.get("replicas", 1), source,
-                  values.get("tensor_parallel_size", 1) * values.get("pipeline_parallel_size", 1))
     for flag, key in PARALLEL_FLAGS.items():
         if any(arg == flag or arg.startswith(flag + "=") for arg in values.get("args", ())):
             raise ConfigError(source, "args", f"set {key} instead of passing {flag}: placement and the report need it")
     parallel = values.get("tensor_parallel_size", 1) * values.get("pipeline_parallel_size", 1)
-    if parallel > 1 and engine not in ("vllm", "flagscale", "external"):
+    if parallel > 1 and engine not in GPU_ENGINES + ("external",):
         raise ConfigError(source, "tensor_parallel_size", f"engine {engine} runs on one device; only vllm and "
                           "flagscale take tensor_parallel_size / pipeline_parallel_size")
     if engine in ("vllm", "flagscale") and not values.get("model"):
         raise ConfigError(source, "model", f"engine {engine} needs a model (a local path or hub id)")
-    return ServeSpec(source=source, **values)
+    spec = ServeSpec(source=source, **values)
+    replica_specs(spec)  # devices that do not split over the replicas, or too few for TP × PP
+    return spec
 
 
-def split_devices(devices: str, replicas: int, source: str = "", shards: int = 1) -> list[str]:
+def device_ids(devices: str) -> list[str]:
+    """"0, 1" -> ["0", "1"]: CUDA_VISIBLE_DEVICES entries (indices or GPU-/MIG- UUIDs); "" -> []."""
+    return [d.strip() for d in devices.split(",")] if devices else []
+
+
+def shards(spec: ServeSpec) -> int:
+    """GPUs one server of this spec spans (vLLM: tensor × pipeline parallel size)."""
+    return spec.tensor_parallel_size * spec.pipeline_parallel_size
+
+
+def split_devices(devices: str, replicas: int, source: str = "", shards: int = 1,
+                  field: str = "cuda_visible_devices", multi_node: bool = False) -> list[str]:
     """CUDA_VISIBLE_DEVICES of each replica.  Listed devices are cut into `replicas` consecutive groups ("0,1,2,3"
     over 2 replicas gives "0,1" and "2,3"), except that exactly one server's worth (`shards` = TP × PP devices) is
-    shared by every replica.  Unset devices stay unset."""
-    if not devices:
+    shared by every replica.  Unset devices stay unset.  A group smaller than one server is refused, except for a
+    multi-node (Ray) server, whose other GPUs sit on other hosts."""
+    ids = device_ids(devices)
+    if not ids:
         return [""] * replicas
-    ids = [d.strip() for d in devices.split(",")]
     if replicas > 1 and len(ids) == shards:
         return [",".join(ids)] * replicas
     if len(ids) % replicas:
-        raise ConfigError(source, "cuda_visible_devices", f"{len(ids)} devices ({devices}) do not split evenly "
-                                                          f"over {replicas} replicas")
+        raise ConfigError(source, field, f"{len(ids)} devices ({devices}) do not split evenly over {replicas} replicas")
     size = len(ids) // replicas
+    if size < shards and not multi_node:
+        per = "each replica" if replicas > 1 else "the server"
+        raise ConfigError(source, field, f"{per} needs {shards} GPUs (tensor_parallel_size × pipeline_parallel_size) "
+                                         f"but gets {size} of {devices}")
     return [",".join(ids[i * size:(i + 1) * size]) for i in range(replicas)]
 
 
-def replica_specs(spec: ServeSpec) -> list[ServeSpec]:
+def replica_specs(spec: ServeSpec, source: str = "", field: str = "cuda_visible_devices") -> list[ServeSpec]:
     """One single-server spec per replica: an external backend's i-th base_url, or a managed server with the
     i-th group of devices and, when the spec fixes a port P, port P + i.  vLLM replicas without devices get one
-    GPU set each (0 … TP × PP × replicas − 1); to share GPUs, list one server's worth."""
+    GPU set each (0 … TP × PP × replicas − 1); to share GPUs, list one server's worth.  `source` and `field` name
+    where the devices came from, for errors (default: the spec's file)."""
     if spec.engine == "external":
         urls = (spec.base_url,) if isinstance(spec.base_url, str) else spec.base_url
         return [dataclasses.replace(spec, base_url=url, replicas=1) for url in urls]
-    shards = spec.tensor_parallel_size * spec.pipeline_parallel_size
     devices = spec.cuda_visible_devices
     if not devices and spec.replicas > 1 and spec.engine in GPU_ENGINES and not on_ray(spec):
-        devices = ",".join(str(i) for i in range(shards * spec.replicas))
-    groups = split_devices(devices, spec.replicas, spec.source, shards)
+        devices = ",".join(str(i) for i in range(shards(spec) * spec.replicas))
+    groups = split_devices(devices, spec.replicas, source or spec.source,
+                           shards(spec) if spec.engine in GPU_ENGINES else 1, field, on_ray(spec))
     return [dataclasses.replace(spec, cuda_visible_devices=group, port=spec.port + i if spec.port else 0, replicas=1)
             for i, group in enumerate(groups)]
+
+
+def server_gpus(one: ServeSpec) -> list[str]:
+    """The GPUs one server (a replica spec) holds a shard on: the first TP × PP of its CUDA_VISIBLE_DEVICES, as
+    vLLM takes them, or 0 … TP × PP − 1 without it; none for a Ray server (they are on other hosts)."""
+    if on_ray(one):
+        return []
+    return (device_ids(one.cuda_visible_devices) or [str(i) for i in range(shards(one))])[:shards(one)]
 
 
 def on_ray(spec: ServeSpec) -> bool:

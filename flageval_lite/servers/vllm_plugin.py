@@ -142,7 +142,7 @@ def _gpu_info() -> tuple[str, str]:
             return "", ""
     try:
         pynvml.nvmlInit()
-        devices = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if d.strip()] or ["0"]
+        devices = _names("CUDA_VISIBLE_DEVICES") or ["0"]
         names = []
         for device in devices:
             handle = (pynvml.nvmlDeviceGetHandleByUUID(device) if device.startswith(("GPU-", "MIG-"))

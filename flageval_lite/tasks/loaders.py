@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import jinja2
 
 from ..errors import ConfigError, UserError
-from ..records import Item
+from ..records import Item, stable_hash
 from .messages import build_messages
 from .spec import DataSource, TaskSpec
 from . import templating
@@ -195,14 +195,11 @@ def _local_cache_dir(folder: Path) -> str:
 
     `datasets` keys the cache of a local folder by its dataset card, so rows edited or re-downloaded into the same
     folder would be served stale from the first load."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     import datasets.config
 
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / "flageval-lite-local" / digest.hexdigest()[:16])
+    files = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(folder.rglob("*")) if p.is_file()]
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "flageval-lite-local" / stable_hash(files))
 
 
 def _first_line(exc: BaseException) -> str:
