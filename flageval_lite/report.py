@@ -319,8 +319,8 @@ def _teacher_forced_table(comparison: Comparison) -> Optional[Table]:
              f"sides and, unlike the output divergence above, nothing cascades.  KL(reference ‖ candidate) in nats "
              f"over the top-k plus the remaining mass; mean, p99 and max pooled over positions.  |Δ logprob|: of "
              f"the sequence's token.  Reference greedy: positions whose sequence token is the reference's own top-1 "
-             f"(below 100 % where re-tokenised text departs from the generated tokens).  Worst item: the largest "
-             f"KL.{failed}",
+             f"(below 100 % where a prefill breaks a near-tie otherwise than decoding did, or where re-tokenised "
+             f"text departs from the generated tokens).  Worst item: the largest KL.{failed}",
     )
 
 

@@ -7,10 +7,11 @@ with vLLM's `prompt_logprobs` extension (`max_tokens` 1, `temperature` 0).  The 
 every position, so the two servers are compared over the completion positions with identical contexts: no cascade.
 
 Sequences come from the reference alone: vLLM's `POST /tokenize` (the embedded server has the same one) renders the
-item's messages with the server's own chat template (the exact prompt ids its chat endpoint used) and tokenizes the
-completion text.  Re-tokenised text may not give back the generated ids; the share of completion positions whose
-forced token is the reference's own top-1 (`reference_greedy`) shows how closely the sequence follows the
-reference's greedy path.  A server without `/tokenize` or `prompt_logprobs` makes the mode report
+item's messages with the server's own chat template (the exact prompt ids its chat endpoint used); the completion
+is the reference's greedy continuation of those ids, as long as its stored answer, with the generated ids returned
+by vLLM's `return_token_ids`.  A server that does not return them gets the stored answer's text re-tokenised, which
+may not give back the generated ids; the share of completion positions whose forced token is the reference's own
+top-1 (`reference_greedy`) shows how closely the sequence follows the reference's greedy path.  A server without `/tokenize` or `prompt_logprobs` makes the mode report
 "not supported by <server>"; it never fails the run.
 
 Sequences and each role's scores are stored (`Store.put_teacher_forced`), so with sequential placement the
@@ -237,11 +238,24 @@ async def _sequence(client: _Client, source: TFSource) -> TFSequence:
     prompt_ids, completion_ids = _token_list(prompt, "/tokenize"), _token_list(completion, "/tokenize")
     if not completion_ids:
         raise ValueError("the completion has no tokens")
+    completion_ids = await _greedy_ids(client, prompt_ids, len(completion_ids)) or completion_ids
     limit = prompt.get("max_model_len")
     # The server must still generate one token after the sequence.
     if isinstance(limit, int) and len(prompt_ids) + len(completion_ids) + 1 > limit:
         raise ValueError(f"{len(prompt_ids) + len(completion_ids)} tokens leave no room under max_model_len {limit}")
     return TFSequence(source.task, source.item_id, tuple(prompt_ids), tuple(completion_ids))
+
+
+async def _greedy_ids(client: _Client, prompt_ids: list[int], length: int) -> list[int]:
+    """The reference's own greedy continuation of `prompt_ids`, as generated token ids (vLLM's `return_token_ids`),
+    as long as the stored answer: exact, where re-tokenised text may not give back the ids a model generated.
+    [] when the server does not return token ids (the caller keeps the re-tokenised answer)."""
+    payload = await client.post("/v1/completions", {
+        "model": client.endpoint.model, "prompt": prompt_ids, "max_tokens": length, "temperature": 0,
+        "return_token_ids": True})
+    choices = payload.get("choices") or [{}]
+    ids = choices[0].get("token_ids") if isinstance(choices[0], dict) else None
+    return ids if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids) else []
 
 
 def _scores(payload: Mapping[str, Any], sequence: TFSequence, top_k: int) -> TFScores:

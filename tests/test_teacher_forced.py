@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -120,9 +121,37 @@ def test_sequences_are_the_prompt_and_generated_ids(server, answers):
     for sequence, answer in zip(sequences, answers):
         assert list(sequence.prompt_ids) == answer.model_extra["prompt_token_ids"]
         generated = answer.choices[0].model_extra["token_ids"]
-        # The re-tokenised text gives back the generated ids (the end-of-turn token is not text).
+        # As long as the stored answer (the end-of-turn token is not text): the generated ids themselves.
         ended = answer.choices[0].finish_reason == "stop"
         assert list(sequence.completion_ids) == (generated[:-1] if ended else generated)
+
+
+def test_the_completion_is_the_reference_greedy_path_even_where_text_does_not_round_trip(server):
+    """A stored answer that is not what the model would generate: the sequence keeps its length but follows the
+    reference's own greedy ids (vLLM's `return_token_ids`), so every forced token is the reference's top-1."""
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    source = tf.TFSource("demo", "odd", messages, "Zebra quartz vexing jumps")
+    [sequence], skipped = asyncio.run(tf.build_sequences(endpoint(server, "reference"), [source]))
+    text_ids = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": source.completion,
+                                                          "add_special_tokens": False}).json()["tokens"]
+    client = openai.OpenAI(base_url=f"{server.base_url}/", api_key="EMPTY", max_retries=0, timeout=120)
+    greedy = client.completions.create(model=MODEL, prompt=list(sequence.prompt_ids), max_tokens=len(text_ids),
+                                       temperature=0, extra_body={"return_token_ids": True})
+    assert skipped == {} and list(sequence.completion_ids) == greedy.choices[0].model_extra["token_ids"]
+    assert list(sequence.completion_ids) != text_ids
+    endpoints = {"reference": endpoint(server, "reference"), "candidate": endpoint(server, "candidate")}
+    [result] = asyncio.run(tf.teacher_force(endpoints, [sequence], top_k=5))
+    assert all(result.reference_greedy)
+
+
+def test_without_token_ids_the_answer_text_is_kept():
+    class NoTokenIds:  # a server answering /v1/completions the way vLLM before `return_token_ids` does
+        endpoint = Endpoint(role="reference", label="old", base_url="http://127.0.0.1:1/v1", model="m")
+
+        async def post(self, path, body):
+            return {"choices": [{"text": " text", "finish_reason": "length"}]}
+
+    assert asyncio.run(tf._greedy_ids(NoTokenIds(), [1, 2, 3], 4)) == []
 
 
 def test_a_server_against_itself_is_exactly_equal(server, answers):
