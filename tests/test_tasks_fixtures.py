@@ -217,6 +217,8 @@ def test_livebench_release_filter_and_prompt():
     assert item.gold == "B"
     assert item.meta["category"] == "math" and item.meta["task"] == "math_comp" and item.meta["subtask"] == "amc"
     assert item.meta["livebench_release_date"] == "2024-06-24"
+    # grouped by category/task, so the headline averages task means within a category, as LiveBench does
+    assert load_task("livebench").group_by == "cell" and item.meta["cell"] == "math/math_comp"
 
 
 def test_mmlu_five_shot_prompt():
