@@ -344,18 +344,11 @@ def divergence_headline(comparison: Comparison) -> tuple[str, str]:
                 f"Holm-adjusted p ≤ {_p(max(t.noise_test['p_holm'] for t in beyond))}): {counts}")
     else:
         status, text = "not shown", f"on any of {len(tested)} tasks: {counts}"
-    tf, tf_aa = comparison.teacher_forced.get("tasks") or {}, comparison.noise_floor.teacher_forced.get("tasks") or {}
-    pooled = [_pooled_top1(tf), _pooled_top1(tf_aa)]
-    if None not in pooled:
-        text += f"; teacher-forced top-1 agreement {_pct(pooled[0])} (A/A {_pct(pooled[1])})"
+    top1 = [(tf.get("overall") or {}).get("top1_agreement")
+            for tf in (comparison.teacher_forced, comparison.noise_floor.teacher_forced)]
+    if None not in top1:
+        text += f"; teacher-forced top-1 agreement {_pct(top1[0])} (A/A {_pct(top1[1])})"
     return status, text
-
-
-def _pooled_top1(tasks: Mapping[str, Mapping[str, Any]]) -> Optional[float]:
-    positions = sum(t.get("positions") or 0 for t in tasks.values())
-    if not positions:
-        return None
-    return sum((t.get("top1_agreement") or 0) * (t.get("positions") or 0) for t in tasks.values()) / positions
 
 
 def _perf_tables(comparison: Comparison, ref: str, cand: str,

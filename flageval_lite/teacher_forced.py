@@ -428,7 +428,8 @@ async def run_stage(store: Store, run_id: str, endpoints: Mapping[str, Endpoint]
 def stored_comparison(store: Store, run_id: str, reference_role: str, candidate_role: str,
                       tasks: Sequence[str]) -> dict[str, Any]:
     """What the compare stage reports: {} when the mode did not run; else top_k, the per-role status,
-    `unsupported` (the first reason it could not run, or ""), `failed` items, and per-task summaries."""
+    `unsupported` (the first reason it could not run, or ""), `failed` items, per-task summaries and `overall`
+    (pooled over every task's positions)."""
     meta = _status(store)
     if not meta:
         return {}
@@ -449,5 +450,6 @@ def stored_comparison(store: Store, run_id: str, reference_role: str, candidate_
     failed = len(selected) - len(results)
     return {"top_k": meta.get("top_k"), "status": {role: statuses.get(role, "") for role in roles},
             "unsupported": unsupported, "failed": failed,
-            "tasks": summarize_by_task(results, tasks) if not unsupported else {}}
+            "tasks": summarize_by_task(results, tasks) if not unsupported else {},
+            "overall": summarize(results) if not unsupported else {}}
 

@@ -250,7 +250,7 @@ def test_sequential_run_of_one_stack_against_itself_reports_zero(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"reference": "embedded_fp32", "candidate": "embedded_fp32",
                                       "tasks": ["demo_facts"], "limit": 4, "perf": {"enabled": False},
-                                      "teacher_forced": {"items": 3}}))
+                                      "teacher_forced": {"items": 3}, "noise_floor": True}))
     done = subprocess.run([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--run-id",
                            "aa", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
                            str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -259,5 +259,9 @@ def test_sequential_run_of_one_stack_against_itself_reports_zero(tmp_path):
     facts = summary["tasks"]["demo_facts"]
     assert summary["unsupported"] == "" and facts["items"] == 3 and facts["positions"] >= 3
     assert (facts["kl_max"], facts["top1_agreement"], facts["reference_greedy"]) == (0.0, 1.0, 1.0)
+    assert summary["overall"]["positions"] == facts["positions"] and summary["overall"]["top1_agreement"] == 1.0
     report = (tmp_path / "reports/aa/report.md").read_text()
     assert "| Demo facts | 3 | " in report.split("### Teacher-forced divergence", 1)[1]
+    assert ("**Output divergence beyond the noise floor:** not shown on any of 1 tasks: over 4 items, outputs "
+            "differed A/B but not A/A on 0 and A/A but not A/B on 0; teacher-forced top-1 agreement 100.0 % "
+            "(A/A 100.0 %)") in report
