@@ -1,10 +1,11 @@
 #!/bin/bash
 # On the offline GPU machine, after the vLLM + FlagGems pieces are installed into /tmp/site
 # (../shared/gpu/README.md). Runs the real comparison on the tiny model and leaves the report in $OUT.
-#   bash benchmarks/gpu/validate.sh sequential|concurrent     (carry .gpu/tok and .whl on the first call)
+#   bash benchmarks/gpu/validate.sh sequential|concurrent|two_gpus|replicas     (carry .gpu/tok and .whl on the first
+#   call; the run config is benchmarks/gpu/tiny_<name>.yaml; two_gpus and replicas need a two-GPU host)
 # A rerun with the same placement resumes the stored run (answers already in /tmp/runs are not asked again).
 set -uo pipefail
-placement=$1
+placement=$1  # the run config's name: tiny_$placement.yaml
 OUT=${OUT:-/tmp/gpu_out}
 RUN_LIMIT_S=${RUN_LIMIT_S:-540}
 mkdir -p "$OUT"
