@@ -189,7 +189,9 @@ def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
             text = f"the divergence did not reproduce with all operators on ({restarts})"
         else:
             early = "" if bisect.get("complete") else ", stopped early"
-            text = f"{', '.join(bisect.get('culprits') or ())} ({restarts}{early})"
+            crashes = (bisect.get("culprits_by_kind") or {}).get("crashes") or ()
+            text = (f"{', '.join(bisect.get('culprits') or ()) or 'no culprit of the divergence'}"
+                    f"{'; crashes: ' + ', '.join(crashes) if crashes else ''} ({restarts}{early})")
         facts.append(("FlagGems bisection", f"{text}; {bisect.get('report', 'bisect.md')}"))
     opcheck = manifest.get("opcheck") or {}
     if opcheck:
