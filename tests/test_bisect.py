@@ -356,9 +356,10 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_path: Path) -> None:
-    """SIGTERM mid-restart, as a device call's time limit does: the candidate's process group is stopped, the
-    finished restarts are kept, and `--resume` ends with the result of an uninterrupted search."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_path: Path, sig: int) -> None:
+    """SIGTERM or SIGINT mid-restart, as `timeout` before a device call's limit sends: the candidate's process
+    group is stopped, the finished restarts are kept, and `--resume` ends with the uninterrupted search's result."""
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     run_dir = make_run(runs, "r8", STANDIN_OPS, culprits="mul", limit=4, crash_start="fill_scalar_+!softmax")
     shutil.copytree(run_dir, tmp_path / "fresh" / "r8")
@@ -376,8 +377,8 @@ def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_pat
         time.sleep(0.05)
     (calls,) = (run_dir / "oplogs" / "bisect-4").glob("calls-*.jsonl")
     candidate_pid = int(calls.stem.split("-")[1])
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)  # SystemExit, KeyboardInterrupt
     time.sleep(0.5)
     assert not _alive(candidate_pid)  # stopped with its process group, not left holding the GPU
     kept = json.loads(state_path.read_text())["rounds"]
