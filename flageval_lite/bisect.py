@@ -523,11 +523,12 @@ class ServerRounds:
     def __init__(self, *, store: Store, run_id: str, run_dir: Path, spec: ServeSpec, items: dict[str, list[Item]],
                  params: dict[str, GenParams], reference: dict[tuple[str, str], str], by: str, group: Any,
                  start_server: StartServer, bisect_run_id: str, rounds_done: int = 0, concurrency: int = 8,
-                 request_timeout_s: float = 600.0, quiet: bool = False):
+                 request_timeout_s: float = 600.0, startup_timeout_s: Optional[float] = None, quiet: bool = False):
         self.store, self.run_id, self.run_dir, self.spec = store, run_id, Path(run_dir), spec
         self.items, self.params, self.reference, self.by = items, params, reference, by
         self.group, self.start_server = group, start_server
         self.concurrency, self.request_timeout_s, self.quiet = concurrency, request_timeout_s, quiet
+        self.startup_timeout_s = startup_timeout_s or spec.startup_timeout_s
         self.bisect_run_id = bisect_run_id
         self.count = rounds_done  # a resumed search numbers its restarts on
         self.details: list[dict[str, Any]] = []
@@ -535,8 +536,9 @@ class ServerRounds:
     def __call__(self, ops: tuple[str, ...]) -> str:
         self.count += 1
         role = f"{ROLE_PREFIX}{self.count}"
-        # A crash is this round's outcome: restarting the server would only crash it again.
-        spec = dataclasses.replace(restrict(self.spec, ops), max_restarts=0)
+        # A crash is this round's outcome: restarting the server would only crash it again.  A start that hangs
+        # must end within one device call, or every resumed call would hang on the same restart again.
+        spec = dataclasses.replace(restrict(self.spec, ops), max_restarts=0, startup_timeout_s=self.startup_timeout_s)
         log_path = self.run_dir / "logs" / f"{role}.log"
         offset = log_path.stat().st_size if log_path.is_file() else 0  # a resumed round appends to its log
         self._say(f"bisect restart {self.count}: {len(ops)} operator(s) on: {', '.join(ops)}")
@@ -663,7 +665,8 @@ def bisect_run(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Path
                strategy: str = "binary", ops: Optional[Sequence[str]] = None, tasks: Optional[Sequence[str]] = None,
                max_items: Optional[int] = None, max_rounds: Optional[int] = None, concurrency: Optional[int] = None,
                verify_full: bool = True, resume: bool = False, triton_cache: Optional[Path] = None,
-               start_server: Optional[StartServer] = None, quiet: bool = False) -> dict[str, Any]:
+               startup_timeout_s: Optional[float] = None, start_server: Optional[StartServer] = None,
+               quiet: bool = False) -> dict[str, Any]:
     """Bisect the FlagGems operators of stored run `run`; writes reports/RUN/bisect.md, bisect.json,
     runs/RUN/bisect.jsonl, runs/RUN/bisect-state.json and the run's `bisect` meta.  Returns what bisect.json holds.
 
@@ -713,7 +716,8 @@ def bisect_run(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Path
             rounds = ServerRounds(store=store, run_id=run_id, run_dir=run_dir, spec=spec, items=items, params=params,
                                   reference=reference, by=by, group=group, bisect_run_id=state["bisect_run_id"],
                                   rounds_done=len(finished), start_server=start_server or _default_start_server,
-                                  concurrency=concurrency or int(config.get("concurrency") or 8), quiet=quiet)
+                                  concurrency=concurrency or int(config.get("concurrency") or 8),
+                                  startup_timeout_s=startup_timeout_s, quiet=quiet)
 
             def log_round(r: Round) -> None:
                 r.detail = rounds.details[-1]

@@ -94,7 +94,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
                           ops=_names(args.ops), tasks=_names(args.tasks), max_items=args.max_items,
                           max_rounds=args.max_rounds, concurrency=args.concurrency, verify_full=not args.no_verify,
                           resume=args.resume, triton_cache=Path(args.triton_cache) if args.triton_cache else None,
-                          quiet=args.quiet)
+                          startup_timeout_s=args.startup_timeout, quiet=args.quiet)
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the restarts an earlier, interrupted bisection of this run finished (bisect-state.json)")
     p.add_argument("--triton-cache", help="TRITON_CACHE_DIR for every restart, unless the spec or environment sets "
                                           "one (default: RUN/triton-cache)")
+    p.add_argument("--startup-timeout", type=float, help="seconds a restart may take to be ready before it counts as "
+                                                         "a crash at start (default: the spec's startup_timeout_s)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")

@@ -406,6 +406,20 @@ def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_pat
         bisect_run("r8", runs, reports, start_server=standin_server, resume=True, strategy="ddmin", quiet=True)
 
 
+def test_a_candidate_failing_with_all_operators_stops_the_search(tmp_path: Path, monkeypatch) -> None:
+    """The stored run answered with all operators: a restart with all of them that is not ready within
+    --startup-timeout says the machine differs, and no operator is blamed."""
+    make_run(tmp_path / "runs", "r9", ["mm", "cat"], culprits="mm", limit=4)
+    monkeypatch.setenv("STANDIN_STARTUP_DELAY", "30")
+    summary = bisect_run("r9", tmp_path / "runs", tmp_path / "reports", start_server=standin_server,
+                         startup_timeout_s=0.5, quiet=True)
+    assert not summary["reproduced"] and summary["causes"] == [] and summary["culprits"] == []
+    (first,) = summary["rounds"]
+    assert first["outcome"] == CRASH_START and "did not become ready within 0.5 s" in first["detail"]["error"]
+    assert "failed (crash at start) although the stored run answered" in (
+        tmp_path / "reports" / "r9" / "bisect.md").read_text()
+
+
 def test_root_cause_lines_are_bounded_and_from_this_start(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     log.write_text("RuntimeError: an earlier start\n")
