@@ -547,8 +547,8 @@ class ServerRounds:
         outcome, problem = self._run(spec, role, detail, started)
         if outcome is None:
             outcome = self._judge(role, detail)
-        elif problem is not None:
-            detail["error"] = _first_line(problem)
+        else:
+            detail["error"] = _first_line(problem) if problem else "the server exited while answering"
         if outcome in NO_ANSWERS:
             detail["root_cause"] = root_cause_lines(log_path, offset)
         detail["wall_s"] = round(time.monotonic() - started, 2)
