@@ -52,7 +52,8 @@ def hand_built():
 
 def test_hand_built_task_fields(hand_built):
     ref, cand = hand_built
-    tc = compare_task("t", "Task T", ref, cand, margin=1.0, release_gate=5.0)
+    # The legacy switch scores errors 0, so the numbers below are over all 10 paired items.
+    tc = compare_task("t", "Task T", ref, cand, rule=stats.DecisionRule(1.0, 5.0), errors_as_zero=True)
     ref_vals = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     cand_vals = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
 
@@ -74,15 +75,16 @@ def test_hand_built_task_fields(hand_built):
     assert tc.output_agreement == pytest.approx(3 / 10)  # i1 differs in text only
     assert tc.mde == pytest.approx(100 * stats.minimum_detectable_effect(ref_vals, cand_vals))
     assert tc.equivalent is False
-    assert tc.within_release_gate is False  # a 10-point drop
-    assert tc.verdict == "inconclusive"  # past the release gate, but 2 vs 1 flips show no drop
-    assert not tc.within_release_gate
+    assert tc.within_release_gate is False  # non-inferiority at -5 is not shown
+    # i7, i8 errored and r-only, c-only are scored on one side: 4 of 12 items lost, incomplete whatever the
+    # statistics say.
+    assert tc.verdict == "incomplete" and tc.incomplete_reason.startswith("4 of 12 items (33.3 %)")
     assert (tc.errors_reference, tc.errors_candidate) == (1, 1)
     assert (tc.unparsed_reference, tc.unparsed_candidate) == (0, 1)
     assert (tc.only_reference, tc.only_candidate) == (["r-only"], ["c-only"])
     assert tc.excluded_errors == 0
     assert tc.answer_disagreements == 6
-    assert len(tc.warnings) == 1 and "left out of the paired statistics" in tc.warnings[0]
+    assert len(tc.warnings) == 2 and "left out of the paired statistics" in tc.warnings[0]
     assert tc.divergence["n"] == 10 and tc.divergence["exact_output_agreement"] == pytest.approx(0.3)
     assert tc.divergence["logprobs"] is None
     assert tc.groups == {
@@ -93,12 +95,13 @@ def test_hand_built_task_fields(hand_built):
     }
 
 
-def test_errors_can_be_left_out_instead_of_scored_zero(hand_built):
+def test_errors_are_left_out_not_scored_zero(hand_built):
     ref, cand = hand_built
-    tc = compare_task("t", "Task T", ref, cand, errors_as_zero=False)
+    tc = compare_task("t", "Task T", ref, cand)
     assert tc.n == 8 and tc.excluded_errors == 2  # i7 and i8
     assert (tc.errors_reference, tc.errors_candidate) == (1, 1)  # still counted
     assert any("infrastructure error" in w for w in tc.warnings)
+    assert tc.verdict == "incomplete"
 
 
 def test_logprob_divergence_from_records():
@@ -129,7 +132,7 @@ def test_identical_runs(n, expected):
     ±1.34 points at n = 200 (not).
     """
     ref = [score("reference", f"i{i}", float(i % 3 == 0)) for i in range(n)]
-    tc = compare_task("t", "T", ref, identical(ref, "candidate"), margin=1.0)
+    tc = compare_task("t", "T", ref, identical(ref, "candidate"), rule=stats.DecisionRule(1.0, None))
     assert tc.delta == 0.0 and tc.flips_ref_only == tc.flips_cand_only == 0
     assert tc.answer_agreement == 1.0 and tc.output_agreement == 1.0
     assert tc.p_value == 1.0
@@ -217,7 +220,8 @@ def test_outputs_beyond_the_noise_floor_need_more_ab_than_aa_differences():
     assert x.noise_test["beyond_noise"] is True
     assert (y.noise_test["ab_only"], y.noise_test["aa_only"], y.noise_test["p"]) == (0, 0, 1.0)
     assert y.noise_test["beyond_noise"] is False
-    assert x.delta == 0 and run.verdict == "inconclusive"  # same answers: accuracy alone cannot see it
+    # Same answers: accuracy alone cannot see it; 60 identical outcomes certify non-inferiority at −5.
+    assert x.delta == 0 and run.verdict == "consistent" and x.rule == "non-inferiority −5"
     data = run.to_dict()["tasks"][0]
     assert data["noise_test"]["beyond_noise"] is True and "differing_outputs" not in data
     assert compare_run([{"task": "x", "title": "X", "reference": ref["x"], "candidate": cand["x"]}]).tasks[0] \
