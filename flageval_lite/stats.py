@@ -9,6 +9,7 @@ Notation: for binary items, `losses` are items only the reference got right (McN
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -209,6 +210,7 @@ def _t_central_probability(t: float, dof: int) -> float:
 _T_SERIES_DOF = 200
 
 
+@functools.lru_cache(maxsize=1024)  # a run asks for the same few (confidence, n) pairs over and over
 def _t_quantile(confidence: float, dof: int) -> float:
     """Two-sided Student-t quantile: bisection on the exact distribution up to 200 dof, then the
     Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5); the normal quantile when dof < 1."""
