@@ -570,7 +570,11 @@ def compare_run(tasks: Sequence[Mapping[str, Any]], margin: Optional[float] = 1.
     """
     if not tasks:
         raise UserError("nothing to compare: no task has scores")
-    default_rule = stats.DecisionRule(equivalence=margin, non_inferiority=release_gate, max_error_rate=max_error_rate)
+    try:
+        default_rule = stats.DecisionRule(equivalence=margin, non_inferiority=release_gate,
+                                          max_error_rate=max_error_rate)
+    except ValueError as exc:
+        raise UserError(f"decision rule: {exc}") from None
     rows: list[PairedTaskComparison] = []
     rules: list[stats.DecisionRule] = []
     drilldown: dict[str, list[DrillItem]] = {}

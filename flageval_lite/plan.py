@@ -102,3 +102,41 @@ def describe(plan: dict[str, Any]) -> str:
                      else f" (repeats of these {plan['items']:,} cannot reach it)")
         parts.append(text)
     return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- `flageval-lite plan`
+
+RUN_HEADERS = ["task", "items", "flip rate", "verdict", "certifies now (±ε / −δ)", "needs at this flip rate"]
+ASSUMED_HEADERS = ["task", "items", "flip rate", "needs at this flip rate"]
+
+
+def _certifies(certified: dict[str, float]) -> str:
+    return f"±{certified['equivalence']:.2f} / −{certified['non_inferiority']:.2f}"
+
+
+def stored_run_table(comparison: Any) -> list[list[str]]:
+    """Rows of RUN_HEADERS for a compared run: its own n, flip rate and what each row certifies."""
+    return [[row.title, str(row.n), f"{100 * row.flip_rate:.1f} %", f"{row.verdict} ({row.rule})",
+             _certifies(row.certified), describe(row.plan) if row.plan else "nothing measured"]
+            for row in comparison.tasks]
+
+
+def assumed_table(tasks: list[tuple[str, Optional[int], DecisionRule]], flip_rate: float) -> list[list[str]]:
+    """Rows of ASSUMED_HEADERS for tasks that have not run: (title, items in the dataset or None, rule) at an assumed
+    flip rate (Var(d) = f, i.e. no true difference)."""
+    rows = []
+    for title, items, rule in tasks:
+        entry = plan_task(items or 0, flip_rate, flip_rate, rule)
+        if items is None:  # dataset not local: only the item counts needed can be said
+            for need in entry["needs"].values():
+                need.pop("repeats", None)
+        rows.append([title, "not cached" if items is None else str(items), f"{100 * flip_rate:.1f} % (assumed)",
+                     describe(entry)])
+    return rows
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
