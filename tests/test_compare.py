@@ -287,3 +287,64 @@ def test_bad_input_is_one_clear_error(hand_built, mutate, message):
 def test_unknown_metric_is_rejected(hand_built):
     with pytest.raises(UserError, match="unknown metric 'median'"):
         compare_task("t", "T", *hand_built, metric="median")
+
+
+@pytest.mark.parametrize("n", [49, 98, 103])
+def test_livebench_rescaling_keeps_binary_values_binary(n):
+    """One category, one task: n × weight is exactly 1, so right/wrong items keep the binary test and interval."""
+    ref = [score("reference", f"i{k}", float(k % 2), group="math/amps") for k in range(n)]
+    cand = [score("candidate", f"i{k}", float(k % 2 if k else 1 - k % 2), group="math/amps") for k in range(n)]
+    tc = compare_task("t", "LiveBench", ref, cand, metric="livebench")
+    assert tc.binary is True
+    assert tc.p_value == pytest.approx(stats.mcnemar_exact(0, 1))
+    assert sum(livebench_weights(["math/amps"] * n)) == 1
+
+
+def _errored(scores, ids):
+    out = identical(scores, scores[0].role)
+    for s in out:
+        if s.item_id in ids:
+            s.value, s.outcome, s.extracted, s.response_text = 0.0, "error", "", ""
+    return out
+
+
+@pytest.mark.parametrize("ref_errors, cand_errors, incomplete", [
+    ((), (), False),
+    (("i0",), ("i0",), False),  # lost on both sides: 1 of 100 items, under 2 %
+    (("i0", "i1", "i2"), ("i0", "i1", "i2"), True),  # 3 % of the items
+    ((), ("i7",), True),  # one side only
+    (("i3",), ("i4",), True),  # each on one side only
+])
+def test_incomplete_when_faults_take_too_much_or_one_side_only(ref_errors, cand_errors, incomplete):
+    ref = [score("reference", f"i{k}", float(k % 2)) for k in range(100)]
+    cand = identical(ref, "candidate")
+    tc = compare_task("t", "T", _errored(ref, ref_errors), _errored(cand, cand_errors))
+    assert (tc.verdict == "incomplete") is incomplete
+    assert tc.n == 100 - len(set(ref_errors) | set(cand_errors))
+    assert tc.delta == 0.0  # identical answers: the faults move nothing
+    run = compare_run([{"task": "t", "title": "T", "reference": _errored(ref, ref_errors),
+                        "candidate": _errored(cand, cand_errors)}])
+    assert (run.verdict == "incomplete", run.exit_code == 4) == (incomplete, incomplete)
+
+
+def test_a_task_whose_every_pair_errored_is_incomplete_not_an_error():
+    ref = [score("reference", f"i{k}", 1.0) for k in range(5)]
+    cand = _errored(identical(ref, "candidate"), {f"i{k}" for k in range(5)})
+    run = compare_run([{"task": "t", "title": "T", "reference": ref, "candidate": cand},
+                       _task("c", 400, lost=0)])
+    assert [t.verdict for t in run.tasks] == ["incomplete", "consistent"] and run.verdict == "incomplete"
+    assert run.tasks[0].n == 0 and run.tasks[0].excluded_errors == 5
+    assert Comparison.from_dict(run.to_dict()).tasks[0].verdict == "incomplete"
+
+
+def test_per_task_rules_and_the_row_plan():
+    same = _task("c", 100, lost=0)  # 100 identical items: ±2.6 points at 90 %
+    run = compare_run([same, {**_task("d", 100, lost=0), "rule": stats.DecisionRule(equivalence=3.0)}])
+    c, d = run.tasks
+    assert (c.verdict, c.rule) == ("consistent", "non-inferiority −5")
+    assert (d.verdict, d.rule) == ("consistent", "equivalence ±3")
+    assert c.certified["non_inferiority"] == pytest.approx(100 * 2.706 / 102.706, rel=1e-3)
+    assert c.plan["needs"]["equivalence"]["items"] == 268 and c.plan["needs"]["non_inferiority"]["items"] == 52
+    assert c.plan["needs"]["equivalence"]["repeats"] is None  # 100 items' band is wider than ±1 at any k
+    with pytest.raises(UserError, match="stronger claim"):
+        compare_run([same], margin=6.0, release_gate=5.0)

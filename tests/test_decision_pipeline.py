@@ -52,7 +52,11 @@ def test_omni_identical_servers_consistent_where_the_items_suffice(tmp_path, poo
     aime = next(line for line in planned.stdout.splitlines() if line.startswith("AIME "))
     assert "inconclusive (non-inferiority −5)" in aime and "non-inferiority −5: 52 items" in aime
 
-    # report RUN re-renders under the stored rules, not the built-in defaults.
+    # compare RUN_A RUN_B and report RUN decide under the stored rules, not the built-in defaults.
+    compared = cli(tmp_path, "compare", "same", "same")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    pairs = json.loads((tmp_path / "reports/same__vs__same/summary.json").read_text())["comparison"]["tasks"]
+    assert {t["task"] for t in pairs if t["verdict"] == "consistent"} == {"blink", "livebench"}
     again = cli(tmp_path, "report", "same", "--gate")
     assert again.returncode == 3
     rerendered = json.loads((tmp_path / "reports/same/summary.json").read_text())
