@@ -43,7 +43,7 @@ class PairedTaskComparison(TaskComparison):
     metric: str = "accuracy"
     only_reference: list[str] = field(default_factory=list)  # item ids scored on the reference only
     only_candidate: list[str] = field(default_factory=list)
-    excluded_errors: int = 0  # pairs dropped because errors were not counted as 0
+    excluded_errors: int = 0  # pairs left out because either side errored (none with errors_as_zero)
     # The decision rule (stats.DecisionRule, points) and what decided the verdict ("equivalence ±1", ...)
     equivalence_margin: Optional[float] = None
     non_inferiority_margin: Optional[float] = None

@@ -294,8 +294,10 @@ def _errors_table(comparison: Comparison, ref: str, cand: str) -> Table:
         headers=["Metrics", f"errors {ref}", f"errors {cand}", f"unparsed {ref}", f"unparsed {cand}",
                  f"only {ref}", f"only {cand}"],
         rows=rows,
-        note="Errors are infrastructure failures (no answer), scored 0; unparsed: an answer came back but none "
-             "could be extracted, scored 0; only …: items scored on one side only, left out of the paired numbers.",
+        note="Errors are infrastructure failures (no answer), left out of the paired sample; unparsed: an answer came "
+             "back but none could be extracted, scored 0; only …: items scored on one side only, left out of the "
+             "paired numbers.  More than the allowed share of such items, or any on one side only, makes the row "
+             "incomplete.",
     )
 
 
