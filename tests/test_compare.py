@@ -348,3 +348,18 @@ def test_per_task_rules_and_the_row_plan():
     assert c.plan["needs"]["equivalence"]["repeats"] is None  # 100 items' band is wider than ±1 at any k
     with pytest.raises(UserError, match="stronger claim"):
         compare_run([same], margin=6.0, release_gate=5.0)
+
+
+def test_one_sided_faults_move_no_row_and_never_read_regression():
+    """Six tasks, identical answers, 20 % of the candidate's items errored: Δ stays 0 everywhere, the run is
+    incomplete (exit 4), not a regression as when errors were scored 0."""
+    tasks = []
+    for name in "abcdef":
+        ref = [score("reference", f"{name}{i}", float(i % 2), task=name) for i in range(100)]
+        cand = _errored(identical(ref, "candidate"), {f"{name}{i}" for i in range(0, 100, 5)})
+        tasks.append({"task": name, "title": name.upper(), "reference": ref, "candidate": cand})
+    run = compare_run(tasks)
+    assert all(t.delta == 0.0 and t.n == 80 and t.errors_candidate == 20 for t in run.tasks)
+    assert {t.verdict for t in run.tasks} == {"incomplete"} and (run.verdict, run.exit_code) == ("incomplete", 4)
+    legacy = compare_run(tasks, errors_as_zero=True)
+    assert legacy.tasks[0].delta == pytest.approx(-10.0)  # the 10 right answers among the errored 20, scored 0
