@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -356,7 +357,10 @@ def stored_rules(store: Store) -> tuple[dict[str, Any], dict[str, DecisionRule]]
     """The run's default rule (compare_run's margin, release_gate, max_error_rate) and each task's rule, as stored by
     the run; a run stored before per-task rules has only the defaults."""
     config = store.get_meta("config", {})
-    defaults = {"margin": config.get("margin", 1.0), "release_gate": config.get("release_gate", 5.0),
+    gate = config.get("release_gate", 5.0)
+    defaults = {"margin": config.get("margin", 1.0),
+                # runs stored before non-inferiority was a test switched the old gate off with an infinite one
+                "release_gate": None if gate is not None and math.isinf(gate) else gate,
                 "max_error_rate": config.get("max_error_rate", 0.02)}
     return defaults, {name: DecisionRule(**rule) for name, rule in (config.get("rules") or {}).items()}
 
