@@ -306,18 +306,26 @@ def _fault_losses(ref: Mapping[str, Score], cand: Mapping[str, Score]) -> tuple[
     return bad_ref | bad_cand, bad_ref ^ bad_cand
 
 
-def incomplete_reason(lost: int, one_sided: int, total: int, max_error_rate: float) -> str:
-    """Why the faults of a task make its paired sample unfit to decide on; "" when they do not.
+def incomplete_reason(ref: Mapping[str, Score], cand: Mapping[str, Score], max_error_rate: float) -> str:
+    """Why the faults of a task (all its scores per side) make its paired sample unfit to decide on; "" when not.
 
     Excluding an item lost on both sides leaves a smaller but still paired sample; an item lost on one
     side only may be one that side cannot answer (a crash on long inputs), so leaving it out could hide
     exactly the difference the run looks for."""
-    if total and lost / total > max_error_rate:
-        return (f"{lost} of {total} items ({100 * lost / total:.1f} %) lost to infrastructure errors or missing "
-                f"scores, more than the {100 * max_error_rate:g} % allowed")
+    lost, one_sided = _fault_losses(ref, cand)
+    total = len(ref.keys() | cand.keys())
+    if total and len(lost) / total > max_error_rate:
+        return (f"{len(lost)} of {total} items ({100 * len(lost) / total:.1f} %) lost to infrastructure errors or "
+                f"missing scores, more than the {100 * max_error_rate:g} % allowed")
     if one_sided:
-        return f"{one_sided} item(s) lost to infrastructure errors or missing scores on one side only"
+        return f"{len(one_sided)} item(s) lost to infrastructure errors or missing scores on one side only"
     return ""
+
+
+def _outcome_counts(ref: Mapping[str, Score], cand: Mapping[str, Score]) -> dict[str, int]:
+    return {f"{kind}_{role}": sum(s.outcome == outcome for s in scores.values())
+            for kind, outcome in (("errors", "error"), ("unparsed", "unparsed"))
+            for role, scores in (("reference", ref), ("candidate", cand))}
 
 
 def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
@@ -348,9 +356,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         if not kept:
             return _unmeasured_row(task, title, metric, rule, pairs, ref_all, cand_all, only_ref, only_cand, warnings)
         pairs = kept
-    lost, one_sided = _fault_losses(ref_all, cand_all)
-    reason = incomplete_reason(len(lost), len(one_sided), len(ref_all.keys() | cand_all.keys()),
-                               rule.max_error_rate)
+    reason = incomplete_reason(ref_all, cand_all, rule.max_error_rate)
 
     ref_vals = [_value(p.reference, errors_as_zero) for p in pairs]
     cand_vals = [_value(p.candidate, errors_as_zero) for p in pairs]
@@ -402,10 +408,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
         within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
         verdict=verdict,
-        errors_reference=sum(s.outcome == "error" for s in ref_all.values()),
-        errors_candidate=sum(s.outcome == "error" for s in cand_all.values()),
-        unparsed_reference=sum(s.outcome == "unparsed" for s in ref_all.values()),
-        unparsed_candidate=sum(s.outcome == "unparsed" for s in cand_all.values()),
+        **_outcome_counts(ref_all, cand_all),
         divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
         groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
         metric=metric,
@@ -434,19 +437,14 @@ def _unmeasured_row(task: str, title: str, metric: str, rule: stats.DecisionRule
                     ref_all: Mapping[str, Score], cand_all: Mapping[str, Score], only_ref: list[str],
                     only_cand: list[str], warnings: list[str]) -> PairedTaskComparison:
     """The row of a task whose every paired item errored: nothing measured (Δ anywhere in ±100), "incomplete"."""
-    lost, one_sided = _fault_losses(ref_all, cand_all)
-    reason = incomplete_reason(len(lost), len(one_sided), len(ref_all.keys() | cand_all.keys()), rule.max_error_rate)
+    reason = incomplete_reason(ref_all, cand_all, rule.max_error_rate)
     nothing = Interval(-100.0, 100.0)
     return PairedTaskComparison(
         task=task, title=title, n=0, binary=False, reference_score=0.0, candidate_score=0.0,
         reference_ci=Interval(0.0, 100.0), candidate_ci=Interval(0.0, 100.0), delta=0.0, delta_ci=nothing,
         delta_ci90=nothing, p_value=1.0, p_holm=1.0, flips_ref_only=0, flips_cand_only=0, answer_agreement=0.0,
         output_agreement=0.0, mde=100.0, equivalent=False, within_release_gate=False, verdict="incomplete",
-        errors_reference=sum(s.outcome == "error" for s in ref_all.values()),
-        errors_candidate=sum(s.outcome == "error" for s in cand_all.values()),
-        unparsed_reference=sum(s.outcome == "unparsed" for s in ref_all.values()),
-        unparsed_candidate=sum(s.outcome == "unparsed" for s in cand_all.values()),
-        metric=metric, only_reference=only_ref, only_candidate=only_cand, excluded_errors=len(pairs),
+        **_outcome_counts(ref_all, cand_all), metric=metric, only_reference=only_ref, only_candidate=only_cand, excluded_errors=len(pairs),
         warnings=warnings + [f"incomplete: {reason}; rerun to re-ask them"],
         equivalence_margin=rule.equivalence, non_inferiority_margin=rule.non_inferiority,
         max_error_rate=rule.max_error_rate, rule=rule.label(rule.weakest),

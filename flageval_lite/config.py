@@ -222,7 +222,8 @@ def task_rule(config: RunConfig, task: str, task_decision: Optional[dict[str, Op
     try:
         return DecisionRule(**fields_set)
     except ValueError as exc:
-        raise ConfigError(config.source, f"task_rules.{task}", str(exc)) from None
+        where = f"task_rules.{task}" if task in config.task_rules else f"margin/release_gate (task {task})"
+        raise ConfigError(config.source, where, str(exc)) from None
 
 
 def _teacher_forced_config(raw: Any, source: str) -> TeacherForcedConfig:

@@ -64,3 +64,8 @@ def test_task_rules_for_a_task_outside_the_run_fail_before_any_server(tmp_path):
     config = _config(tmp_path, suite="demo", task_rules={"aime": {"non_inferiority": 10}})
     with pytest.raises(UserError, match="task_rules names aime, not a task of this run"):
         Pipeline(config, runs_root=tmp_path / "runs", reports_root=tmp_path / "reports").preflight()
+
+
+def test_contradicting_defaults_name_the_run_fields(tmp_path):
+    with pytest.raises(ConfigError, match=r"margin/release_gate \(task mmlu\).*stronger claim"):
+        task_rule(_config(tmp_path, margin=6, release_gate=5), "mmlu")
