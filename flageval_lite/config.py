@@ -17,6 +17,8 @@ import yaml
 from .errors import ConfigError
 from .records import ServeSpec
 from .servers.spec import device_ids, load_serve_spec, replica_specs
+from .stats import DecisionRule
+from .tasks.spec import parse_decision
 
 DEFAULT_REFERENCE = "embedded_fp32"
 # On a CUDA machine with FlagGems the candidate is the FlagGems stack; on CPU, bfloat16 stands in.
@@ -58,8 +60,13 @@ class RunConfig:
     request_timeout_s: float = 600.0
     max_attempts: int = 4
     interleave: bool = True
-    margin: float = 1.0
-    release_gate: float = 5.0
+    # The decision rule's defaults (docs/statistics.md, "Decision rules"): equivalence margin ε and non-inferiority
+    # margin δ in points (null: not tested), and the error share before a row reads "incomplete".  A task spec's
+    # `decision:` overrides them for its task, `task_rules: {task: {...}}` overrides both.
+    margin: Optional[float] = 1.0
+    release_gate: Optional[float] = 5.0
+    max_error_rate: float = 0.02
+    task_rules: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
     data_dir: str = ""
     lmeval_include_path: str = ""  # folder of extra lm-eval task YAMLs for `lmeval:<task>` entries
     max_image_pixels: Optional[int] = None
@@ -185,7 +192,8 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     types = {"suite": str, "limit": int, "placement": str, "allow_fallback": bool, "concurrency": int,
              "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
              "margin": (int, float), "release_gate": (int, float), "data_dir": str, "lmeval_include_path": str,
-             "max_image_pixels": int, "max_tokens_cap": int, "judge": dict, "noise_floor": bool}
+             "max_image_pixels": int, "max_tokens_cap": int, "judge": dict, "noise_floor": bool,
+             "max_error_rate": (int, float), "task_rules": dict}
     for key, expected in types.items():
         if raw.get(key) is not None:
             _check_type(source, key, raw[key], expected)
@@ -193,8 +201,29 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(source, "placement", f"must be one of {', '.join(PLACEMENTS)}")
     if raw.get("limit") is not None and raw["limit"] < 1:
         raise ConfigError(source, "limit", "must be at least 1")
+    for key in ("margin", "release_gate"):
+        if raw.get(key) is not None and not 0 < raw[key] < 100:
+            raise ConfigError(source, key, f"a margin in points must lie in (0, 100) or be null, got {raw[key]}")
+    if not 0 <= raw.get("max_error_rate", 0.0) < 1:
+        raise ConfigError(source, "max_error_rate", f"must lie in [0, 1), got {raw['max_error_rate']}")
+    raw["task_rules"] = {task: parse_decision(source, f"task_rules.{task}", rule)
+                         for task, rule in (raw.get("task_rules") or {}).items()}
     return RunConfig(reference=reference, candidate=candidate, perf=perf, teacher_forced=teacher_forced,
                      source=source, **raw)
+
+
+def task_rule(config: RunConfig, task: str, task_decision: Optional[dict[str, Optional[float]]] = None) -> DecisionRule:
+    """The decision rule of one task: the run config's defaults, then the task spec's `decision:`, then the run
+    config's `task_rules[task]`, field by field."""
+    fields_set = {"equivalence": config.margin, "non_inferiority": config.release_gate,
+                  "max_error_rate": config.max_error_rate}
+    fields_set.update(task_decision or {})
+    fields_set.update(config.task_rules.get(task) or {})
+    try:
+        return DecisionRule(**fields_set)
+    except ValueError as exc:
+        where = f"task_rules.{task}" if task in config.task_rules else f"margin/release_gate (task {task})"
+        raise ConfigError(config.source, where, str(exc)) from None
 
 
 def _teacher_forced_config(raw: Any, source: str) -> TeacherForcedConfig:

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -20,9 +21,10 @@ from typing import Any, Iterable, Iterator, Optional
 from . import __version__, teacher_forced
 from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
-from .config import RunConfig
+from .config import RunConfig, task_rule
 from .errors import UserError
 from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
+from .stats import DecisionRule
 from .report import render_report
 from .runner import Job, Runner
 from .scoring import score_task
@@ -135,12 +137,20 @@ class Pipeline:
         if judged and not self.config.judge.get("base_url"):
             raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
                             f"in the run config ({self.config.source})")
+        unknown = sorted(set(self.config.task_rules) - {t.name for t in self.tasks})
+        if unknown:
+            raise UserError(f"{self.config.source}: task_rules names {', '.join(unknown)}, not a task of this run")
+        self.rules()
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
         for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
             for one in replica_specs(backend):
                 build_launch(one, role, self.run_dir, port=0)
+
+    def rules(self) -> dict[str, DecisionRule]:
+        """Each task's decision rule (config.task_rule); a contradiction is a ConfigError before anything starts."""
+        return {spec.name: task_rule(self.config, spec.name, spec.decision) for spec in self.tasks}
 
     def items(self, spec: Any) -> Iterator[Item]:
         return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,
@@ -182,6 +192,8 @@ class Pipeline:
         store.set_meta("config", {
             "run_id": self.run_id, "suite": cfg.suite, "tasks": [t.name for t in self.tasks], "limit": cfg.limit,
             "placement": cfg.placement, "margin": cfg.margin, "release_gate": cfg.release_gate,
+            "max_error_rate": cfg.max_error_rate,
+            "rules": {name: dataclasses.asdict(rule) for name, rule in self.rules().items()},
             "concurrency": cfg.concurrency, "noise_floor": cfg.noise_floor, "source": cfg.source,
             "flageval_lite": __version__, "host": platform.node(), "python": platform.python_version(),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -345,14 +357,29 @@ def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
     return JudgeClient(cache_path=Path(store.path).parent / "judge.sqlite", **judge_config)
 
 
-def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str]) -> list[dict[str, Any]]:
-    """Pair the scores of (store, run_id, role) A as reference with those of B as candidate, per task of A."""
+def stored_rules(store: Store) -> tuple[dict[str, Any], dict[str, DecisionRule]]:
+    """The run's default rule (compare_run's margin, release_gate, max_error_rate) and each task's rule, as stored by
+    the run; a run stored before per-task rules has only the defaults."""
+    config = store.get_meta("config", {})
+    gate = config.get("release_gate", 5.0)
+    defaults = {"margin": config.get("margin", 1.0),
+                # runs stored before non-inferiority was a test switched the old gate off with an infinite one
+                "release_gate": None if gate is not None and math.isinf(gate) else gate,
+                "max_error_rate": config.get("max_error_rate", 0.02)}
+    return defaults, {name: DecisionRule(**rule) for name, rule in (config.get("rules") or {}).items()}
+
+
+def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str],
+                      rules: Optional[dict[str, DecisionRule]] = None) -> list[dict[str, Any]]:
+    """Pair the scores of (store, run_id, role) A as reference with those of B as candidate, per task of A; `rules`
+    gives a task its own decision rule (the others get compare_run's defaults)."""
     store_a, run_a, role_a = side_a
     store_b, run_b, role_b = side_b
     out = []
     for name, spec in store_a.get_meta("task_specs", {}).items():
         items = {it["item_id"]: it for it in store_a.items(run_a, task=name)}
         out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
+                    "rule": (rules or {}).get(name),
                     "reference": store_a.scores(run_a, role=role_a, task=name),
                     "candidate": store_b.scores(run_b, role=role_b, task=name),
                     "records": {"reference": list(store_a.records(run_a, role=role_a, task=name)),
@@ -391,24 +418,26 @@ def perf_set_aside(store: Store, run_id: str) -> dict[str, int]:
     return out
 
 
-def build_comparison(store: Store, run_id: str, margin: float, release_gate: float) -> Any:
+def build_comparison(store: Store, run_id: str) -> Any:
+    """The run's comparison under the decision rules stored with it."""
     tasks = list(store.get_meta("task_specs", {}))
+    defaults, rules = stored_rules(store)
     noise = None
     if store.scores(run_id, role=AA_ROLE):
         tf_noise = {}
         if AA_ROLE in (store.get_meta(teacher_forced.META_KEY) or {}).get("status", {}):
             tf_noise = teacher_forced.stored_comparison(store, run_id, "reference", AA_ROLE, tasks)
-        noise = compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, AA_ROLE)),
-                            margin=margin, release_gate=release_gate, teacher_forced=tf_noise)
-    return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate")),
-                       margin=margin, release_gate=release_gate, perf=perf_samples(store, run_id),
+        noise = compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, AA_ROLE), rules),
+                            **defaults, teacher_forced=tf_noise)
+    return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate"), rules),
+                       **defaults, perf=perf_samples(store, run_id),
                        noise_floor=noise,
                        teacher_forced=teacher_forced.stored_comparison(store, run_id, "reference", "candidate", tasks))
 
 
 def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:
     config = store.get_meta("config", {})
-    comparison = build_comparison(store, run_id, config.get("margin", 1.0), config.get("release_gate", 5.0))
+    comparison = build_comparison(store, run_id)
     manifest = {"run_id": run_id, "config": config, "specs": store.get_meta("specs", {}),
                 "servers": store.get_meta("servers", {}), "replicas": store.get_meta("replicas", {}),
                 "replica_failures": store.get_meta("replica_failures", []),
@@ -439,15 +468,23 @@ def rerender(run: str, runs_root: Path = Path("runs"), reports_root: Path = Path
 
 def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_b: str = "candidate",
                         runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
-                        margin: float = 1.0, release_gate: float = 5.0) -> RunResult:
-    """Compare role A of one stored run with role B of another (e.g. two single-stack runs)."""
+                        margin: Optional[float] = None) -> RunResult:
+    """Compare role A of one stored run with role B of another (e.g. two single-stack runs), under the decision rules
+    stored with run A; `margin` replaces every task's equivalence margin."""
     store_a, id_a, dir_a = open_run(run_a, runs_root)
     store_b, id_b, _ = open_run(run_b, runs_root)
     try:
         if not store_b.scores(id_b, role=role_b):
             raise UserError(f"{run_b}: no scores for role {role_b!r}")
-        comparison = compare_run(comparison_inputs((store_a, id_a, role_a), (store_b, id_b, role_b)),
-                                 margin=margin, release_gate=release_gate)
+        defaults, rules = stored_rules(store_a)
+        if margin is not None:
+            defaults["margin"] = margin
+            try:
+                rules = {name: dataclasses.replace(rule, equivalence=margin) for name, rule in rules.items()}
+            except ValueError as exc:
+                raise UserError(f"--margin {margin:g}: {exc}") from None
+        comparison = compare_run(comparison_inputs((store_a, id_a, role_a), (store_b, id_b, role_b), rules),
+                                 **defaults)
         specs_a, specs_b = store_a.get_meta("specs", {}), store_b.get_meta("specs", {})
         servers_a, servers_b = store_a.get_meta("servers", {}), store_b.get_meta("servers", {})
         run_id = f"{id_a}__vs__{id_b}"

@@ -48,10 +48,12 @@ def test_vlmevalkit_work_dirs_mcq_scored_by_our_choice_scorer_and_judged_vqa(tmp
                         labels="native,flaggems")
     mcq, vqa = result.comparison.task("MMMU_DEV_VAL"), result.comparison.task("MathVista_MINI")
     # MCQ file without scores: our choice scorer; "I am not sure" is unparsed on both sides, and B's
-    # "Failed to obtain answer via API." is an infrastructure error, not a wrong answer.
-    assert (mcq.n, mcq.reference_score, mcq.candidate_score) == (8, 87.5, 62.5)
-    assert (mcq.flips_ref_only, mcq.flips_cand_only) == (2, 0)
+    # "Failed to obtain answer via API." is an infrastructure error, not a wrong answer: it leaves the paired sample
+    # (7 of 8 items) and, lost on one side only, makes the row incomplete.
+    assert (mcq.n, mcq.reference_score, mcq.candidate_score) == (7, pytest.approx(600 / 7), pytest.approx(500 / 7))
+    assert (mcq.flips_ref_only, mcq.flips_cand_only) == (1, 0)
     assert (mcq.unparsed_reference, mcq.unparsed_candidate, mcq.errors_candidate) == (1, 1, 1)
+    assert mcq.verdict == "incomplete" and result.comparison.verdict == "incomplete"
     # The judged `_gpt-4o-mini_result.tsv` wins over the plain prediction file: its `hit` column counts.
     assert (vqa.n, vqa.reference_score, vqa.candidate_score) == (6, pytest.approx(500 / 6), pytest.approx(400 / 6))
     assert result.files["md"].is_file() and "native" in result.files["md"].read_text()
@@ -98,8 +100,10 @@ def test_flagevalmm_output_dirs(tmp_path, capsys):
     summary = json.loads((tmp_path / "reports" / run_dir.name / "summary.json").read_text())
     rows = {row["task"]: row for row in summary["comparison"]["tasks"]}
     mmmu, vet = rows["mmmu_val"], rows["mmvet_v2"]
-    assert (mmmu["n"], mmmu["errors_candidate"], mmmu["only_reference"]) == (5, 1, ["validation_Economics_6"])
-    assert (mmmu["flips_ref_only"], mmmu["flips_cand_only"]) == (2, 0)  # a wrong letter and an "Error code"
+    # The candidate's "Error code" reply is an infrastructure error: out of the paired sample, and the row incomplete.
+    assert (mmmu["n"], mmmu["errors_candidate"], mmmu["only_reference"]) == (4, 1, ["validation_Economics_6"])
+    assert (mmmu["flips_ref_only"], mmmu["flips_cand_only"]) == (1, 0)  # a wrong letter
+    assert mmmu["verdict"] == "incomplete"
     assert (vet["reference_score"], vet["candidate_score"]) == (pytest.approx(50.0), pytest.approx(200 / 3))
     with Store(run_dir / "results.sqlite") as store:
         scores = {s.item_id: s for s in store.scores(run_dir.name, role="candidate", task="mmvet_v2")}
