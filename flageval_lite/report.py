@@ -250,8 +250,35 @@ def _errors_table(comparison: Comparison, ref: str, cand: str) -> Table:
         headers=["Metrics", f"errors {ref}", f"errors {cand}", f"unparsed {ref}", f"unparsed {cand}",
                  f"only {ref}", f"only {cand}"],
         rows=rows,
-        note="Errors are infrastructure failures (no answer), scored 0; unparsed: an answer came back but none "
-             "could be extracted, scored 0; only …: items scored on one side only, left out of the paired numbers.",
+        note="Errors are infrastructure failures (no answer after every retry): never scored, and left out of the "
+             "paired numbers on both sides; unparsed: an answer came back but none could be extracted, scored 0; "
+             "only …: items scored on one side only, left out of the paired numbers.",
+    )
+
+
+def _kinds(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind} ×{n}" for kind, n in sorted(counts.items())) or "none"
+
+
+def _faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
+    """Requests, retries and failures per side and task (the store's fault_counts), when any request failed."""
+    faults = manifest.get("faults") or {}
+    if not any(row["failed_attempts"] for tasks in faults.values() for row in tasks.values()):
+        return None
+    titles = {t.task: t.title for t in comparison.tasks}
+    rows = [[_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["records"]),
+             str(row["requests"]), str(row["retries"]), _kinds(row["failed_attempts"]),
+             str(sum(row["errors"].values())), _kinds(row["errors"])]
+            for role, tasks in faults.items() for task, row in tasks.items()]
+    return Table(
+        title="Faults and retries",
+        headers=["side", "task", "answers", "requests", "retries", "failed requests by kind", "failed for good",
+                 "failed for good by kind"],
+        rows=rows,
+        note="Failed requests are retried up to the run's max_attempts (other 4xx are not retried).  "
+             "Answers: stored records (items × repeats).  Failed for good: items left out of the paired "
+             "statistics on both sides, never scored; rerun the same command to ask exactly those again.  "
+             "wrong_model: the server answered as another model; empty_choices: a body without choices.",
     )
 
 
@@ -450,6 +477,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "scores": _comparison_table(comparison, ref, cand),
         "details": _detail_table(comparison),
         "errors": _errors_table(comparison, ref, cand),
+        "faults": _faults_table(comparison, manifest),
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": _divergence_table(comparison),
         "noise": _noise_table(comparison),
@@ -499,6 +527,7 @@ def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[st
     return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
             "divergence_beyond_noise": dict(zip(("status", "detail"), divergence_headline(comparison))),
             "hardware_warnings": hardware_warnings({role: _backend(manifest, role) for role in ROLES}),
+            "faults": manifest.get("faults") or {},
             "manifest": dict(manifest)}
 
 

@@ -81,7 +81,8 @@ def test_faults_are_counted_and_never_become_answers(pool, store, stream):
 
 def test_each_fault_gets_its_error_kind(pool, tmp_path):
     expected = {"500": "http_5xx", "429": "rate_limit", "hang": "timeout", "reset": "connection",
-                "malformed": "malformed", "truncated": "stream_cut", "404": "http_4xx"}
+                "malformed": "malformed", "truncated": "stream_cut", "404": "http_4xx", "wrong_model": "wrong_model",
+                "empty_choices": "empty_choices"}
     for fault, kind in expected.items():
         server = pool.stub("--fail-first", "1", "--faults", fault)
         for stream in (True, False):  # distinct prompts: each one's first request fails
@@ -90,6 +91,22 @@ def test_each_fault_gets_its_error_kind(pool, tmp_path):
                 stats = run_jobs(store, [job], max_attempts=1, request_timeout_s=0.5)[("reference", "f")]
                 [rec] = store.records(RUN)
             assert stats.errors == {kind: 1} and rec.error_kind == kind and rec.response_text == "", (fault, rec)
+            assert rec.attempt_errors == [kind] and stats.failed_attempts == {kind: 1}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_wrong_model_and_empty_choices_are_retried_and_never_answers(pool, store, stream):
+    server = pool.stub("--fail-first", "2", "--faults", "wrong_model,empty_choices", "--seed", "3")
+    items = make_items("odd", 20, prefix=f"stream={stream}")
+    stats = run_jobs(store, [Job(endpoint(server), "odd", items, GenParams(stream=stream))])[("reference", "odd")]
+    served = server.get("/stats")["faults"]
+    assert stats.ok == 20 and stats.attempts == 60  # two bad answers per prompt, each retried
+    assert stats.failed_attempts == {"wrong_model": served["wrong_model"], "empty_choices": served["empty_choices"]}
+    records = {r.item_id: r for r in store.records(RUN)}
+    for item in items:
+        rec = records[item.item_id]
+        assert rec.response_text == item.messages[0]["content"] and len(rec.attempt_errors) == 2
+        assert set(rec.attempt_errors) <= {"wrong_model", "empty_choices"}
 
 
 def test_http_4xx_is_recorded_and_not_retried(pool, store):

@@ -17,7 +17,7 @@ import jinja2
 import yaml
 
 from ..errors import ConfigError, UserError
-from ..records import GenParams
+from ..records import REPEAT_AGGREGATES, GenParams
 from . import templating
 
 MODALITIES = ("text", "vision")
@@ -27,7 +27,7 @@ SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
              "system", "fewshot", "gold", "meta", "group_by", "generation", "scorer", "scorer_args", "metric",
-             "compat", "suites"}
+             "compat", "suites", "repeats", "repeat_aggregate"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
 SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
 FEWSHOT_KEYS = {"split", "n", "by"}
@@ -97,6 +97,8 @@ class TaskSpec:
     metric: str = "accuracy"
     compat: bool = False
     suites: tuple[str, ...] = ()
+    repeats: int = 1  # times each item is asked per side, unless the run config sets `repeats`
+    repeat_aggregate: str = "avg"  # one of REPEAT_AGGREGATES
     source: str = ""  # the YAML file, for error messages
 
 
@@ -295,6 +297,14 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
     if metric not in METRICS:
         raise ConfigError(path, "metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
 
+    repeats = _expect(path, "repeats", raw.get("repeats", 1), int, "a whole number of repeats")
+    if repeats < 1:
+        raise ConfigError(path, "repeats", f"must be at least 1, got {repeats}")
+    repeat_aggregate = raw.get("repeat_aggregate", "avg")
+    if repeat_aggregate not in REPEAT_AGGREGATES:
+        raise ConfigError(path, "repeat_aggregate",
+                          f"expected one of {', '.join(REPEAT_AGGREGATES)}, got {repeat_aggregate!r}")
+
     return TaskSpec(
         name=name,
         title=str(_expect(path, "title", raw["title"], str, "a string")),
@@ -317,6 +327,8 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
         metric=metric,
         compat=compat,
         suites=_str_list(path, "suites", raw.get("suites") or []),
+        repeats=repeats,
+        repeat_aggregate=repeat_aggregate,
         source=str(path),
     )
 
