@@ -434,6 +434,8 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "placement": store.get_meta("placement", {}),
                 "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
                 "faults": store.fault_counts(run_id),
+                "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
+                            for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {})}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     files = render_report(comparison, manifest, report_dir)

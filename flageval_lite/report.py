@@ -170,6 +170,12 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
         ("alpha", f"{comparison.alpha:g} (Holm-adjusted across {len(comparison.tasks)} tasks)"),
         ("flageval-lite", str(config.get("flageval_lite") or __version__)),
     ]
+    repeats = _repeat_notation(comparison, manifest)
+    if repeats:
+        sampling = ", ".join(f"{k} {v:g}" for k, v in ((config.get("sampling") or {}).items()))
+        facts.append(("repeats per item", "; ".join(f"{title} {notation}" for title, notation in repeats.items())
+                      + f" (each repeat its own seed{', ' + sampling if sampling else ''}; one mean per item is "
+                        f"compared)"))
     for failure in manifest.get("replica_failures") or ():
         facts.append(("replica given up", f"{failure.get('role')} replica {failure.get('replica')} "
                                           f"({failure.get('base_url')}): {failure.get('error')}"))
@@ -198,6 +204,13 @@ def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
                                                  f"operators replayed, outside tolerance: {failed}; "
                                                  f"{opcheck.get('report', 'ops.md')}"))
     return facts
+
+
+def _repeat_notation(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Row title -> "avg@k" / "pass@k" for the tasks asked more than once."""
+    repeats = manifest.get("repeats") or {}
+    return {t.title: f"{repeats[t.task]['aggregate']}@{repeats[t.task]['k']}" for t in comparison.tasks
+            if t.task in repeats}
 
 
 def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:

@@ -117,6 +117,9 @@ def test_sampled_repeats_through_the_pipeline_compare_per_item_means(tmp_path):
     [aa] = summary["comparison"]["noise_floor"]["tasks"]
     assert aa["task"] == "demo_mcq" and aa["n"] == 12
     assert summary["manifest"]["faults"]["reference"]["demo_mcq"]["records"] == 36
+    report = (tmp_path / "reports/rep/report.md").read_text()
+    assert "- repeats per item: Demo multiple choice avg@3 (each repeat its own seed, temperature 0.7, top_p 0.9" \
+        in report
 
 
 def test_per_item_means_keep_coverage_where_pooled_answers_do_not():
