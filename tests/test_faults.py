@@ -17,8 +17,11 @@ def run(tmp_path: Path, run_id: str, candidate: dict, **fields) -> dict:
     config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=candidate, suite="demo", limit=30,
                           perf={"enabled": False}, teacher_forced={"enabled": False}, **fields)
     done = cli(tmp_path, "run", "--config", str(config), "--run-id", run_id, "--quiet")
-    assert done.returncode in (0, 3), done.stderr[-3000:]  # consistent or inconclusive, never regression (1)
-    return json.loads((tmp_path / f"reports/{run_id}/summary.json").read_text())
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / f"reports/{run_id}/summary.json").read_text())
+    assert summary["verdict"] != "regression" and all(t["verdict"] != "regression"
+                                                      for t in summary["comparison"]["tasks"])
+    return summary
 
 
 def rows(summary: dict) -> list[dict]:
