@@ -169,6 +169,8 @@ def _reasoning(message: dict[str, Any]) -> str:
 
 
 def _logprob_entries(logprobs: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    if logprobs is not None and not isinstance(logprobs, dict):
+        raise _Failure("malformed", f"logprobs is not an object: {str(logprobs)[:300]}")
     return [{"token": entry.get("token"), "logprob": entry.get("logprob"),
              "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")}
                               for top in entry.get("top_logprobs") or []]}
@@ -681,16 +683,13 @@ class Runner:
         if not isinstance(answer, dict):
             raise _Failure("malformed", f"response is not a JSON object: {raw[:300]!r}")
         _check_model(answer, replica.endpoint.model)
-        choices = answer.get("choices")
+        choices = _choices(answer, raw)
         if not choices:
             raise _Failure("empty_choices", f"response has no choices: {raw[:300]!r}")
-        choice = choices[0] if isinstance(choices, list) else None
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            raise _Failure("malformed", f"response has no choices[0].message: {raw[:300]!r}")
+        text, think = _texts(choices[0].get("message"), raw)
+        choice = choices[0]
         logprobs = _logprob_entries(choice.get("logprobs")) if want_logprobs else None
-        _fill(record, message.get("content") or "", _reasoning(message), choice.get("finish_reason"),
-              answer.get("usage"), logprobs, end - start, None, [])
+        _fill(record, text, think, choice.get("finish_reason"), answer.get("usage"), logprobs, end - start, None, [])
 
     @staticmethod
     async def _send_streaming(replica: _Replica, body: bytes, record: Record, want_logprobs: bool) -> None:
@@ -734,11 +733,10 @@ class Runner:
                         raise _Failure("http_5xx", f"server error in stream: {chunk.get('error', chunk)}"[:500])
                     _check_model(chunk, replica.endpoint.model)
                     usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
+                    for choice in _choices(chunk, payload):
                         answered = True
                         end = now
-                        delta = choice.get("delta") or {}
-                        text, think = delta.get("content") or "", _reasoning(delta)
+                        text, think = _texts(choice.get("delta") or {}, payload)
                         if text or think:
                             if ttft is None:
                                 ttft = now - start
@@ -757,6 +755,24 @@ class Runner:
         _fill(record, "".join(content), "".join(reasoning), finish, usage, logprobs, end - start, ttft, itl)
 
 
+def _choices(body: dict[str, Any], raw: bytes) -> list[dict[str, Any]]:
+    """`choices` of a body or stream chunk ([] when absent); anything but a list of objects is malformed."""
+    choices = body.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise _Failure("malformed", f"choices is not a list of objects: {raw[:300]!r}")
+    return choices
+
+
+def _texts(message: Any, raw: bytes) -> tuple[str, str]:
+    """(content, reasoning) of a message or stream delta; no message, or text that is not a string, is malformed."""
+    if not isinstance(message, dict):
+        raise _Failure("malformed", f"response has no choices[0].message: {raw[:300]!r}")
+    text, think = message.get("content") or "", _reasoning(message)
+    if not isinstance(text, str) or not isinstance(think, str):
+        raise _Failure("malformed", f"message content is not text: {raw[:300]!r}")
+    return text, think
+
+
 def _check_model(body: dict[str, Any], asked: str) -> None:
     """A body that names another model than the one asked for is no answer of that model (a body without
     `model` is taken as it is: minimal servers leave it out)."""
@@ -768,7 +784,8 @@ def _check_model(body: dict[str, Any], asked: str) -> None:
 def _fill(record: Record, text: str, reasoning: str, finish: Optional[str], usage: Optional[dict],
           logprobs: Optional[list], latency: float, ttft: Optional[float], itl: list[float]) -> None:
     record.response_text, record.reasoning_content, record.finish_reason = text, reasoning, finish or ""
-    record.prompt_tokens = (usage or {}).get("prompt_tokens") or 0
-    record.completion_tokens = (usage or {}).get("completion_tokens") or 0
+    usage = usage if isinstance(usage, dict) else {}
+    record.prompt_tokens = usage.get("prompt_tokens") or 0
+    record.completion_tokens = usage.get("completion_tokens") or 0
     record.logprobs, record.latency_s, record.ttft_s, record.itl_s = logprobs, latency, ttft, itl
     record.error = record.error_kind = ""

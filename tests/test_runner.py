@@ -490,3 +490,37 @@ def test_nothing_is_reported_done_before_it_is_committed(pool, store):
     assert max(behind) <= concurrency and stats[("reference", "durable")].ok == 200
     assert reader.execute("SELECT COUNT(*) FROM records WHERE error = ''").fetchone()[0] == 200
     reader.close()
+
+
+def test_odd_bodies_are_classified_and_never_end_the_run(store):
+    whole = {"o-0": {"choices": "x"}, "o-1": {"choices": [{"message": {"content": 5}}]}, "o-2": {"choices": [5]},
+             "o-3": {"choices": []}, "o-4": {"model": "other", "choices": [{"message": {"content": "hi"}}]},
+             "o-5": [1, 2], "o-6": {"choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+                                    "usage": [1]}}
+    streams = {"o-7": [_chunk({"content": 5}, "stop")], "o-8": [b'data: {"choices": []}'],
+               "o-9": [b'data: {"model": "other", "choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}']}
+    expected = {"o-0": "malformed", "o-1": "malformed", "o-2": "malformed", "o-3": "empty_choices",
+                "o-4": "wrong_model", "o-5": "malformed", "o-6": "", "o-7": "malformed", "o-8": "empty_choices",
+                "o-9": "wrong_model"}
+
+    def answer(request):
+        item_id = "o-" + request["messages"][0]["content"].split()[1]
+        if item_id in streams:
+            return 200, "Content-Type: text/event-stream\r\n", _sse(*streams[item_id], b"data: [DONE]"), True
+        return 200, "Content-Type: application/json\r\n", [json.dumps(whole[item_id]).encode()], False
+
+    async def main():
+        async with RawServer(answer) as server:
+            ep = Endpoint("reference", "raw", server.base_url, "m")
+            items = make_items("o", 10)
+            runner = Runner(store, RUN, max_attempts=2, backoff_base_s=0.001, progress=False)
+            return await runner.run_jobs([Job(ep, "o", items[:7], GenParams(stream=False)),
+                                          Job(ep, "o2", [Item("o2", i.item_id, i.messages, i.gold) for i in items[7:]],
+                                              GenParams())])
+
+    asyncio.run(main())
+    kinds = {r.item_id: r.error_kind for r in store.records(RUN)}
+    assert kinds == expected
+    for r in store.records(RUN):
+        assert r.attempt_errors == ([r.error_kind] * 2 if r.error_kind else [])
+    assert next(r for r in store.records(RUN) if r.item_id == "o-6").response_text == "fine"
