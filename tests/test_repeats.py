@@ -98,7 +98,7 @@ def test_repeats_and_sampling_are_checked_in_the_run_config_and_task(tmp_path):
 def test_sampled_repeats_through_the_pipeline_compare_per_item_means(tmp_path):
     config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=stub_spec("stub-cand"),
                           tasks=["demo_mcq"], limit=12, repeats=3, sampling={"temperature": 0.7, "top_p": 0.9},
-                          perf={"enabled": False}, teacher_forced={"enabled": False})
+                          perf={"enabled": False}, teacher_forced={"enabled": False}, noise_floor=True)
     done = cli(tmp_path, "run", "--config", str(config), "--run-id", "rep", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "reports/rep/summary.json").read_text())
@@ -108,6 +108,7 @@ def test_sampled_repeats_through_the_pipeline_compare_per_item_means(tmp_path):
                            "COUNT(*) FROM records GROUP BY role, repeat ORDER BY role, repeat").fetchall()
         repeat_values = db.execute("SELECT AVG(value) FROM repeat_scores WHERE role = 'reference'").fetchone()[0]
         item_values = [v for (v,) in db.execute("SELECT value FROM scores WHERE role = 'reference'")]
+    # No separate A/A pass (reference_repeat): the task's own repeats are its A/A sample.
     assert seeds == [(role, r, r, 0.7, 12) for role in ("candidate", "reference") for r in range(3)]
     # One Score per item: the mean of its three repeats, so n counts items, not answers, and scores are means.
     assert row["n"] == 12 and len(item_values) == 12 and set(item_values) <= {0, 1 / 3, 2 / 3, 1}
