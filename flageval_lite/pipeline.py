@@ -342,7 +342,9 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
             args["judge"] = judge
         roles = sorted({r.role for r in store.records(run_id, task=name)})
         for role in roles:
-            records = [r for r in store.records(run_id, role=role, task=name) if r.item_id in items]
+            # Repeats beyond the task's count are those of an earlier run of the same id that asked for more.
+            records = [r for r in store.records(run_id, role=role, task=name)
+                       if r.item_id in items and r.repeat < spec.get("repeats", 1)]
             scored = list(zip((r.repeat for r in records),
                               score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
             if any(repeat for repeat, _ in scored):

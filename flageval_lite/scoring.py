@@ -66,15 +66,16 @@ def aggregate_repeats(scores: Iterable[tuple[int, Score]], aggregate: str = "avg
     value: the mean of the answered repeats (avg) or their best value (pass: pass@k with n = k samples, so the
     unbiased estimator 1 - C(n-c, k)/C(n, k) is just "any repeat right"); `repeats` says how many were answered.
     The text fields come from the first answered repeat.  An item none of whose repeats was answered stays an
-    error.  A single repeat comes back as it is."""
+    error.  A single repeat comes back as it is.  Of two Scores of one repeat (records of a rerun with other
+    parameters) the later one counts."""
     if aggregate not in REPEAT_AGGREGATES:
         raise ValueError(f"unknown repeat aggregate {aggregate!r} (expected one of {', '.join(REPEAT_AGGREGATES)})")
-    by_item: dict[str, list[tuple[int, Score]]] = defaultdict(list)
+    by_item: dict[str, dict[int, Score]] = defaultdict(dict)
     for repeat, score in scores:
-        by_item[score.item_id].append((repeat, score))
+        by_item[score.item_id][repeat] = score
     out = []
-    for repeats in by_item.values():
-        repeats.sort(key=lambda pair: pair[0])
+    for by_repeat in by_item.values():
+        repeats = sorted(by_repeat.items())
         answered = [score for _, score in repeats if score.outcome != "error"]
         if not answered:
             out.append(dataclasses.replace(repeats[0][1], repeats=0))

@@ -79,6 +79,8 @@ def test_repeats_become_one_score_per_item_and_errors_do_not_count():
     assert (passed["a"].value, passed["b"].value, passed["c"].outcome) == (1.0, 1.0, "error")
     single = score("e", 1)
     assert aggregate_repeats([(0, single)]) == [single]
+    rerun = score("e", 0, text="rerun with other parameters")
+    assert aggregate_repeats([(0, single), (0, rerun)]) == [rerun]  # one repeat, twice: the later one counts
 
 
 def test_repeats_and_sampling_are_checked_in_the_run_config_and_task(tmp_path):
