@@ -74,6 +74,7 @@ def test_items_failing_for_good_are_left_out_and_a_rerun_asks_exactly_them(tmp_p
         # An errored item is no answer: left out of the pairs (not scored 0), so Δ stays 0 and n shrinks.
         assert row["n"] == clean_row["n"] - row["errors_candidate"] and row["delta"] == 0
         assert row["verdict"] != "regression"
+        assert first["comparison"]["drilldown"][row["task"]] == []  # an errored item is no disagreement either
 
     for attempt in range(6):  # each rerun sends exactly the items still failed, nothing else, on either side
         stats_file = tmp_path / "candidate-stats.json"
