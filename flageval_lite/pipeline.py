@@ -167,7 +167,7 @@ class Pipeline:
         return task_params(spec, self.config.max_tokens_cap, self.config.sampling)
 
     def repeats(self, spec: Any) -> int:
-        return self.config.repeats or getattr(spec, "repeats", 1)
+        return self.config.repeats or spec.repeats
 
     def jobs_for(self, replicas: list[Endpoint]) -> list[Job]:
         return [Job(endpoint=replicas[0], task=spec.name, items=self.items(spec), replicas=tuple(replicas),
@@ -201,7 +201,7 @@ class Pipeline:
                                                "scorer_args": dict(t.scorer_args or {}),
                                                "metric": t.metric, "group_by": t.group_by or "",
                                                "repeats": self.repeats(t),
-                                               "repeat_aggregate": getattr(t, "repeat_aggregate", "avg")}
+                                               "repeat_aggregate": t.repeat_aggregate}
                                       for t in self.tasks})
 
     def serve_and_ask(self, store: Store) -> None:

@@ -174,7 +174,7 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
     if repeats:
         sampling = ", ".join(f"{k} {v:g}" for k, v in ((config.get("sampling") or {}).items()))
         facts.append(("repeats per item", "; ".join(f"{title} {notation}" for title, notation in repeats.items())
-                      + f" (each repeat its own seed{', ' + sampling if sampling else ''}; one mean per item is "
+                      + f" (each repeat its own seed{', ' + sampling if sampling else ''}; one score per item is "
                         f"compared)"))
     for failure in manifest.get("replica_failures") or ():
         facts.append(("replica given up", f"{failure.get('role')} replica {failure.get('replica')} "

@@ -686,8 +686,8 @@ class Runner:
         choices = _choices(answer, raw)
         if not choices:
             raise _Failure("empty_choices", f"response has no choices: {raw[:300]!r}")
-        text, think = _texts(choices[0].get("message"), raw)
         choice = choices[0]
+        text, think = _texts(choice.get("message"), raw)
         logprobs = _logprob_entries(choice.get("logprobs")) if want_logprobs else None
         _fill(record, text, think, choice.get("finish_reason"), answer.get("usage"), logprobs, end - start, None, [])
 
