@@ -476,7 +476,9 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
         run_id = f"{id_a}__vs__{id_b}"
         manifest = {"run_id": run_id, "config": {**store_a.get_meta("config", {}), "compared": [run_a, run_b]},
                     "specs": {"reference": specs_a.get(role_a, {}), "candidate": specs_b.get(role_b, {})},
-                    "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})}}
+                    "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})},
+                    "faults": {"reference": store_a.fault_counts(id_a).get(role_a, {}),
+                               "candidate": store_b.fault_counts(id_b).get(role_b, {})}}
         files = render_report(comparison, manifest, reports_root / run_id)
         return RunResult(run_id, dir_a, reports_root / run_id, files, comparison.verdict, comparison.exit_code)
     finally:

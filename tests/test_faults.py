@@ -59,6 +59,12 @@ def test_injected_faults_on_one_side_move_no_row_and_show_in_the_report(tmp_path
     assert "Faults and retries" in html and "wrong_model ×" in html
     assert "Faults and retries" not in (tmp_path / "reports/clean/report.md").read_text()
 
+    # Two stored runs compared: the candidate side's faults come from its own run.
+    assert cli(tmp_path, "compare", "clean", "faults").returncode == 0
+    compared = json.loads((tmp_path / "reports/clean__vs__faults/summary.json").read_text())
+    assert compared["faults"]["candidate"] == candidate and rows(compared) == rows(clean)
+    assert "### Faults and retries" in (tmp_path / "reports/clean__vs__faults/report.md").read_text()
+
 
 def test_items_failing_for_good_are_left_out_and_a_rerun_asks_exactly_them(tmp_path):
     clean = run(tmp_path, "clean", stub_spec("stub-cand"))
