@@ -23,6 +23,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, help="equivalence margin in points (TOST)")
     p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
     p.add_argument("--noise-floor", action="store_true", default=None, help="also run an A/A repeat of the reference")
+    p.add_argument("--repeats", type=int, help="ask every item K times per side (compared as avg@K)")
     p.add_argument("--run-id", help="resume or name a run (runs/<run-id>)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
@@ -38,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, suite=args.suite, tasks=args.tasks, limit=args.limit,
                              reference=args.reference, candidate=args.candidate, placement=args.placement,
                              concurrency=args.concurrency, margin=args.margin, data_dir=args.data_dir,
-                             noise_floor=args.noise_floor)
+                             noise_floor=args.noise_floor, repeats=args.repeats)
     result = Pipeline(config, run_id=args.run_id, runs_root=Path(args.runs_dir),
                       reports_root=Path(args.reports_dir), quiet=args.quiet).run()
     return _print_result(result, args.gate)

@@ -483,13 +483,16 @@ def clip_text(text: str, limit: int = DRILLDOWN_TEXT_CHARS) -> str:
 
 def disagreeing_items(task: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
                       items: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                      limit: int = DRILLDOWN_LIMIT) -> list[DrillItem]:
-    """Items whose credit or extracted answer differs, flips first, at most `limit`.
+                      limit: int = DRILLDOWN_LIMIT, errors_as_zero: bool = True) -> list[DrillItem]:
+    """Items whose credit or extracted answer differs, flips first, at most `limit`; without `errors_as_zero`
+    a pair with an infrastructure error is no disagreement (it is left out, as from the statistics).
 
     `items` maps item_id -> the stored item (``prompt``/``prompt_text`` and ``thumbnails``/``images``
     as data URLs); only ``data:`` images are kept so the report never references the network.
     """
     pairs, *_ = _pair(task, ref_scores, cand_scores)
+    if not errors_as_zero:
+        pairs = [p for p in pairs if "error" not in (p.reference.outcome, p.candidate.outcome)]
     kinds = [(kind, pair) for pair in pairs if (kind := _disagree_kind(pair))]
     kinds.sort(key=lambda kp: kp[0] != "flip")  # stable: flips first, item order kept within a kind
     out = []
@@ -583,7 +586,7 @@ def compare_run(tasks: Sequence[Mapping[str, Any]], margin: Optional[float] = 1.
                                  metric=spec.get("metric") or "accuracy", errors_as_zero=errors_as_zero, alpha=alpha,
                                  records=spec.get("records")))
         drilldown[name] = disagreeing_items(name, spec["reference"], spec["candidate"], spec.get("items"),
-                                            limit=drilldown_limit)
+                                            limit=drilldown_limit, errors_as_zero=errors_as_zero)
     for row, rule, adjusted in zip(rows, rules, stats.holm([r.p_value for r in rows])):
         row.p_holm = adjusted
         if row.verdict != "incomplete":

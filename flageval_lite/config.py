@@ -76,6 +76,10 @@ class RunConfig:
     judge: dict[str, Any] = field(default_factory=dict)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
+    # Ask every item this many times per side (None: each task's own `repeats`, default 1); compared as avg@k.
+    repeats: Optional[int] = None
+    # Sampled decoding for every task, e.g. {temperature: 0.6, top_p: 0.95}; each repeat gets seed + its index.
+    sampling: dict[str, Any] = field(default_factory=dict)
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
     source: str = ""
 
@@ -193,7 +197,7 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
              "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
              "margin": (int, float), "release_gate": (int, float), "data_dir": str, "lmeval_include_path": str,
              "max_image_pixels": int, "max_tokens_cap": int, "judge": dict, "noise_floor": bool,
-             "max_error_rate": (int, float), "task_rules": dict}
+             "max_error_rate": (int, float), "task_rules": dict, "repeats": int, "sampling": dict}
     for key, expected in types.items():
         if raw.get(key) is not None:
             _check_type(source, key, raw[key], expected)
@@ -208,6 +212,9 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(source, "max_error_rate", f"must lie in [0, 1), got {raw['max_error_rate']}")
     raw["task_rules"] = {task: parse_decision(source, f"task_rules.{task}", rule)
                          for task, rule in (raw.get("task_rules") or {}).items()}
+    if raw.get("repeats") is not None and raw["repeats"] < 1:
+        raise ConfigError(source, "repeats", "must be at least 1")
+    _check_sampling(raw.get("sampling") or {}, source)
     return RunConfig(reference=reference, candidate=candidate, perf=perf, teacher_forced=teacher_forced,
                      source=source, **raw)
 
@@ -240,3 +247,17 @@ def _teacher_forced_config(raw: Any, source: str) -> TeacherForcedConfig:
     if not 1 <= config.top_k <= 20:
         raise ConfigError(source, "teacher_forced.top_k", "must be between 1 and 20")
     return config
+
+
+SAMPLING_TYPES = {"temperature": (int, float), "top_p": (int, float), "seed": int}
+
+
+def _check_sampling(raw: dict[str, Any], source: str) -> None:
+    for key, value in raw.items():
+        if key not in SAMPLING_TYPES:
+            raise ConfigError(source, f"sampling.{key}", f"unknown field (known: {', '.join(SAMPLING_TYPES)})")
+        _check_type(source, f"sampling.{key}", value, SAMPLING_TYPES[key])
+    if raw.get("temperature", 0) < 0:
+        raise ConfigError(source, "sampling.temperature", "must be at least 0")
+    if "top_p" in raw and not 0 < raw["top_p"] <= 1:
+        raise ConfigError(source, "sampling.top_p", "must be within (0, 1]")

@@ -172,6 +172,12 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
                   f"tasks)"),
         ("flageval-lite", str(config.get("flageval_lite") or __version__)),
     ]
+    repeats = _repeat_notation(comparison, manifest)
+    if repeats:
+        sampling = ", ".join(f"{k} {v:g}" for k, v in ((config.get("sampling") or {}).items()))
+        facts.append(("repeats per item", "; ".join(f"{title} {notation}" for title, notation in repeats.items())
+                      + f" (each repeat its own seed{', ' + sampling if sampling else ''}; one score per item is "
+                        f"compared)"))
     for failure in manifest.get("replica_failures") or ():
         facts.append(("replica given up", f"{failure.get('role')} replica {failure.get('replica')} "
                                           f"({failure.get('base_url')}): {failure.get('error')}"))
@@ -223,6 +229,13 @@ def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
                                                  f"operators replayed, outside tolerance: {failed}; "
                                                  f"{opcheck.get('report', 'ops.md')}"))
     return facts
+
+
+def _repeat_notation(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Row title -> "avg@k" / "pass@k" for the tasks asked more than once."""
+    repeats = manifest.get("repeats") or {}
+    return {t.title: f"{repeats[t.task]['aggregate']}@{repeats[t.task]['k']}" for t in comparison.tasks
+            if t.task in repeats}
 
 
 def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
@@ -296,10 +309,36 @@ def _errors_table(comparison: Comparison, ref: str, cand: str) -> Table:
         headers=["Metrics", f"errors {ref}", f"errors {cand}", f"unparsed {ref}", f"unparsed {cand}",
                  f"only {ref}", f"only {cand}"],
         rows=rows,
-        note="Errors are infrastructure failures (no answer), left out of the paired sample; unparsed: an answer came "
-             "back but none could be extracted, scored 0; only …: items scored on one side only, left out of the "
-             "paired numbers.  More than the allowed share of such items, or any on one side only, makes the row "
-             "incomplete.",
+        note="Errors are infrastructure failures (no answer after every retry): never scored, and left out of the "
+             "paired numbers on both sides; unparsed: an answer came back but none could be extracted, scored 0; "
+             "only …: items scored on one side only, left out of the paired numbers.  More than the allowed share "
+             "of such items, or any on one side only, makes the row incomplete.",
+    )
+
+
+def _kinds(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind} ×{n}" for kind, n in sorted(counts.items())) or "none"
+
+
+def _faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
+    """Requests, retries and failures per side and task (the store's fault_counts), when any request failed."""
+    faults = manifest.get("faults") or {}
+    if not any(row["failed_attempts"] for tasks in faults.values() for row in tasks.values()):
+        return None
+    titles = {t.task: t.title for t in comparison.tasks}
+    rows = [[_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["records"]),
+             str(row["requests"]), str(row["retries"]), _kinds(row["failed_attempts"]),
+             str(sum(row["errors"].values())), _kinds(row["errors"])]
+            for role, tasks in faults.items() for task, row in tasks.items()]
+    return Table(
+        title="Faults and retries",
+        headers=["side", "task", "answers", "requests", "retries", "failed requests by kind", "failed for good",
+                 "failed for good by kind"],
+        rows=rows,
+        note="Failed requests are retried up to the run's max_attempts (other 4xx are not retried).  "
+             "Answers: stored records (items × repeats).  Failed for good: items left out of the paired "
+             "statistics on both sides, never scored; rerun the same command to ask exactly those again.  "
+             "wrong_model: the server answered as another model; empty_choices: a body without choices.",
     )
 
 
@@ -503,6 +542,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "plan": _plan_table(comparison),
         "exit_codes_text": EXIT_CODES_TEXT,
         "errors": _errors_table(comparison, ref, cand),
+        "faults": _faults_table(comparison, manifest),
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": _divergence_table(comparison),
         "noise": _noise_table(comparison),
@@ -553,6 +593,7 @@ def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[st
     return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
             "divergence_beyond_noise": dict(zip(("status", "detail"), divergence_headline(comparison))),
             "hardware_warnings": hardware_warnings({role: _backend(manifest, role) for role in ROLES}),
+            "faults": manifest.get("faults") or {},
             "manifest": dict(manifest)}
 
 

@@ -17,7 +17,7 @@ import jinja2
 import yaml
 
 from ..errors import ConfigError, UserError
-from ..records import GenParams
+from ..records import REPEAT_AGGREGATES, GenParams
 from . import templating
 
 MODALITIES = ("text", "vision")
@@ -27,7 +27,7 @@ SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
              "system", "fewshot", "gold", "meta", "group_by", "generation", "scorer", "scorer_args", "metric",
-             "compat", "suites", "decision"}
+             "compat", "suites", "decision", "repeats", "repeat_aggregate"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
 SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
 FEWSHOT_KEYS = {"split", "n", "by"}
@@ -101,6 +101,8 @@ class TaskSpec:
     suites: tuple[str, ...] = ()
     # The fields of `decision:` this task sets (DECISION_KEYS); the run config fills in the rest (config.task_rule).
     decision: dict[str, Optional[float]] = field(default_factory=dict)
+    repeats: int = 1  # times each item is asked per side, unless the run config sets `repeats`
+    repeat_aggregate: str = "avg"  # one of REPEAT_AGGREGATES
     source: str = ""  # the YAML file, for error messages
 
 
@@ -323,6 +325,14 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
     if metric not in METRICS:
         raise ConfigError(path, "metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
 
+    repeats = _expect(path, "repeats", raw.get("repeats", 1), int, "a whole number of repeats")
+    if repeats < 1:
+        raise ConfigError(path, "repeats", f"must be at least 1, got {repeats}")
+    repeat_aggregate = raw.get("repeat_aggregate", "avg")
+    if repeat_aggregate not in REPEAT_AGGREGATES:
+        raise ConfigError(path, "repeat_aggregate",
+                          f"expected one of {', '.join(REPEAT_AGGREGATES)}, got {repeat_aggregate!r}")
+
     return TaskSpec(
         name=name,
         title=str(_expect(path, "title", raw["title"], str, "a string")),
@@ -346,6 +356,8 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
         compat=compat,
         suites=_str_list(path, "suites", raw.get("suites") or []),
         decision=parse_decision(path, "decision", raw["decision"]) if raw.get("decision") is not None else {},
+        repeats=repeats,
+        repeat_aggregate=repeat_aggregate,
         source=str(path),
     )
 
