@@ -20,7 +20,7 @@ from .bridges.lmeval import PREFIX as LMEVAL_PREFIX, convert_samples
 from .errors import UserError
 from .records import Item, Record, Score, stable_hash
 
-FORMATS = ("lmeval", "vlmevalkit", "flagevalmm")
+FORMATS = ("lmeval", "lmms-eval", "vlmevalkit", "flagevalmm")
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".csv", ".json")
 SCORE_COLUMNS = ("hit", "score", "correct", "is_correct")  # VLMEvalKit per-item score, first present wins
 VLMEVAL_FAILED = "Failed to obtain answer"  # VLMEvalKit's prediction when every API retry failed
@@ -28,6 +28,11 @@ FLAGEVALMM_REJECTED = ("Error code", "Can not answer because of", "Input data ma
 GROUP_COLUMNS = ("category", "sub_task", "subject")
 MISMATCHES_SHOWN = 5
 _LMEVAL_FILE = re.compile(r"^samples_(?P<task>.+?)(?:_(?P<date>\d{4}-\d{2}-\d{2}T[\d.-]+))?\.jsonl$")
+_LMMS_FILE = re.compile(r"^(?P<date>\d{8}_\d{6})_samples_(?P<task>.+)\.jsonl$")  # lmms-eval's {date_id}_samples_
+LMMS_PREFIX = "lmms-eval:"
+# The fields of an lmms-eval sample line that are not the task's metrics.
+_LMMS_FIELDS = {"doc_id", "doc", "target", "arguments", "input", "resps", "filtered_resps", "doc_hash", "prompt_hash",
+                "target_hash", "filter", "metrics", "token_counts", "input_media"}
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -121,17 +126,24 @@ def _check_unique(items: list[ImportedItem], where: str) -> list[ImportedItem]:
 # --------------------------------------------------------------------------- lm-eval
 
 
-def lmeval_task_of(path: Path) -> str:
-    match = _LMEVAL_FILE.match(path.name)
-    if not match:
-        raise UserError(f"{path}: not an lm-eval samples file (expected samples_<task>_<date>.jsonl)")
-    return match.group("task")
+def _task_of(path: Path, pattern: re.Pattern, tool: str, quiet: bool) -> str:
+    """The task a samples file is named after; "" (quiet) or an error when the name is not the tool's."""
+    match = pattern.match(path.name)
+    if not match and not quiet:
+        expected = "samples_<task>_<date>.jsonl" if pattern is _LMEVAL_FILE else "<date>_samples_<task>.jsonl"
+        raise UserError(f"{path}: not an {tool} samples file (expected {expected})")
+    return match.group("task") if match else ""
 
 
-def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
-    """One samples_<task>_<date>.jsonl -> (task, items, title); the task's first filter and metric count."""
-    subtask = lmeval_task_of(path)
-    task = LMEVAL_PREFIX + subtask
+def lmeval_task_of(path: Path, quiet: bool = False) -> str:
+    return _task_of(path, _LMEVAL_FILE, "lm-eval", quiet)
+
+
+def lmms_task_of(path: Path, quiet: bool = False) -> str:
+    return _task_of(path, _LMMS_FILE, "lmms-eval", quiet)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -139,31 +151,88 @@ def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+    return rows
+
+
+def _lmeval_items(rows: list[dict[str, Any]], task: str, subtask: str, tool: str,
+                  path: Path) -> tuple[str, list[ImportedItem], str]:
     samples = convert_samples(rows, task, subtask, where=str(path))
     items = [ImportedItem(task=task, key=s.key, item_id=s.item_id, value=s.value, outcome=s.outcome,
                           response=s.response, extracted=s.extracted, gold=s.gold, hashes=s.input_hashes(),
                           meta=s.meta(), group=s.group, messages=s.messages) for s in samples]
-    title = f"{subtask} (lm-eval {samples[0].metric}, {samples[0].filter})" if samples else subtask
+    title = f"{subtask} ({tool} {samples[0].metric}, {samples[0].filter})" if samples else subtask
     return task, _check_unique(items, str(path)), title
 
 
-def load_lmeval(path: Path) -> ImportedRun:
-    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
+def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    """One samples_<task>_<date>.jsonl -> (task, items, title); the task's first filter and metric count."""
+    subtask = lmeval_task_of(path)
+    return _lmeval_items(_jsonl(path), LMEVAL_PREFIX + subtask, subtask, "lm-eval", path)
+
+
+def _load_sample_files(path: Path, fmt: str, pattern: str, task_of: Any, load_file: Any) -> ImportedRun:
+    """A samples file, or a directory searched for them holding one run (one file per task)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob(pattern) if task_of(f, quiet=True))
     if not files:
-        raise UserError(f"{path}: no lm-eval samples_<task>_<date>.jsonl files")
+        raise UserError(f"{path}: no {fmt} {pattern} files")
     by_task: dict[str, list[Path]] = {}
     for file in files:
-        by_task.setdefault(lmeval_task_of(file), []).append(file)
+        by_task.setdefault(task_of(file), []).append(file)
     repeated = {task: names for task, names in by_task.items() if len(names) > 1}
     if repeated:
         task, names = next(iter(repeated.items()))
         raise UserError(f"{path}: {len(names)} sample files for task {task} ({', '.join(n.name for n in names)}); "
                         f"point at one file or a directory holding one run")
-    run = ImportedRun(source=str(path), fmt="lmeval", tasks={})
+    run = ImportedRun(source=str(path), fmt=fmt, tasks={})
     for file in files:
-        task, items, title = load_lmeval_file(file)
+        task, items, title = load_file(file)
         run.tasks[task], run.titles[task] = items, title
     return run
+
+
+def load_lmeval(path: Path) -> ImportedRun:
+    return _load_sample_files(path, "lmeval", "samples_*.jsonl", lmeval_task_of, load_lmeval_file)
+
+
+# --------------------------------------------------------------------------- lmms-eval
+
+
+def _lmms_value(value: Any) -> Any:
+    """A metric's per-item value: a number, or the `score` of the dict many lmms-eval tasks log per item (their
+    aggregation reads it); None when there is no per-item number."""
+    if isinstance(value, dict):
+        value = value.get("score")
+    return value if isinstance(value, (int, float)) else None
+
+
+def lmms_as_lmeval(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One lmms-eval sample line in lm-eval's form.  lmms-eval's tracker drops `arguments` and `doc` and keeps
+    `input` (the first request's prompt), drops `resps` where they equal `filtered_resps`, and older versions
+    write neither `filter` nor `metrics`: the metrics are then the fields outside lmms-eval's own."""
+    if "doc_id" not in row or "filtered_resps" not in row:
+        raise UserError(f"{where}: fields doc_id and filtered_resps are required (an lmms-eval --log_samples line)")
+    replies = row["filtered_resps"]
+    if replies and isinstance(replies[0], (list, tuple)) and replies[0] and isinstance(replies[0][0], (int, float)):
+        raise UserError(f"{where}: a log-likelihood task; lmms-eval's samples file keeps no choice texts, so it "
+                        f"cannot be paired (import its generative variant)")
+    metrics = row.get("metrics") or [name for name in row if name not in _LMMS_FIELDS]
+    usable = [name for name in metrics if _lmms_value(row.get(name)) is not None]
+    if not usable:
+        raise UserError(f"{where}: no metric with a per-item number (fields: {', '.join(metrics) or 'none'}); "
+                        f"lmms-eval computes these over the whole corpus")
+    converted = {**row, "arguments": [[row.get("input", ""), {}]], "resps": row.get("resps", replies),
+                 "metrics": usable}
+    return converted | {name: _lmms_value(row[name]) for name in usable}
+
+
+def load_lmms_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    subtask = lmms_task_of(path)
+    rows = [lmms_as_lmeval(row, f"{path}: doc {row.get('doc_id', '?')}") for row in _jsonl(path)]
+    return _lmeval_items(rows, LMMS_PREFIX + subtask, subtask, "lmms-eval", path)
+
+
+def load_lmms(path: Path) -> ImportedRun:
+    return _load_sample_files(path, "lmms-eval", "*_samples_*.jsonl", lmms_task_of, load_lmms_file)
 
 
 # --------------------------------------------------------------------------- VLMEvalKit
@@ -403,8 +472,10 @@ def load_flagevalmm(path: Path) -> ImportedRun:
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
-        found = [fmt for fmt, pattern in (("lmeval", "samples_*.jsonl"), ("flagevalmm", "*_evaluated.json"))
-                 if next(path.rglob(pattern), None) is not None]
+        found = [fmt for fmt, pattern, name in (("lmeval", "samples_*.jsonl", _LMEVAL_FILE),
+                                                ("lmms-eval", "*_samples_*.jsonl", _LMMS_FILE),
+                                                ("flagevalmm", "*_evaluated.json", None))
+                 if any(name is None or name.match(f.name) for f in path.rglob(pattern))]
         if not found and any(f.suffix.lower() in TABLE_SUFFIXES and _is_prediction(f) for f in path.iterdir()):
             found.append("vlmevalkit")
         if len(found) != 1:
@@ -414,6 +485,8 @@ def detect_format(path: Path) -> str:
         return found[0]
     if _LMEVAL_FILE.match(path.name):
         return "lmeval"
+    if _LMMS_FILE.match(path.name):
+        return "lmms-eval"
     if path.name.endswith("_evaluated.json"):
         return "flagevalmm"
     if path.suffix.lower() == ".json":
@@ -425,12 +498,13 @@ def detect_format(path: Path) -> str:
 
 
 def load_samples(path: str | Path, fmt: Optional[str] = None) -> ImportedRun:
-    """Read one run's per-sample outputs (a file or a directory); `fmt` = lmeval | vlmevalkit | flagevalmm."""
+    """Read one run's per-sample outputs (a file or a directory); `fmt` = one of FORMATS."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
     fmt = fmt or detect_format(path)
-    loaders = {"lmeval": load_lmeval, "vlmevalkit": load_vlmevalkit, "flagevalmm": load_flagevalmm}
+    loaders = {"lmeval": load_lmeval, "lmms-eval": load_lmms, "vlmevalkit": load_vlmevalkit,
+               "flagevalmm": load_flagevalmm}
     if fmt not in loaders:
         raise UserError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     return loaders[fmt](path)

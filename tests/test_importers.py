@@ -187,3 +187,35 @@ def test_labels_and_existing_run_dir(tmp_path):
     import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")
     with pytest.raises(UserError, match="already holds a stored run"):
         import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")
+
+
+LMMS = FIX / "lmms_eval"
+
+
+def test_lmms_eval_samples_files(tmp_path):
+    """lmms-eval's `<date>_samples_<task>.jsonl` (no `arguments`, `resps` dropped where they equal the filtered
+    reply, metrics as plain fields; MME logs a dict per item whose `score` counts)."""
+    assert detect_format(LMMS / "native") == "lmms-eval"
+    assert detect_format(next((LMMS / "native").rglob("*_samples_mme.jsonl"))) == "lmms-eval"
+    result = run_import(LMMS / "native", LMMS / "gems", tmp_path / "runs" / "lmms", tmp_path / "reports")
+    ocr, mme = result.comparison.task("lmms-eval:ocr_mini"), result.comparison.task("lmms-eval:mme")
+    assert (ocr.n, ocr.reference_score, ocr.candidate_score, ocr.flips_ref_only) == (4, 75.0, 50.0, 1)
+    assert (mme.n, mme.reference_score, mme.candidate_score) == (3, pytest.approx(200 / 3), pytest.approx(100 / 3))
+    with Store(tmp_path / "runs" / "lmms" / "results.sqlite") as store:
+        scores = {s.item_id.split("-")[0]: s for s in store.scores("lmms", role="candidate",
+                                                                     task="lmms-eval:ocr_mini")}
+        assert (scores["1"].response_text, scores["1"].extracted) == ("The brand is HP.", "hp")
+        item = next(it for it in store.items("lmms", task="lmms-eval:ocr_mini") if it["item_id"].startswith("0-"))
+        assert item["prompt_text"].startswith("What is written on the sign?")
+
+
+def test_lmms_eval_files_without_a_per_item_number_are_refused(tmp_path):
+    line = {"doc_id": 0, "target": "A", "filtered_resps": ["A"], "mmmu_acc": {"id": "x", "answer": "A"}}
+    path = tmp_path / "20250101_000000_samples_mmmu.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(UserError, match="no metric with a per-item number"):
+        load_samples(path)
+    path.write_text(json.dumps({"doc_id": 0, "target": "0", "filtered_resps": [[-1.5, False], [-2.0, False]],
+                                "acc": 1.0}) + "\n")
+    with pytest.raises(UserError, match="a log-likelihood task"):
+        load_samples(path)
