@@ -76,6 +76,10 @@ class ImportedRun:
     fmt: str
     tasks: dict[str, list[ImportedItem]]  # task -> items in file order
     titles: dict[str, str] = field(default_factory=dict)
+    # What ran, where the tool wrote it down (lm-eval's results_<date>.json): ServeSpec-like fields for the
+    # report's "What was compared" table, and ServerEvidence-like ones (version, packages).
+    spec: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- cell helpers
@@ -191,7 +195,54 @@ def _load_sample_files(path: Path, fmt: str, pattern: str, task_of: Any, load_fi
 
 
 def load_lmeval(path: Path) -> ImportedRun:
-    return _load_sample_files(path, "lmeval", "samples_*.jsonl", lmeval_task_of, load_lmeval_file)
+    run = _load_sample_files(path, "lmeval", "samples_*.jsonl", lmeval_task_of, load_lmeval_file)
+    _read_harness_config(run, _results_beside(path, "samples_*.jsonl", _LMEVAL_FILE, "results_{date}.json"),
+                         "lm-eval", "lm_eval_version")
+    return run
+
+
+def _results_beside(path: Path, pattern: str, samples_name: re.Pattern, results_name: str) -> Optional[Path]:
+    """The aggregate results file a harness wrote beside a samples file, with the same date in its name."""
+    files = [path] if path.is_file() else sorted(path.rglob(pattern))
+    for file in files:
+        match = samples_name.match(file.name)
+        if match and match.group("date"):
+            results = file.with_name(results_name.format(date=match.group("date")))
+            if results.is_file():
+                return results
+    return None
+
+
+def _model_arg(model_args: Any) -> str:
+    """`model=...` of lm-eval's model_args, a "k=v,k=v" string or a dict."""
+    if isinstance(model_args, dict):
+        return str(model_args.get("model") or model_args.get("pretrained") or "")
+    match = re.search(r"(?:^|,)\s*(?:model|pretrained)=([^,]+)", str(model_args or ""))
+    return match.group(1).strip() if match else ""
+
+
+def _read_harness_config(run: ImportedRun, results: Optional[Path], tool: str, version_key: str) -> None:
+    """Fill `run.spec`/`run.evidence` from the harness's aggregate results file, where there is one."""
+    if results is None:
+        return
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError) as exc:
+        raise UserError(f"{results}: cannot read the results file ({exc})") from None
+    config = data.get("config") or {}
+    version = data.get(version_key)
+    client = config.get("model")
+    run.spec = {
+        "engine": " ".join(part for part in (tool, version and str(version)) if part) + (f": {client}" if client else ""),
+        "model": _model_arg(config.get("model_args")) or str(data.get("model_name") or "") or run.source,
+        "dtype": str(config.get("model_dtype") or "n/a"),
+        "device": str(config.get("device") or "n/a"),
+        "results_file": str(results),
+    }
+    packages = {name: str(data[key]) for name, key in ((tool, version_key), ("transformers", "transformers_version"))
+                if data.get(key)}
+    versions = {name: str(data[key]) for name, key in ((tool, version_key), ("git", "git_hash")) if data.get(key)}
+    run.evidence = {"packages": packages, "version": versions}
 
 
 # --------------------------------------------------------------------------- lmms-eval
@@ -232,7 +283,10 @@ def load_lmms_file(path: Path) -> tuple[str, list[ImportedItem], str]:
 
 
 def load_lmms(path: Path) -> ImportedRun:
-    return _load_sample_files(path, "lmms-eval", "*_samples_*.jsonl", lmms_task_of, load_lmms_file)
+    run = _load_sample_files(path, "lmms-eval", "*_samples_*.jsonl", lmms_task_of, load_lmms_file)
+    _read_harness_config(run, _results_beside(path, "*_samples_*.jsonl", _LMMS_FILE, "{date}_results.json"),
+                         "lmms-eval", "lmms_eval_version")
+    return run
 
 
 # --------------------------------------------------------------------------- VLMEvalKit
@@ -651,7 +705,9 @@ def run_import(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, 
         config = {"run_id": run_id, "suite": "import", "tasks": [tp.task for tp in pairing.tasks], "limit": None,
                   "margin": margin, "release_gate": release_gate, "compared": [str(path_a), str(path_b)],
                   "started": _dt.datetime.now().isoformat(timespec="seconds")}
-        specs = {role: {"name": label, "engine": f"import ({run.fmt})", "model": run.source}
+        # Fields no import format knows (operators, dtype unless the tool logged it) read n/a, not "?".
+        specs = {role: {"name": label, "engine": f"import ({run.fmt})", "model": run.source, "dtype": "n/a",
+                        "ops": "n/a", "device": "n/a", "flaggems": {"route": "n/a"}, **run.spec}
                  for role, label, run in zip(("reference", "candidate"), labels, runs)}
         store.set_meta("config", config)
         store.set_meta("specs", specs)
@@ -663,7 +719,8 @@ def run_import(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, 
     finally:
         store.close()
     comparison = compare_run(inputs, margin=margin, release_gate=release_gate)
-    manifest = {"run_id": run_id, "config": config, "specs": specs, "servers": {},
+    servers = {role: run.evidence for role, run in zip(("reference", "candidate"), runs) if run.evidence}
+    manifest = {"run_id": run_id, "config": config, "specs": specs, "servers": servers,
                 "import": {"tasks_only_reference": pairing.tasks_only_reference,
                            "tasks_only_candidate": pairing.tasks_only_candidate}}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")

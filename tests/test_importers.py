@@ -219,3 +219,27 @@ def test_lmms_eval_files_without_a_per_item_number_are_refused(tmp_path):
                                 "acc": 1.0}) + "\n")
     with pytest.raises(UserError, match="a log-likelihood task"):
         load_samples(path)
+
+
+def test_harness_results_files_fill_what_was_compared(tmp_path):
+    """lm-eval's results_<date>.json (and lmms-eval's <date>_results.json) beside the samples say what ran; what no
+    file says reads n/a, and so does the length shift of records without token counts."""
+    lm = load_samples(LMEVAL / "reference")
+    assert lm.spec["engine"] == "lm-eval 0.4.13: LocalChatCompletion" and lm.spec["model"] == "qdpv68r5"
+    assert lm.evidence == {"packages": {"lm-eval": "0.4.13", "transformers": "5.24.0"},
+                           "version": {"lm-eval": "0.4.13", "git": "4a683ba"}}
+    lmms = load_samples(LMMS / "native")
+    assert (lmms.spec["engine"], lmms.spec["model"], lmms.spec["device"]) == (
+        "lmms-eval: qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct", "cuda:0")
+    assert load_samples(LMMS / "gems").spec == {}  # no results file beside these samples
+
+    result = run_import(LMMS / "native", LMMS / "gems", tmp_path / "runs" / "cfg", tmp_path / "reports")
+    report = result.files["md"].read_text()
+    compared = report[report.index("## What was compared"):report.index("## Results")]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
+            for line in compared.splitlines() if line.startswith("| ") and line.count("|") == 4}
+    assert rows["engine"] == ["lmms-eval: qwen2_vl", "import (lmms-eval)"]
+    assert rows["device"] == ["cuda:0", "n/a"] and rows["dtype"] == ["n/a", "n/a"]
+    assert rows["packages"][0] == "transformers 4.49.0" and rows["server version"][0] == "git 1a2b3c4"
+    assert all("?" not in cells for cells in rows.values())
+    assert result.comparison.task("lmms-eval:ocr_mini").divergence["length_shift_mean"] is None
