@@ -80,6 +80,7 @@ class ImportedRun:
     # report's "What was compared" table, and ServerEvidence-like ones (version, packages).
     spec: dict[str, Any] = field(default_factory=dict)
     evidence: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why it could not be imported
 
 
 # --------------------------------------------------------------------------- cell helpers
@@ -329,7 +330,45 @@ def _options(row: dict[str, Any], letters: Sequence[str]) -> list[str]:
     return options
 
 
+class Unscorable(UserError):
+    """A prediction table with no per-item score that none of our scorers can re-score."""
+
+
+_HME_CATEGORY = "Handwritten Mathematical Expression Recognition"  # OCRBench's case- and space-exact category
+
+
+def _dataset_is(task: str, name: str) -> bool:
+    return re.search(rf"(^|_){name}($|_)", task) is not None
+
+
+def _rescorer(task: str, columns: set[str]) -> Optional[tuple[str, Any]]:
+    """(how, row -> ScoreResult) for a dataset whose VLMEvalKit evaluation writes only aggregates (OCRBench's
+    `_score.json`, MathVision's `_score.csv`): our scorer of the same benchmark on the per-item columns."""
+    from .records import ScoreResult
+    from .scorers import get_scorer
+    from .scorers.mathvision import is_equal
+
+    if _dataset_is(task, "OCRBench"):
+        ocrbench = get_scorer("ocrbench")
+        # our scorer keys handwritten-math handling on the source dataset; VLMEvalKit's on the category
+        return "our ocrbench scorer", lambda row, prediction, gold: ocrbench(
+            prediction, gold, {"dataset": "HME100k" if _text(row.get("category")) == _HME_CATEGORY else ""})
+    if _dataset_is(task, "MathVision") and "res" in columns:
+        def judged(row: dict[str, Any], prediction: str, gold: str) -> Any:
+            res = _text(row.get("res")).strip()  # the answer VLMEvalKit's judge extracted
+            return ScoreResult(float(bool(res) and is_equal(gold, res, compat=False)), res, parsed=bool(res))
+
+        return "its judge's res, our mathvision equality", judged
+    if _dataset_is(task, "MathVision"):
+        mathvision = get_scorer("mathvision")
+        return "our mathvision scorer", lambda row, prediction, gold: mathvision(
+            prediction, gold, {"options": _text(row.get("options")) or _text(row.get("choices"))})
+    return None
+
+
 def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str]:
+    from .scoring import outcome_of
+
     rows = read_table(path)
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("index", "prediction") if c not in columns]
@@ -339,11 +378,14 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
     score_column = next((c for c in SCORE_COLUMNS if c in columns), None)
     letters = [ch for ch in _ALPHABET if ch in columns]
     letters = letters[:next((i for i, ch in enumerate(letters) if ch != _ALPHABET[i]), len(letters))]
-    if score_column is None and (len(letters) < 2 or "answer" not in columns):
-        raise UserError(f"{path}: no score column ({', '.join(SCORE_COLUMNS)}) and not a multiple-choice file "
-                        f"(option columns A, B, ... and answer); import VLMEvalKit's scored file for this dataset")
+    multiple_choice = len(letters) >= 2 and "answer" in columns
+    rescorer = _rescorer(task, columns) if score_column is None and not multiple_choice else None
+    if score_column is None and not multiple_choice and rescorer is None:
+        raise Unscorable(f"{path}: no score column ({', '.join(SCORE_COLUMNS)}), not a multiple-choice file "
+                         f"(option columns A, B, ... and answer) and no scorer of ours for {task}; import "
+                         f"VLMEvalKit's scored file for this dataset")
     scorer = None
-    if score_column is None:
+    if score_column is None and rescorer is None:
         from .scorers import get_scorer
 
         scorer = get_scorer("choice")
@@ -364,6 +406,13 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
                             group=next((_text(row[c]) for c in GROUP_COLUMNS if _text(row.get(c))), ""))
         if prediction.startswith(VLMEVAL_FAILED):
             item.outcome, item.error = "error", f"VLMEvalKit: {prediction}"
+        elif rescorer is not None:
+            try:
+                result = rescorer[1](row, prediction, gold)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+            item.outcome, item.extracted = outcome_of(result), result.extracted
+            item.value = 0.0 if item.outcome == "unparsed" else float(result.value)
         elif scorer is None:
             item.value = _unit_value(row.get(score_column), f"{where}: column {score_column}")
             item.outcome = _outcome(item.value)
@@ -371,8 +420,23 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
         else:
             item.value, item.outcome, item.extracted = _score_choice(scorer, prediction, gold, options, where)
         items.append(item)
-    how = f"VLMEvalKit {score_column}" if score_column else "VLMEvalKit predictions, our choice scorer"
-    return _check_unique(items, str(path)), f"{task} ({how})"
+    how = (f"VLMEvalKit {score_column}" if score_column else f"VLMEvalKit predictions, {rescorer[0]}" if rescorer
+           else "VLMEvalKit predictions, our choice scorer")
+    return _check_unique(items, str(path)), f"{task} ({how}{_aggregate_check(path, items)})"
+
+
+def _aggregate_check(path: Path, items: list[ImportedItem]) -> str:
+    """OCRBench's `<stem>_score.json` holds VLMEvalKit's own total ("Final Score", a count of hits): the title
+    says whether our re-scoring reproduces it."""
+    aggregate = path.with_name(path.stem + "_score.json")
+    try:
+        final = json.loads(aggregate.read_text(encoding="utf-8")).get("Final Score")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+    if not isinstance(final, (int, float)):
+        return ""
+    ours = sum(item.value for item in items)
+    return f"; {aggregate.name}: Final Score {final:g}, ours {ours:g}"
 
 
 def _score_choice(scorer: Any, prediction: str, gold: str, options: list[str], where: str) -> tuple[float, str, str]:
@@ -390,8 +454,8 @@ def _score_choice(scorer: Any, prediction: str, gold: str, options: list[str], w
 
 
 def _vlmevalkit_files(path: Path) -> dict[str, Path]:
-    """task -> file.  In a work directory every file is `<model>_<dataset>[_<judge>...]`: a scored table
-    whose name extends another prediction file's (`<stem>_gpt-4o-mini_result.xlsx`) is that dataset's
+    """task -> file.  In a work directory every file is `<model>_<dataset>[_<judge>...]`: a scored (or judged)
+    table whose name extends another prediction file's (`<stem>_gpt-4o-mini_result.xlsx`) is that dataset's
     scored version and is taken over it; the model prefix shared by all datasets is dropped."""
     if path.is_file():
         return {path.stem: path}
@@ -400,7 +464,7 @@ def _vlmevalkit_files(path: Path) -> dict[str, Path]:
         raise UserError(f"{path}: no VLMEvalKit prediction files (tables with index and prediction columns)")
     scored_of: dict[str, list[Path]] = {}
     for stem, file in stems.items():
-        owners = [b for b in stems if stem.startswith(b + "_")] if _has_score(file) else []
+        owners = [b for b in stems if stem.startswith(b + "_")] if _is_judged(file) else []
         if owners:
             scored_of.setdefault(max(owners, key=len), []).append(file)
     bases = [s for s in stems if not any(s in [f.stem for f in files] for files in scored_of.values())]
@@ -428,8 +492,9 @@ def _is_prediction(path: Path) -> bool:
         return False
 
 
-def _has_score(path: Path) -> bool:
-    return any(c in _header(path) for c in SCORE_COLUMNS)
+def _is_judged(path: Path) -> bool:
+    """A score column, or the `res` column of VLMEvalKit's judge-extracted answers (MathVision)."""
+    return any(c in _header(path) for c in (*SCORE_COLUMNS, "res"))
 
 
 def _shared_prefix(stems: list[str]) -> str:
@@ -443,9 +508,18 @@ def _shared_prefix(stems: list[str]) -> str:
 
 
 def load_vlmevalkit(path: Path) -> ImportedRun:
+    """A prediction file, or a work directory; there a dataset that cannot be scored is skipped and named in
+    `skipped`, not a reason to refuse the others."""
     run = ImportedRun(source=str(path), fmt="vlmevalkit", tasks={})
     for task, file in _vlmevalkit_files(path).items():
-        run.tasks[task], run.titles[task] = load_vlmevalkit_file(file, task)
+        try:
+            run.tasks[task], run.titles[task] = load_vlmevalkit_file(file, task)
+        except Unscorable as exc:
+            if path.is_file():
+                raise
+            run.skipped[task] = str(exc)
+    if not run.tasks:
+        raise UserError(f"{path}: no dataset could be imported: " + " | ".join(run.skipped.values()))
     return run
 
 
@@ -582,6 +656,7 @@ class Pairing:
     tasks: list[TaskPairing]
     tasks_only_reference: list[str]
     tasks_only_candidate: list[str]
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # side label -> task -> why not imported
 
 
 def _same_dataset(x: str, y: str) -> bool:
@@ -640,7 +715,8 @@ def match_runs(a: ImportedRun, b: ImportedRun, labels: Sequence[str] = ("A", "B"
                         + " | ".join(mismatched))
     paired_b = {task_b for _, task_b in pairs}
     return Pairing(tasks=tasks, tasks_only_reference=[t for t in a.tasks if t not in dict(pairs)],
-                   tasks_only_candidate=[t for t in b.tasks if t not in paired_b])
+                   tasks_only_candidate=[t for t in b.tasks if t not in paired_b],
+                   skipped={label: run.skipped for label, run in zip(labels, (a, b)) if run.skipped})
 
 
 # --------------------------------------------------------------------------- store, compare, report
@@ -682,6 +758,7 @@ def store_pairing(store: Any, run_id: str, pairing: Pairing, runs: tuple[Importe
                   for tp in pairing.tasks},
         "tasks_only_reference": pairing.tasks_only_reference,
         "tasks_only_candidate": pairing.tasks_only_candidate,
+        "skipped": pairing.skipped,
     })
 
 
@@ -737,7 +814,8 @@ def import_runs(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path,
 
 
 def _one_sided(pairing: Pairing, labels: tuple[str, str]) -> list[str]:
-    lines = []
+    lines = [f"{label}: {task} not imported: {why}" for label, tasks in pairing.skipped.items()
+             for task, why in tasks.items()]
     for tasks, label in ((pairing.tasks_only_reference, labels[0]), (pairing.tasks_only_candidate, labels[1])):
         if tasks:
             lines.append(f"tasks only in {label} (not compared): {', '.join(tasks)}")

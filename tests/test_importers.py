@@ -73,11 +73,6 @@ def test_vlmevalkit_graded_json_files_of_two_models_pair_up(tmp_path):
     assert (row["reference_score"], row["candidate_score"]) == (pytest.approx(66.0), pytest.approx(62.0))
 
 
-def test_vlmevalkit_file_without_scores_that_is_not_mcq_is_refused():
-    with pytest.raises(UserError, match=r"native_OCRBench\.csv: no score column .* not a multiple-choice file"):
-        load_samples(VK / "graded" / "native_OCRBench.csv")
-
-
 def test_vlmevalkit_runs_over_edited_questions_are_refused(tmp_path):
     with pytest.raises(UserError) as err:
         import_runs(VK / "native" / "Qwen2.5-VL-native_MMMU_DEV_VAL.xlsx",
@@ -243,3 +238,31 @@ def test_harness_results_files_fill_what_was_compared(tmp_path):
     assert rows["packages"][0] == "transformers 4.49.0" and rows["server version"][0] == "git 1a2b3c4"
     assert all("?" not in cells for cells in rows.values())
     assert result.comparison.task("lmms-eval:ocr_mini").divergence["length_shift_mean"] is None
+
+
+def test_vlmevalkit_work_dir_rescores_ocrbench_and_mathvision_and_skips_the_rest(tmp_path, capsys):
+    """VLMEvalKit writes only aggregates for OCRBench (`_score.json`) and MathVision (`_score.csv`, per-item `res`
+    from its judge): re-scored with our scorers; a dataset nothing can score (TextVQA here) is skipped, named."""
+    native, gems = VK / "workdir_native", VK / "workdir_gems"
+    run = load_samples(native)
+    assert sorted(run.tasks) == ["MathVision_MINI", "OCRBench"]
+    assert "TextVQA_VAL" in run.skipped and "no scorer of ours" in run.skipped["TextVQA_VAL"]
+    # Our OCRBench scorer reproduces VLMEvalKit's own total, which the title records.
+    assert run.titles["OCRBench"].endswith("InternVL2-native_OCRBench_score.json: Final Score 3, ours 3)")
+    ocr = {item.key: item for item in run.tasks["OCRBench"]}
+    assert [ocr[k].value for k in "0123"] == [1.0, 1.0, 1.0, 0.0]  # "x ^ { 2 } + 1": handwritten math, spaces out
+    mathv = {item.key: item for item in run.tasks["MathVision_MINI"]}
+    assert [(mathv[k].extracted, mathv[k].value) for k in ("10", "11", "12")] == [("6", 1.0), ("B", 1.0), ("8", 0.0)]
+
+    code = import_command(str(native), str(gems), None, "native,gems", tmp_path / "runs", tmp_path / "reports")
+    out = capsys.readouterr().out
+    assert code == 0 and "note: native: TextVQA_VAL not imported: " in out and "note: gems: TextVQA_VAL" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    with Store(run_dir / "results.sqlite") as store:
+        assert set(store.get_meta("import")["skipped"]) == {"native", "gems"}
+        assert {s.task for s in store.scores(run_dir.name)} == {"OCRBench", "MathVision_MINI"}
+
+
+def test_one_unscorable_vlmevalkit_file_is_still_refused():
+    with pytest.raises(UserError, match="TextVQA_VAL.tsv: no score column .* no scorer of ours"):
+        load_samples(VK / "workdir_native" / "InternVL2-native_TextVQA_VAL.tsv")
