@@ -20,7 +20,7 @@ from .bridges.lmeval import PREFIX as LMEVAL_PREFIX, convert_samples
 from .errors import UserError
 from .records import Item, Record, Score, stable_hash
 
-FORMATS = ("lmeval", "lmms-eval", "vlmevalkit", "flagevalmm")
+FORMATS = ("lmeval", "lmms-eval", "vlmevalkit", "flagevalmm", "evalscope", "inspect")
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".csv", ".json")
 SCORE_COLUMNS = ("hit", "score", "correct", "is_correct")  # VLMEvalKit per-item score, first present wins
 VLMEVAL_FAILED = "Failed to obtain answer"  # VLMEvalKit's prediction when every API retry failed
@@ -53,11 +53,12 @@ class ImportedItem:
     error: str = ""
     reasoning: str = ""
     messages: Optional[list[dict[str, Any]]] = None
+    completion_tokens: int = 0  # where the tool logged it; 0 = unknown (the report then shows no length shift)
 
     def to_score(self, role: str) -> Score:
         return Score(role=role, task=self.task, item_id=self.item_id, value=self.value, outcome=self.outcome,
                      extracted=self.extracted, gold=self.gold, response_text=self.response, error=self.error,
-                     group=self.group)
+                     group=self.group, completion_tokens=self.completion_tokens)
 
     def to_item(self) -> Item:
         messages = self.messages or [{"role": "user", "content": self.prompt}]
@@ -67,7 +68,7 @@ class ImportedItem:
         return Record(run_id=run_id, role=role, endpoint_id=endpoint_id, task=self.task, item_id=self.item_id,
                       prompt_hash=stable_hash(self.hashes) if self.hashes else "", params={},
                       response_text=self.response, reasoning_content=self.reasoning, error=self.error,
-                      error_kind="imported" if self.error else "")
+                      error_kind="imported" if self.error else "", completion_tokens=self.completion_tokens)
 
 
 @dataclass
@@ -582,16 +583,198 @@ def load_flagevalmm_file(path: Path) -> tuple[str, list[ImportedItem], str]:
     return task, _check_unique(items, str(path)), f"{task} (FlagEvalMM {'/'.join(sorted(judged_by)) or 'correct'})"
 
 
-def load_flagevalmm(path: Path) -> ImportedRun:
-    files = [path] if path.is_file() else sorted(path.rglob("*_evaluated.json"))
+def _files(path: Path, pattern: str, what: str) -> list[Path]:
+    """`path` itself, or the files under it matching `pattern` (at least one)."""
+    files = [path] if path.is_file() else sorted(path.rglob(pattern))
     if not files:
-        raise UserError(f"{path}: no FlagEvalMM <task>_evaluated.json files")
+        raise UserError(f"{path}: no {what}")
+    return files
+
+
+def load_flagevalmm(path: Path) -> ImportedRun:
+    files = _files(path, "*_evaluated.json", "FlagEvalMM <task>_evaluated.json files")
     run = ImportedRun(source=str(path), fmt="flagevalmm", tasks={})
     for file in files:
         task, items, title = load_flagevalmm_file(file)
         if task in run.tasks:
             raise UserError(f"{path}: task {task} appears twice ({file})")
         run.tasks[task], run.titles[task] = items, title
+    return run
+
+
+# --------------------------------------------------------------------------- EvalScope
+
+
+def _messages(value: Any) -> Optional[list[dict[str, Any]]]:
+    """Chat messages as the tools log them (role + text or content parts), else None for a plain prompt."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return [{"role": m["role"], "content": m.get("content") if m.get("content") is not None else ""}
+                for m in value]
+    return None
+
+
+def _evalscope_task(file: Path) -> tuple[str, str]:
+    """(task, group) of `reviews/<model>/<benchmark>_<subset>.jsonl`: the benchmark named by the report EvalScope
+    wrote beside it (`reports/<model>/<benchmark>.json`), the subset as the group; else the file stem."""
+    reports = file.parents[2] / "reports" / file.parent.name if len(file.parents) > 2 else None
+    benchmarks = sorted((r.stem for r in reports.glob("*.json")), key=len, reverse=True) if reports else []
+    for benchmark in benchmarks:
+        if file.stem.startswith(benchmark + "_"):
+            return benchmark, file.stem[len(benchmark) + 1:]
+    return file.stem, ""
+
+
+def _evalscope_tokens(review_file: Path) -> dict[str, int]:
+    """index -> output tokens, from `predictions/<model>/<same name>.jsonl` (its model_output.usage)."""
+    predictions = review_file.parents[2] / "predictions" / review_file.parent.name / review_file.name
+    if len(review_file.parents) <= 2 or not predictions.is_file():
+        return {}
+    tokens = {}
+    for row in _jsonl(predictions):
+        usage = ((row.get("model_output") or {}).get("usage") or {})
+        if isinstance(usage.get("output_tokens"), int):
+            tokens[_text(row.get("index"))] = usage["output_tokens"]
+    return tokens
+
+
+def load_evalscope_file(path: Path) -> tuple[str, list[ImportedItem]]:
+    """One review file: a line per sample, `{index, input, target, sample_score: {score: {value: {name: number},
+    main_score_name, prediction, extracted_prediction}, sample_id, sample_metadata}}` (EvalScope >= 1.0)."""
+    task, group = _evalscope_task(path)
+    tokens = _evalscope_tokens(path)
+    items = []
+    for number, row in enumerate(_jsonl(path), 1):
+        score = (row.get("sample_score") or {}).get("score") if isinstance(row.get("sample_score"), dict) else None
+        if "index" not in row or not isinstance(score, dict) or not isinstance(score.get("value"), dict):
+            raise UserError(f"{path}: line {number} is not an EvalScope review (index and sample_score.score.value "
+                            f"are required; predictions files carry no correctness)")
+        key = _text(row["index"])
+        values = score["value"]
+        name = score.get("main_score_name") if score.get("main_score_name") in values else next(iter(values), None)
+        if name is None:
+            raise UserError(f"{path}: index {key}: sample_score.score.value is empty")
+        value = _unit_value(values[name], f"{path}: index {key}: score {name}")
+        prompt = row.get("input")
+        messages = _messages(prompt)
+        prompt_text = json.dumps(prompt, ensure_ascii=False) if messages else _text(prompt)
+        response = _text(score.get("prediction"))
+        items.append(ImportedItem(
+            task=task, key=f"{group}/{key}" if group else key, item_id=f"{group}/{key}" if group else key,
+            value=value, outcome=_outcome(value), response=response,
+            extracted=_text(score.get("extracted_prediction")) or response.strip(), gold=_text(row.get("target")),
+            prompt=prompt_text, hashes={"input": stable_hash(prompt_text)} if prompt_text else {},
+            meta={"index": key, "metric": name}, group=group, messages=messages,
+            completion_tokens=tokens.get(key, 0)))
+    return task, items
+
+
+def load_evalscope(path: Path) -> ImportedRun:
+    """A review file, or an EvalScope output directory (`<timestamp>/reviews/<model>/*.jsonl`, searched
+    recursively); the subsets of one benchmark become one task with a group per subset."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*.jsonl") if "reviews" in f.parts)
+    if not files:
+        raise UserError(f"{path}: no EvalScope reviews/<model>/<benchmark>_<subset>.jsonl files (predictions "
+                        f"alone carry no correctness)")
+    run = ImportedRun(source=str(path), fmt="evalscope", tasks={})
+    for file in files:
+        task, items = load_evalscope_file(file)
+        run.tasks.setdefault(task, []).extend(items)
+        run.titles[task] = f"{task} (EvalScope {items[0].meta['metric'] if items else ''})"
+    for task, items in run.tasks.items():
+        _check_unique(items, f"{path}: task {task}")
+    return run
+
+
+# --------------------------------------------------------------------------- inspect-ai
+
+_INSPECT_VALUES = {"C": 1.0, "I": 0.0, "P": 0.5, "N": 0.0}  # inspect's CORRECT, INCORRECT, PARTIAL, NOANSWER
+
+
+def _inspect_value(value: Any, where: str) -> float:
+    """A sample score as inspect's value_to_float reads it: C/I/P/N, yes/no, true/false, or a number."""
+    if isinstance(value, str) and value.strip().upper() in _INSPECT_VALUES:
+        return _INSPECT_VALUES[value.strip().upper()]
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{where}: a score with several values ({json.dumps(value)[:60]}); only one number per "
+                        f"sample can be paired")
+    return _unit_value(value, where)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # content parts: the text ones
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return _text(content)
+
+
+def load_inspect_file(path: Path) -> tuple[str, list[ImportedItem], dict[str, Any]]:
+    """One `.eval` log, a zip of JSON: `header.json` (or `_journal/start.json` for an unfinished run) with the
+    task and model, and `samples/<id>_epoch_<n>.json` per sample (input, target, output, scores, error)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path}: not an inspect-ai .eval log (a zip archive): {exc}") from None
+    with archive:
+        names = set(archive.namelist())
+        header_name = next((n for n in ("header.json", "_journal/start.json") if n in names), None)
+        if header_name is None:
+            raise UserError(f"{path}: no header.json in the archive (not an inspect-ai .eval log)")
+        header = json.loads(archive.read(header_name))
+        samples = [json.loads(archive.read(n)) for n in sorted(names)
+                   if n.startswith("samples/") and n.endswith(".json")]
+    eval_info = header.get("eval") or {}
+    task = str(eval_info.get("task") or path.stem)
+    epochs = {int(sample.get("epoch", 1)) for sample in samples}
+    items = []
+    for sample in samples:
+        key = _text(sample.get("id"))
+        if len(epochs) > 1:
+            key = f"{key}/epoch{sample.get('epoch', 1)}"
+        where = f"{path}: sample {key}"
+        scores = sample.get("scores") or {}
+        output = sample.get("output") or {}
+        choices = output.get("choices") or [{}]
+        response = _text(output.get("completion")) or _content_text((choices[0].get("message") or {}).get("content"))
+        prompt = sample.get("input")
+        messages = _messages(prompt)
+        prompt_text = json.dumps(prompt, ensure_ascii=False) if messages else _text(prompt)
+        target = sample.get("target")
+        item = ImportedItem(
+            task=task, key=key, item_id=key, value=0.0, outcome="wrong", response=response,
+            gold=" | ".join(map(str, target)) if isinstance(target, list) else _text(target), prompt=prompt_text,
+            hashes={"input": stable_hash([prompt_text, target])} if prompt_text else {},
+            meta={"id": _text(sample.get("id")), "epoch": sample.get("epoch", 1)}, messages=messages,
+            completion_tokens=int((output.get("usage") or {}).get("output_tokens") or 0))
+        error = sample.get("error")
+        if error:
+            item.outcome = "error"
+            item.error = f"inspect-ai: {error.get('message', error) if isinstance(error, dict) else error}"[:500]
+        elif not scores:
+            raise UserError(f"{where}: no scores (was the log written with --no-score?)")
+        else:
+            name, score = next(iter(scores.items()))  # the task's first scorer, as inspect lists it
+            item.value = _inspect_value(score.get("value"), f"{where}: scorer {name}")
+            item.outcome, item.extracted = _outcome(item.value), _text(score.get("answer")) or response.strip()
+            item.meta["scorer"] = name
+        items.append(item)
+    return task, _check_unique(items, str(path)), eval_info
+
+
+def load_inspect(path: Path) -> ImportedRun:
+    files = _files(path, "*.eval", "inspect-ai .eval logs")
+    run = ImportedRun(source=str(path), fmt="inspect", tasks={})
+    for file in files:
+        task, items, eval_info = load_inspect_file(file)
+        if task in run.tasks:
+            raise UserError(f"{path}: task {task} appears in two logs ({file.name}); point at one run's logs")
+        scorer = next((item.meta.get("scorer") for item in items if item.meta.get("scorer")), "")
+        run.tasks[task], run.titles[task] = items, f"{task} (inspect-ai {scorer})"
+        if not run.spec:
+            version = (eval_info.get("packages") or {}).get("inspect_ai")
+            run.spec = {"engine": f"inspect-ai {version}" if version else "inspect-ai",
+                        "model": str(eval_info.get("model") or run.source)}
+            run.evidence = {"packages": {"inspect_ai": str(version)}} if version else {}
     return run
 
 
@@ -604,6 +787,10 @@ def detect_format(path: Path) -> str:
                                                 ("lmms-eval", "*_samples_*.jsonl", _LMMS_FILE),
                                                 ("flagevalmm", "*_evaluated.json", None))
                  if any(name is None or name.match(f.name) for f in path.rglob(pattern))]
+        if any("reviews" in f.parts for f in path.rglob("*.jsonl")):
+            found.append("evalscope")
+        if next(path.rglob("*.eval"), None) is not None:
+            found.append("inspect")
         if not found and any(f.suffix.lower() in TABLE_SUFFIXES and _is_prediction(f) for f in path.iterdir()):
             found.append("vlmevalkit")
         if len(found) != 1:
@@ -617,6 +804,10 @@ def detect_format(path: Path) -> str:
         return "lmms-eval"
     if path.name.endswith("_evaluated.json"):
         return "flagevalmm"
+    if path.suffix == ".eval":
+        return "inspect"
+    if path.suffix == ".jsonl" and "reviews" in path.parts:
+        return "evalscope"
     if path.suffix.lower() == ".json":
         rows = _read_json_list(path)
         return "flagevalmm" if rows and "question_id" in rows[0] else "vlmevalkit"
@@ -632,7 +823,7 @@ def load_samples(path: str | Path, fmt: Optional[str] = None) -> ImportedRun:
         raise UserError(f"{path}: no such file or directory")
     fmt = fmt or detect_format(path)
     loaders = {"lmeval": load_lmeval, "lmms-eval": load_lmms, "vlmevalkit": load_vlmevalkit,
-               "flagevalmm": load_flagevalmm}
+               "flagevalmm": load_flagevalmm, "evalscope": load_evalscope, "inspect": load_inspect}
     if fmt not in loaders:
         raise UserError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     return loaders[fmt](path)
