@@ -319,7 +319,7 @@ def test_evalscope_output_dirs(tmp_path):
     result = run_import(native, gems, tmp_path / "runs" / "es", tmp_path / "reports")
     row = result.comparison.task("mmlu")
     assert (row.n, row.reference_score, row.candidate_score, row.flips_ref_only) == (3, 100.0, pytest.approx(200 / 3), 1)
-    # token counts known here: the length shift is a number (gems logged one token more per reply)
+    # token counts known here, so the length shift is a number: "6" logged 2 tokens, "3 + 2 = 5" 5
     assert result.comparison.task("gsm8k").divergence["length_shift_mean"] == pytest.approx(1 - 4)
 
 
