@@ -173,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p = sub.add_parser("tasks", help="list tasks and suites, with item counts where the data is local")
     p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
-    p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, VLMEvalKit or FlagEvalMM")
+    p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, lmms-eval, VLMEvalKit, "
+                                      "FlagEvalMM, EvalScope or inspect-ai")
     p.add_argument("path_a")
     p.add_argument("path_b")
-    p.add_argument("--format", choices=["lmeval", "vlmevalkit", "flagevalmm"])
+    # importers.FORMATS, spelled out: importing the module here would slow every command's start
+    p.add_argument("--format", choices=["lmeval", "lmms-eval", "vlmevalkit", "flagevalmm", "evalscope", "inspect"])
     p.add_argument("--labels", default="A,B", help="names of the two runs in the report")
     p.add_argument("--margin", type=float, default=1.0)
     p.add_argument("--runs-dir", default="runs")
