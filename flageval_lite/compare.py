@@ -21,11 +21,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from . import divergence, perf, stats
+from . import divergence, error_rate, perf, stats
+from .asr_text import METRIC_UNITS, error_counts
 from .errors import UserError
 from .records import Interval, PerfSummary, Record, Score, TaskComparison
 
-METRICS = ("accuracy", "livebench")
+METRICS = ("accuracy", "livebench") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates (compare_error_rate)
 DRILLDOWN_LIMIT = 50
 # Long reasoning outputs keep their head and their tail (where the final answer sits) in the drill-down.
 DRILLDOWN_TEXT_CHARS = 16_000
@@ -47,6 +48,9 @@ class PairedTaskComparison(TaskComparison):
     # (they can name every item of a task).
     paired_items: frozenset = field(default_factory=frozenset, repr=False)
     differing_outputs: frozenset = field(default_factory=frozenset, repr=False)
+    # Error-rate rows (wer, cer): scores are rates, lower is better, and delta is reference - candidate, so that a
+    # negative delta is a loss on every row and the verdict rules need no second sign.
+    lower_is_better: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -302,6 +306,11 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
             warnings.append(f"{excluded_errors} pair(s) with an infrastructure error on either side were left out")
     if not pairs:
         raise UserError(f"task {task}: no item was scored on both the reference and the candidate")
+    if metric in METRIC_UNITS:
+        return compare_error_rate(task, title, pairs, ref_all, cand_all, metric, margin=margin,
+                                  release_gate=release_gate, alpha=alpha, errors_as_zero=errors_as_zero,
+                                  records=records, only_ref=only_ref, only_cand=only_cand, warnings=warnings,
+                                  excluded_errors=excluded_errors)
 
     ref_vals = [_value(p.reference, errors_as_zero) for p in pairs]
     cand_vals = [_value(p.candidate, errors_as_zero) for p in pairs]
@@ -365,6 +374,78 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         warnings=warnings,
         paired_items=frozenset(p.item_id for p in pairs),
         differing_outputs=differing,
+    )
+
+
+def _edits(score: Score, metric: str, errors_as_zero: bool) -> tuple[int, int]:
+    """(edits, reference units) of one scored utterance; an infrastructure error (counted as 0) deletes it all."""
+    hypothesis = "" if score.outcome == "error" and errors_as_zero else score.extracted
+    return error_counts(score.gold, hypothesis, metric)
+
+
+def compare_error_rate(task: str, title: str, pairs: Sequence[_Pair], ref_all: Mapping[str, Score],
+                       cand_all: Mapping[str, Score], metric: str, margin: float, release_gate: float, alpha: float,
+                       errors_as_zero: bool, records: Optional[Mapping[str, Iterable[Record]]], only_ref: list[str],
+                       only_cand: list[str], warnings: list[str], excluded_errors: int) -> PairedTaskComparison:
+    """A WER/CER row: corpus rates (total edits / total reference units) in points, paired bootstrap over
+    utterances for Δ, sign-flip p (error_rate.py).  Δ = reference - candidate: negative when the candidate errs more.
+
+    The edits are recounted from the stored reference (`Score.gold`) and normalised hypothesis (`Score.extracted`)
+    with the scorer's own rules (asr_text.py)."""
+    counted = [(_edits(p.reference, metric, errors_as_zero), _edits(p.candidate, metric, errors_as_zero))
+               for p in pairs]
+    ref_edits = [r[0] for r, _ in counted]
+    cand_edits = [c[0] for _, c in counted]
+    lengths = [r[1] for r, _ in counted]
+    try:
+        ref_rate, cand_rate = error_rate.corpus_rate(ref_edits, lengths), error_rate.corpus_rate(cand_edits, lengths)
+    except ValueError as exc:
+        raise UserError(f"task {task}: {exc}") from None
+    (low95, high95), (low90, high90) = error_rate.paired_difference_cis(ref_edits, cand_edits, lengths)
+    # the bootstrap interval is of candidate - reference; flipped into the row's reference - candidate
+    delta_ci, delta_ci90 = Interval(-100.0 * high95, -100.0 * low95), Interval(-100.0 * high90, -100.0 * low90)
+    delta = 100.0 * (ref_rate - cand_rate)
+    p_value = error_rate.paired_p_value(ref_edits, cand_edits, lengths)
+    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
+    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        if pair.reference.group or pair.candidate.group:
+            groups[pair.reference.group or pair.candidate.group].append(index)
+    breakdown = {}
+    for name in sorted(groups):
+        idx = groups[name]
+        units = sum(lengths[i] for i in idx) or 1
+        ref_g, cand_g = sum(ref_edits[i] for i in idx) / units, sum(cand_edits[i] for i in idx) / units
+        breakdown[name] = {"n": len(idx), "reference": 100.0 * ref_g, "candidate": 100.0 * cand_g,
+                           "delta": 100.0 * (ref_g - cand_g),
+                           "flips_ref_only": sum(ref_edits[i] < cand_edits[i] for i in idx),
+                           "flips_cand_only": sum(cand_edits[i] < ref_edits[i] for i in idx)}
+    return PairedTaskComparison(
+        task=task, title=title, n=len(pairs), binary=False,
+        reference_score=100.0 * ref_rate, candidate_score=100.0 * cand_rate,
+        reference_ci=_interval(error_rate.rate_ci(ref_edits, lengths)),
+        candidate_ci=_interval(error_rate.rate_ci(cand_edits, lengths)),
+        delta=delta, delta_ci=delta_ci, delta_ci90=delta_ci90, p_value=p_value, p_holm=p_value,
+        # "reference right, candidate wrong" becomes: the candidate made more errors on this utterance
+        flips_ref_only=sum(r < c for r, c in zip(ref_edits, cand_edits)),
+        flips_cand_only=sum(c < r for r, c in zip(ref_edits, cand_edits)),
+        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
+        output_agreement=1.0 - len(differing) / len(pairs),
+        mde=100.0 * error_rate.minimum_detectable_effect(ref_edits, cand_edits, lengths, alpha=alpha),
+        equivalent=stats.tost_equivalent((delta_ci90.low, delta_ci90.high), margin),
+        within_release_gate=-delta <= release_gate,
+        verdict=stats.verdict(delta, (delta_ci.low, delta_ci.high), (delta_ci90.low, delta_ci90.high), p_value,
+                              margin, release_gate, alpha=alpha),
+        errors_reference=sum(s.outcome == "error" for s in ref_all.values()),
+        errors_candidate=sum(s.outcome == "error" for s in cand_all.values()),
+        unparsed_reference=sum(s.outcome == "unparsed" for s in ref_all.values()),
+        unparsed_candidate=sum(s.outcome == "unparsed" for s in cand_all.values()),
+        divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
+        groups=breakdown, metric=metric, only_reference=only_ref, only_candidate=only_cand,
+        excluded_errors=excluded_errors, answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
+        warnings=warnings, paired_items=frozenset(p.item_id for p in pairs), differing_outputs=differing,
+        lower_is_better=True,
     )
 
 

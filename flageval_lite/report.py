@@ -204,7 +204,7 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
     rows = []
     for t in comparison.tasks:
         rows.append([
-            t.title,
+            f"{t.title} ↓" if t.lower_is_better else t.title,
             _score(t.reference_score, t.reference_ci.low, t.reference_ci.high),
             _score(t.candidate_score, t.candidate_ci.low, t.candidate_ci.high),
             _signed(t.delta),
@@ -219,7 +219,9 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
         rows=rows,
         note="Scores in points with their 95 % CI (Wilson for right/wrong items, bootstrap for graded ones); "
              "Δ = candidate − reference with its paired 95 % CI; flips: items only the reference (−) or only "
-             "the candidate (+) scored higher on.",
+             "the candidate (+) scored higher on. Rows marked ↓ are corpus error rates (WER/CER, paired bootstrap "
+             "over utterances): lower is better, Δ = reference − candidate, so a negative Δ is a loss there too, "
+             "and flips count utterances where one side made fewer errors.",
         verdict_column=7,
         row_classes=[t.verdict for t in comparison.tasks],
     )

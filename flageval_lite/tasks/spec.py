@@ -23,7 +23,7 @@ from .media import AUDIO_PARTS
 
 MODALITIES = ("text", "vision", "audio", "video", "audio-visual")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv-vlmeval"}
-METRICS = ("accuracy", "livebench", "ocrbench_sum")
+METRICS = ("accuracy", "livebench", "ocrbench_sum", "wer", "cer")
 SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
@@ -303,6 +303,9 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
     metric = raw.get("metric", "accuracy")
     if metric not in METRICS:
         raise ConfigError(path, "metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+    if (scorer in ("wer", "cer") or metric in ("wer", "cer")) and metric != scorer:
+        raise ConfigError(path, "metric", f"scorer {scorer!r} with metric {metric!r}: an error-rate task needs the "
+                                          "same name for both (wer or cer)")
 
     return TaskSpec(
         name=name,
