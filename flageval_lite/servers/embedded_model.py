@@ -8,6 +8,10 @@ import base64
 import importlib.metadata
 import importlib.util
 import io
+import os
+import shutil
+import tempfile
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +21,10 @@ import torch
 from flageval_lite.errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `--model tiny-audio`: a random-weights Qwen2-Audio (Whisper-style encoder, tiny Llama text model, SmolLM2
+# tokenizer) built once at start-up into this cache folder; bump the version when the recipe changes.
+TINY_AUDIO = "tiny-qwen2-audio-v1"
+AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Row multiples tried, smallest first, when probing whether a row's matmul result is independent of its batch.
 ROW_MULTIPLES = (1, 2, 4, 8, 16)
@@ -36,9 +44,14 @@ class LoadedModel:
     row_invariant: bool = False  # the probe proved a row's result independent of the other rows
     eos_token_ids: frozenset[int] = frozenset()
     flaggems_ops: list[str] = field(default_factory=list)
+    takes_audio: bool = False  # the processor is an audio one (Qwen2-Audio): audio parts, no images
 
     @property
     def is_vision(self) -> bool:
+        return self.processor is not None and not self.takes_audio
+
+    @property
+    def uses_processor(self) -> bool:
         return self.processor is not None
 
 
@@ -66,6 +79,8 @@ def resolve_model(model: str) -> tuple[Path, Optional[str], str]:
         if not (folder / SMOLLM2_GGUF).is_file():
             raise UserError(f"--model smollm2: {folder / SMOLLM2_GGUF} is missing")
         return folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct"
+    if model == "tiny-audio":
+        return build_tiny_audio(), None, TINY_AUDIO
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name, path.stem
@@ -113,8 +128,11 @@ def _load(model: str, dtype: str, torch_device: torch.device) -> LoadedModel:
     source = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         # A GGUF holds a text-only model, and parsing it for the config alone costs seconds.
-        if not gguf_file and getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
+        config = None if gguf_file else AutoConfig.from_pretrained(folder)
+        if getattr(config, "vision_config", None) is not None:
             return _load_vision_model(folder, label, torch_device, torch_dtype)
+        if getattr(config, "audio_config", None) is not None:
+            return _load_audio_model(folder, label, torch_device, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, **source)
         # A GGUF is dequantised to float32 first; the cast below gives the requested dtype either way.
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -141,6 +159,67 @@ def _load_vision_model(folder: Path, label: str, device: torch.device, dtype: to
         model=model, tokenizer=processor.tokenizer, processor=processor, label=label, device=device, dtype=dtype,
         packed=False, eos_token_ids=_eos_ids(model, processor.tokenizer),
     )
+
+
+def _load_audio_model(folder: Path, label: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return LoadedModel(
+        model=model, tokenizer=processor.tokenizer, processor=processor, label=label, device=device, dtype=dtype,
+        packed=False, eos_token_ids=_eos_ids(model, processor.tokenizer), takes_audio=True,
+    )
+
+
+def _chatml_template(media_markup: dict[str, str]) -> str:
+    """ChatML, as SmolLM2's own template, with `media_markup[type]` where a part of that type goes."""
+    media = "".join(f"{{% elif part['type'] == '{kind}' %}}{markup}" for kind, markup in media_markup.items())
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}" + media + "{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def build_tiny_audio(root: Optional[Path] = None) -> Path:
+    """The `tiny-audio` model folder, built on first use: Qwen2-Audio with seeded random weights (a 1-layer
+    Whisper-style encoder, a 2-layer Llama text model) and the SmolLM2 tokenizer plus the audio tokens.  Written to a
+    temporary folder and renamed, so two servers starting at once never read a half-written model."""
+    base = root or Path(os.environ.get("FLAGEVAL_CACHE") or Path.home() / ".cache" / "flageval-lite")
+    folder = base / TINY_AUDIO
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+
+    smollm2, gguf, _ = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2, gguf_file=gguf)
+    tokenizer.add_special_tokens({"additional_special_tokens": AUDIO_TOKENS})
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, vocab_size=len(tokenizer),
+                eos_token_id=tokenizer.eos_token_id)
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, max_source_positions=1500),
+        text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_AUDIO}-", dir=base))
+    try:
+        torch.manual_seed(0)
+        Qwen2AudioForConditionalGeneration(config).save_pretrained(staging)
+        Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer,
+                            chat_template=_chatml_template({"audio": "<|audio_bos|><|AUDIO|><|audio_eos|>"}),
+                            ).save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another server finished first: its copy is the same model
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _packed_attention_fits(model) -> bool:
@@ -254,7 +333,7 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
     The defaults are a chat request's; `/tokenize` may ask for the others, as vLLM's does."""
     template_options = {"add_generation_prompt": add_generation_prompt,
                         "continue_final_message": continue_final_message, **template_kwargs}
-    images = []
+    images, audios = [], []
     converted = []
     for index, message in enumerate(messages):
         content = message.get("content")
@@ -269,21 +348,33 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
                 parts.append({"type": "text", "text": part.get("text", "")})
             elif kind == "image_url":
                 if not loaded.is_vision:
-                    raise PromptError(f"{where}: model {loaded.label} is text-only and takes no images", where)
+                    raise PromptError(f"{where}: model {loaded.label} takes no images", where)
                 images.append(_decode_image(part.get("image_url"), where))
                 parts.append({"type": "image"})
+            elif kind in ("input_audio", "audio_url"):
+                if not loaded.takes_audio:
+                    raise PromptError(f"{where}: model {loaded.label} takes no audio", where)
+                rate = loaded.processor.feature_extractor.sampling_rate
+                audios.append(_decode_audio(part.get(kind), kind, rate, where))
+                parts.append({"type": "audio"})
+            elif kind == "video_url":
+                raise PromptError(f"{where}: model {loaded.label} takes no video", where)
             else:
-                raise PromptError(f"{where}: unsupported content part type {kind!r} (text, image_url)", where)
-        if loaded.is_vision:
+                raise PromptError(f"{where}: unsupported content part type {kind!r} "
+                                  "(text, image_url, input_audio, audio_url, video_url)", where)
+        if loaded.uses_processor:
             converted.append({**message, "content": parts})
         else:
             # Text-only templates expect a string; text parts join as vLLM joins them.
             converted.append({**message, "content": "\n".join(p["text"] for p in parts)})
     try:
-        if loaded.is_vision:
+        if loaded.uses_processor:
             text = loaded.processor.apply_chat_template(converted, tokenize=False, **template_options)
             # The processor adds special tokens its own way; `add_special_tokens` applies to text-only models.
-            inputs = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+            media: dict[str, Any] = {"images": images} if images else {}
+            if audios:
+                media.update(audio=audios, sampling_rate=loaded.processor.feature_extractor.sampling_rate)
+            inputs = loaded.processor(text=[text], return_tensors="pt", **media)
             return Prompt(ids=inputs["input_ids"][0].tolist(), model_inputs=dict(inputs))
         if not loaded.tokenizer.chat_template:
             raise PromptError(f"model {loaded.label} has no chat template; use /v1/completions", "messages")
@@ -320,3 +411,36 @@ def _decode_image(image_url: Any, where: str):
         return image.convert("RGB")
     except Exception as exc:  # bad base64 or an unreadable image
         raise PromptError(f"{where}: cannot decode the image: {exc}", where) from exc
+
+
+def _decode_audio(value: Any, kind: str, rate: int, where: str):
+    """An `input_audio` ({data, format}) or `audio_url` (base64 data URL) part -> mono float32 samples at `rate`.
+
+    WAV only (the stdlib `wave` module: 8/16/32-bit PCM); other containers need a codec this server does not carry.
+    Other sampling rates are resampled linearly, identically on both backends."""
+    import numpy as np
+
+    if kind == "input_audio":
+        data = value.get("data") if isinstance(value, dict) else None
+    else:
+        url = value.get("url") if isinstance(value, dict) else value
+        data = url.split(";base64,", 1)[1] if isinstance(url, str) and url.startswith("data:") and ";base64," in url \
+            else None
+    if not isinstance(data, str):
+        raise PromptError(f"{where}: {kind} must carry base64 audio data", where)
+    try:
+        with wave.open(io.BytesIO(base64.b64decode(data, validate=True))) as wav:
+            width, channels, source_rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+            frames = wav.readframes(wav.getnframes())
+    except Exception as exc:  # bad base64, or not a RIFF/WAVE file
+        raise PromptError(f"{where}: cannot decode the audio as WAV (this server reads WAV only): {exc}", where) from exc
+    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    if width not in dtypes:
+        raise PromptError(f"{where}: {8 * width}-bit WAV is not supported (8, 16, 32-bit PCM)", where)
+    samples = np.frombuffer(frames, dtype=dtypes[width]).astype(np.float32)
+    samples = (samples - 128.0) / 128.0 if width == 1 else samples / float(2 ** (8 * width - 1))
+    samples = samples.reshape(-1, channels).mean(axis=1)
+    if source_rate != rate and samples.size:
+        positions = np.arange(int(round(samples.size * rate / source_rate))) * (source_rate / rate)
+        samples = np.interp(positions, np.arange(samples.size), samples).astype(np.float32)
+    return samples
