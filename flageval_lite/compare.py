@@ -85,6 +85,7 @@ class DrillItem:
     candidate_outcome: str
     reference_value: float
     candidate_value: float
+    audios: list[str] = field(default_factory=list)  # data: URLs of the item's audio clips (the report's players)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -501,6 +502,7 @@ def disagreeing_items(task: str, ref_scores: Iterable[Score], cand_scores: Itera
             kind=kind,
             prompt=clip_text(str(stored.get("prompt_text") or stored.get("prompt") or "")),
             images=[img for img in images if isinstance(img, str) and img.startswith("data:image/")],
+            audios=[clip for clip in images if isinstance(clip, str) and clip.startswith("data:audio/")],
             gold=ref.gold or cand.gold,
             reference_response=clip_text(ref.response_text or ref.error),
             candidate_response=clip_text(cand.response_text or cand.error),

@@ -31,7 +31,7 @@ from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import Store, image_urls
+from .store import Store, has_media
 from .tasks import cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class Pipeline:
 
     def teacher_forced_sources(self, store: Store) -> list[teacher_forced.TFSource]:
         """The first `teacher_forced.items` items of each task that the reference answered, text-only ones (a
-        token-id prompt cannot carry images)."""
+        token-id prompt cannot carry images, audio or video)."""
         sources = []
         for spec in self.tasks:
             answered = {r.item_id: r.response_text for r in store.records(self.run_id, role="reference",
@@ -299,7 +299,7 @@ class Pipeline:
             for item in self.items(spec):
                 if picked == self.config.teacher_forced.items:
                     break
-                if item.item_id in answered and not image_urls(item.messages):
+                if item.item_id in answered and not has_media(item.messages):
                     sources.append(teacher_forced.TFSource(spec.name, item.item_id, item.messages,
                                                            answered[item.item_id], template_kwargs))
                     picked += 1
