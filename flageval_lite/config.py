@@ -23,8 +23,8 @@ DEFAULT_REFERENCE = "embedded_fp32"
 DEFAULT_CANDIDATE = ("embedded_flaggems", "embedded_bf16")
 PLACEMENTS = ("sequential", "concurrent")
 # Suites whose inputs the default text model cannot take get embedded defaults that can (a tiny random-weights
-# audio model; see docs/qwen3-omni.md for the real stack): suite -> (reference, candidate alternatives).
-SUITE_DEFAULT_BACKENDS = {"omni-av": ("embedded_audio_fp32", ("embedded_audio_flaggems", "embedded_audio_bf16"))}
+# omni model; see docs/qwen3-omni.md for the real stack): suite -> (reference, candidate alternatives).
+SUITE_DEFAULT_BACKENDS = {"omni-av": ("embedded_omni_fp32", ("embedded_omni_flaggems", "embedded_omni_bf16"))}
 
 
 @dataclass
