@@ -385,7 +385,10 @@ def _perf_tables(comparison: Comparison, ref: str, cand: str,
 
 def _load_title(load: str) -> str:
     prefix, _, level = load.partition("@c")
-    return f"concurrency {level}" if level.isdigit() else load
+    level, media, _ = level.partition("+")  # perf@c8+media: the image/audio load beside the text one
+    if not level.isdigit():
+        return load
+    return f"concurrency {level}" + (", image/audio requests" if media else "")
 
 
 def _noise_table(comparison: Comparison) -> Optional[Table]:

@@ -96,7 +96,8 @@ def test_parts_it_cannot_read_are_refused_by_name(server):
 def test_omni_av_suite_end_to_end_on_the_embedded_default(tmp_path, cache, monkeypatch):
     """`run --suite omni-av` with no serve specs given: the suite's embedded defaults (tiny-omni, float32 against
     bfloat16), the fixtures, corpus WER/CER rows with intervals, the audio in the drill-down."""
-    config = write_config(tmp_path, suite="omni-av", limit=2, max_tokens_cap=8, perf={"enabled": False},
+    config = write_config(tmp_path, suite="omni-av", limit=2, max_tokens_cap=8,
+                          perf={"requests": 2, "concurrency": [2], "output_tokens": 4},
                           data_dir=str(REPO / "tests/fixtures/hub"))
     monkeypatch.setenv("FLAGEVAL_CACHE", str(cache))  # the CLI's servers inherit it: one tiny-omni build
     done = cli(tmp_path, "run", "--config", str(config), "--run-id", "av", "--quiet", timeout=900)
@@ -111,5 +112,7 @@ def test_omni_av_suite_end_to_end_on_the_embedded_default(tmp_path, cache, monke
         assert row["reference_ci"]["low"] <= row["reference_score"] <= row["reference_ci"]["high"]
     # every item of every row got a real answer on both stacks: audio, video and image + audio alike
     assert all(t["n"] == 2 and t["errors_reference"] == t["errors_candidate"] == 0 for t in tasks.values()), tasks
+    # the perf sweep has the image/audio load beside the text load
+    assert "Performance, concurrency 2, image/audio requests" in (report / "report.md").read_text()
     html = (report / "report.html").read_text()
     assert "media-src data:" in html and '<audio controls preload="none" src="data:audio/wav;base64,' in html

@@ -136,3 +136,22 @@ def test_request_body_on_the_wire_matches_vllm_chat_format():
     assert parts[0]["type"] == "video_url" and parts[0]["video_url"]["url"].startswith("data:video/jpeg;base64,")
     assert parts[1]["type"] == "input_audio" and parts[1]["input_audio"]["format"] == "wav"
     assert parts[2] == {"type": "text", "text": "What is said?"}
+
+
+def test_perf_media_load_carries_an_image_and_an_audio_clip():
+    from flageval_lite.config import load_run_config
+    from flageval_lite.pipeline import MEDIA_LOAD_SUFFIX, perf_items, perf_media, perf_media_items
+
+    config = load_run_config(None, suite="omni-av")
+    assert perf_media({"text"}) == ([], [])
+    images, audios = perf_media({"audio-visual"})
+    items = list(perf_media_items(config, 8, images, audios))
+    text_items = list(perf_items(config, 8))
+    assert len(items) == len(text_items) and items[0].task == text_items[0].task + MEDIA_LOAD_SUFFIX
+    content = items[0].messages[0]["content"]
+    assert [p["type"] for p in content] == ["text", "image_url", "input_audio"]
+    assert content[0]["text"] == text_items[0].messages[0]["content"]  # the same prompt as the text load
+    with wave.open(io.BytesIO(base64.b64decode(content[2]["input_audio"]["data"]))) as wav:
+        assert wav.getnframes() == 5 * 16000
+    only_audio = perf_media({"audio"})
+    assert only_audio[0] == [] and len(only_audio[1]) == 1
