@@ -26,11 +26,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import divergence, perf, plan, stats
+from . import divergence, error_rate, perf, plan, stats
+from .asr_text import METRIC_UNITS, error_counts
 from .errors import UserError
 from .records import Interval, PerfSummary, Record, Score, TaskComparison
 
-METRICS = ("accuracy", "livebench")
+METRICS = ("accuracy", "livebench") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates (compare_error_rate)
 DRILLDOWN_LIMIT = 50
 # Long reasoning outputs keep their head and their tail (where the final answer sits) in the drill-down.
 DRILLDOWN_TEXT_CHARS = 16_000
@@ -63,6 +64,9 @@ class PairedTaskComparison(TaskComparison):
     # (they can name every item of a task).
     paired_items: frozenset = field(default_factory=frozenset, repr=False)
     differing_outputs: frozenset = field(default_factory=frozenset, repr=False)
+    # Error-rate rows (wer, cer): scores are rates, lower is better, and delta is reference - candidate, so that a
+    # negative delta is a loss on every row and the verdict rules need no second sign.
+    lower_is_better: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -97,6 +101,7 @@ class DrillItem:
     candidate_outcome: str
     reference_value: float
     candidate_value: float
+    audios: list[str] = field(default_factory=list)  # data: URLs of the item's audio clips (the report's players)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,6 +362,12 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
             return _unmeasured_row(task, title, metric, rule, pairs, ref_all, cand_all, only_ref, only_cand, warnings)
         pairs = kept
     reason = incomplete_reason(ref_all, cand_all, rule.max_error_rate)
+    if reason:
+        warnings.append(f"incomplete: {reason}; rerun to re-ask them")
+    if metric in METRIC_UNITS:
+        return compare_error_rate(task, title, pairs, ref_all, cand_all, metric, rule=rule, reason=reason,
+                                  alpha=alpha, errors_as_zero=errors_as_zero, records=records, only_ref=only_ref,
+                                  only_cand=only_cand, warnings=warnings, excluded_errors=excluded_errors)
 
     ref_vals = [_value(p.reference, errors_as_zero) for p in pairs]
     cand_vals = [_value(p.candidate, errors_as_zero) for p in pairs]
@@ -382,7 +393,6 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     verdict, decided_by = stats.verdict((delta_ci.low, delta_ci.high), ci90, p_value, rule, alpha=alpha)
     if reason:
         verdict = "incomplete"
-        warnings.append(f"incomplete: {reason}; rerun to re-ask them")
 
     by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
     differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
@@ -451,6 +461,88 @@ def _unmeasured_row(task: str, title: str, metric: str, rule: stats.DecisionRule
         certified={"equivalence": 100.0, "non_inferiority": 100.0}, incomplete_reason=reason)
 
 
+def _edits(score: Score, metric: str, errors_as_zero: bool) -> tuple[int, int]:
+    """(edits, reference units) of one scored utterance; an infrastructure error (counted as 0) deletes it all."""
+    hypothesis = "" if score.outcome == "error" and errors_as_zero else score.extracted
+    return error_counts(score.gold, hypothesis, metric)
+
+
+def compare_error_rate(task: str, title: str, pairs: Sequence[_Pair], ref_all: Mapping[str, Score],
+                       cand_all: Mapping[str, Score], metric: str, rule: stats.DecisionRule, reason: str,
+                       alpha: float, errors_as_zero: bool, records: Optional[Mapping[str, Iterable[Record]]],
+                       only_ref: list[str], only_cand: list[str], warnings: list[str],
+                       excluded_errors: int) -> PairedTaskComparison:
+    """A WER/CER row: corpus rates (total edits / total reference units) in points, paired bootstrap over
+    utterances for Δ, sign-flip p (error_rate.py).  Δ = reference - candidate: negative when the candidate errs more.
+
+    The edits are recounted from the stored reference (`Score.gold`) and normalised hypothesis (`Score.extracted`)
+    with the scorer's own rules (asr_text.py)."""
+    counted = [(_edits(p.reference, metric, errors_as_zero), _edits(p.candidate, metric, errors_as_zero))
+               for p in pairs]
+    ref_edits = [r[0] for r, _ in counted]
+    cand_edits = [c[0] for _, c in counted]
+    lengths = [r[1] for r, _ in counted]
+    try:
+        ref_rate, cand_rate = error_rate.corpus_rate(ref_edits, lengths), error_rate.corpus_rate(cand_edits, lengths)
+    except ValueError as exc:
+        raise UserError(f"task {task}: {exc}") from None
+    (low95, high95), (low90, high90) = error_rate.paired_difference_cis(ref_edits, cand_edits, lengths)
+    # the bootstrap interval is of candidate - reference; flipped into the row's reference - candidate
+    delta_ci, delta_ci90 = Interval(-100.0 * high95, -100.0 * low95), Interval(-100.0 * high90, -100.0 * low90)
+    delta = 100.0 * (ref_rate - cand_rate)
+    p_value = error_rate.paired_p_value(ref_edits, cand_edits, lengths)
+    ci90 = (delta_ci90.low, delta_ci90.high)
+    verdict, decided_by = stats.verdict((delta_ci.low, delta_ci.high), ci90, p_value, rule, alpha=alpha)
+    # per-utterance contributions to Δ (in rate units), whose mean is Δ: what the planner's variance is of
+    unit = sum(lengths) / len(lengths)
+    contributions = [(r - c) / unit for r, c in zip(ref_edits, cand_edits)]
+    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
+    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        if pair.reference.group or pair.candidate.group:
+            groups[pair.reference.group or pair.candidate.group].append(index)
+    breakdown = {}
+    for name in sorted(groups):
+        idx = groups[name]
+        units = sum(lengths[i] for i in idx) or 1
+        ref_g, cand_g = sum(ref_edits[i] for i in idx) / units, sum(cand_edits[i] for i in idx) / units
+        breakdown[name] = {"n": len(idx), "reference": 100.0 * ref_g, "candidate": 100.0 * cand_g,
+                           "delta": 100.0 * (ref_g - cand_g),
+                           "flips_ref_only": sum(ref_edits[i] < cand_edits[i] for i in idx),
+                           "flips_cand_only": sum(cand_edits[i] < ref_edits[i] for i in idx)}
+    row = PairedTaskComparison(
+        task=task, title=title, n=len(pairs), binary=False,
+        reference_score=100.0 * ref_rate, candidate_score=100.0 * cand_rate,
+        reference_ci=_interval(error_rate.rate_ci(ref_edits, lengths)),
+        candidate_ci=_interval(error_rate.rate_ci(cand_edits, lengths)),
+        delta=delta, delta_ci=delta_ci, delta_ci90=delta_ci90, p_value=p_value, p_holm=p_value,
+        # "reference right, candidate wrong" becomes: the candidate made more errors on this utterance
+        flips_ref_only=sum(r < c for r, c in zip(ref_edits, cand_edits)),
+        flips_cand_only=sum(c < r for r, c in zip(ref_edits, cand_edits)),
+        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
+        output_agreement=1.0 - len(differing) / len(pairs),
+        mde=100.0 * error_rate.minimum_detectable_effect(ref_edits, cand_edits, lengths, alpha=alpha),
+        equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
+        within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
+        verdict="incomplete" if reason else verdict,
+        **_outcome_counts(ref_all, cand_all),
+        equivalence_margin=rule.equivalence, non_inferiority_margin=rule.non_inferiority,
+        max_error_rate=rule.max_error_rate, rule=decided_by,
+        non_inferior=rule.non_inferiority is not None and stats.non_inferior(ci90, rule.non_inferiority),
+        certified=stats.certified(ci90), incomplete_reason=reason,
+        flip_rate=sum(r != c for r, c in zip(ref_edits, cand_edits)) / len(pairs),
+        diff_variance=float(np.var(contributions)),
+        divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
+        groups=breakdown, metric=metric, only_reference=only_ref, only_candidate=only_cand,
+        excluded_errors=excluded_errors, answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
+        warnings=warnings, paired_items=frozenset(p.item_id for p in pairs), differing_outputs=differing,
+        lower_is_better=True,
+    )
+    row.plan = plan.plan_row(row)
+    return row
+
+
 def beyond_noise_floor(rows: Sequence[PairedTaskComparison], noise: Comparison, alpha: float = 0.05) -> None:
     """Per task, do the candidate's outputs differ from the reference's more often than the reference's own repeat?
 
@@ -506,6 +598,7 @@ def disagreeing_items(task: str, ref_scores: Iterable[Score], cand_scores: Itera
             kind=kind,
             prompt=clip_text(str(stored.get("prompt_text") or stored.get("prompt") or "")),
             images=[img for img in images if isinstance(img, str) and img.startswith("data:image/")],
+            audios=[clip for clip in images if isinstance(clip, str) and clip.startswith("data:audio/")],
             gold=ref.gold or cand.gold,
             reference_response=clip_text(ref.response_text or ref.error),
             candidate_response=clip_text(cand.response_text or cand.error),

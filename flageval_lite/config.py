@@ -24,6 +24,9 @@ DEFAULT_REFERENCE = "embedded_fp32"
 # On a CUDA machine with FlagGems the candidate is the FlagGems stack; on CPU, bfloat16 stands in.
 DEFAULT_CANDIDATE = ("embedded_flaggems", "embedded_bf16")
 PLACEMENTS = ("sequential", "concurrent")
+# Suites whose inputs the default text model cannot take get embedded defaults that can (a tiny random-weights
+# omni model; see docs/qwen3-omni.md for the real stack): suite -> (reference, candidate alternatives).
+SUITE_DEFAULT_BACKENDS = {"omni-av": ("embedded_omni_fp32", ("embedded_omni_flaggems", "embedded_omni_bf16"))}
 
 
 @dataclass
@@ -162,8 +165,10 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         if key not in known:
             raise ConfigError(source, key, f"unknown field (known: {', '.join(sorted(known))})")
 
-    reference = resolve_backend(raw.pop("reference", DEFAULT_REFERENCE), source, "reference")
-    candidate = resolve_backend(raw.pop("candidate", list(DEFAULT_CANDIDATE)), source, "candidate")
+    default_reference, default_candidate = SUITE_DEFAULT_BACKENDS.get(raw.get("suite") or "",
+                                                                      (DEFAULT_REFERENCE, DEFAULT_CANDIDATE))
+    reference = resolve_backend(raw.pop("reference", default_reference), source, "reference")
+    candidate = resolve_backend(raw.pop("candidate", list(default_candidate)), source, "candidate")
     # `gpus: {reference: "0", candidate: "1"}`: each role's CUDA_VISIBLE_DEVICES, overriding its serve spec's.
     gpus = _gpu_sets(raw.pop("gpus", None), source)
     reference, candidate = (dataclasses.replace(spec, cuda_visible_devices=gpus[role]) if role in gpus else spec

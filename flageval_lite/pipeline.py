@@ -33,8 +33,8 @@ from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import Store, image_urls
-from .tasks import cached_item_count, iter_items, load_suite, load_task
+from .store import Store, has_media
+from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,36 @@ def perf_items(config: RunConfig, concurrency: int) -> Iterator[Item]:
         text = f"Request {i}. Repeat these words back, then keep counting upwards: {words}"
         yield Item(task=f"{PERF_TASK_PREFIX}{concurrency}", item_id=f"p{i}",
                    messages=[{"role": "user", "content": text}], gold=None)
+
+
+# The media load beside the text one, when the run has tasks of these modalities: one image and/or one audio clip
+# per request (the sizes of a typical benchmark item), so the encoders' cost shows in the latency numbers.
+MEDIA_LOAD_SUFFIX = "+media"
+PERF_IMAGE_SIDE = 448
+PERF_AUDIO_SECONDS = 5.0
+IMAGE_MODALITIES, AUDIO_MODALITIES = ("vision", "video", "audio-visual"), ("audio", "audio-visual")
+
+
+def perf_media(modalities: set[str]) -> tuple[list[Any], list[Any]]:
+    """(images, audios) of the media load: a seeded-noise picture and a tone, for whatever the tasks take."""
+    import numpy as np
+    from PIL import Image
+
+    from .tasks.media import pcm16_wav
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (PERF_IMAGE_SIDE, PERF_IMAGE_SIDE, 3), dtype=np.uint8))] \
+        if modalities & set(IMAGE_MODALITIES) else []
+    t = np.arange(int(PERF_AUDIO_SECONDS * 16000)) / 16000
+    audios = [pcm16_wav(0.3 * np.sin(2 * np.pi * 440 * t), 16000)] if modalities & set(AUDIO_MODALITIES) else []
+    return images, audios
+
+
+def perf_media_items(config: RunConfig, concurrency: int, images: list[Any], audios: list[Any]) -> Iterator[Item]:
+    """The text load's prompts with the media load's image and audio in front of the text."""
+    for item in perf_items(config, concurrency):
+        messages = build_messages(item.messages[0]["content"], images, audios=audios)
+        yield dataclasses.replace(item, task=item.task + MEDIA_LOAD_SUFFIX, messages=messages)
 
 
 class Pipeline:
@@ -294,11 +324,16 @@ class Pipeline:
         if cfg.perf.enabled:
             params = GenParams(max_tokens=cfg.perf.output_tokens, stream=True,
                                extra_body=(("ignore_eos", True),))
+            images, audios = perf_media({spec.modality for spec in self.tasks})
             for endpoint in first.values():
                 for level in cfg.perf.concurrency:
                     job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}",
                               items=perf_items(cfg, level), params=params)
                     asyncio.run(runner.run_jobs([job], concurrency=level))
+                    if images or audios:
+                        job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}{MEDIA_LOAD_SUFFIX}",
+                                  items=perf_media_items(cfg, level, images, audios), params=params)
+                        asyncio.run(runner.run_jobs([job], concurrency=level))
 
     def teacher_force(self, endpoints: dict[str, Endpoint], store: Store) -> None:
         """Build the token sequences while the reference is up, score them on each backend while it is up (and
@@ -318,7 +353,7 @@ class Pipeline:
 
     def teacher_forced_sources(self, store: Store) -> list[teacher_forced.TFSource]:
         """The first `teacher_forced.items` items of each task that the reference answered, text-only ones (a
-        token-id prompt cannot carry images)."""
+        token-id prompt cannot carry images, audio or video)."""
         sources = []
         for spec in self.tasks:
             answered = {r.item_id: r.response_text for r in store.records(self.run_id, role="reference",
@@ -329,7 +364,7 @@ class Pipeline:
             for item in self.items(spec):
                 if picked == self.config.teacher_forced.items:
                     break
-                if item.item_id in answered and not image_urls(item.messages):
+                if item.item_id in answered and not has_media(item.messages):
                     sources.append(teacher_forced.TFSource(spec.name, item.item_id, item.messages,
                                                            answered[item.item_id], template_kwargs))
                     picked += 1

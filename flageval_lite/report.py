@@ -242,7 +242,7 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
     rows = []
     for t in comparison.tasks:
         rows.append([
-            t.title,
+            f"{t.title} ↓" if t.lower_is_better else t.title,
             _score(t.reference_score, t.reference_ci.low, t.reference_ci.high),
             _score(t.candidate_score, t.candidate_ci.low, t.candidate_ci.high),
             _signed(t.delta),
@@ -260,7 +260,9 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
              "Δ = candidate − reference with its paired 95 % CI; flips: items only the reference (−) or only "
              "the candidate (+) scored higher on.  Decided by: the rule the row was judged against (equivalence "
              "±ε: the 90 % CI inside ±ε; non-inferiority −δ: the 90 % CI above −δ), or why faults made it "
-             "incomplete.",
+             "incomplete.  Rows marked ↓ are corpus error rates (WER/CER, paired bootstrap over utterances): "
+             "lower is better, Δ = reference − candidate, so a negative Δ is a loss there too, and flips count "
+             "utterances where one side made fewer errors.",
         verdict_column=7,
         row_classes=[t.verdict for t in comparison.tasks],
     )
@@ -473,7 +475,10 @@ def _perf_tables(comparison: Comparison, ref: str, cand: str, backends: Mapping[
 
 def _load_title(load: str) -> str:
     prefix, _, level = load.partition("@c")
-    return f"concurrency {level}" if level.isdigit() else load
+    level, media, _ = level.partition("+")  # perf@c8+media: the image/audio load beside the text one
+    if not level.isdigit():
+        return load
+    return f"concurrency {level}" + (", image/audio requests" if media else "")
 
 
 def _noise_table(comparison: Comparison) -> Optional[Table]:

@@ -24,6 +24,9 @@ from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
 
 THUMBNAIL_PX = 256
+# Audio clips up to this size (as a data URL) are kept with the item for the report's player; longer ones are not.
+AUDIO_REPORT_CHARS = 1 << 20
+MEDIA_PARTS = ("image_url", "input_audio", "audio_url", "video_url")
 
 _RECORD_FIELDS = ("run_id", "role", "endpoint_id", "task", "item_id", "prompt_hash", "params", "response_text",
                   "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs",
@@ -111,6 +114,28 @@ def image_urls(messages: list[dict[str, Any]]) -> list[str]:
                     image = part.get("image_url")
                     urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
     return urls
+
+
+def has_media(messages: list[dict[str, Any]]) -> bool:
+    """True when any message carries an image, audio or video part."""
+    return any(isinstance(part, dict) and part.get("type") in MEDIA_PARTS
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
+
+
+def audio_urls(messages: list[dict[str, Any]]) -> list[str]:
+    """Data URLs of the audio parts (`input_audio` becomes `data:audio/<format>;base64,...`)."""
+    urls = []
+    for message in messages:
+        for part in message.get("content") if isinstance(message.get("content"), list) else ():
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
+                fmt = str(part["input_audio"].get("format", "wav"))
+                mime = "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}"
+                urls.append(f"data:{mime};base64,{part['input_audio'].get('data', '')}")
+            elif part.get("type") == "audio_url" and isinstance(part.get("audio_url"), dict):
+                urls.append(str(part["audio_url"].get("url", "")))
+    return [url for url in urls if url.startswith("data:audio/")]
 
 
 def thumbnail_data_url(url: str, where: str) -> str:
@@ -242,12 +267,14 @@ class Store:
                                 (run_id, task, item_id)).fetchone() is not None
 
     def put_item(self, run_id: str, item: Item) -> None:
-        """Store an item once per (run, task, item); thumbnails are only made the first time."""
+        """Store an item once per (run, task, item); thumbnails are only made the first time.  Audio clips short
+        enough (AUDIO_REPORT_CHARS) are kept as they are after the thumbnails, for the report's player."""
         urls = image_urls(item.messages)
-        if urls and self.has_item(run_id, item.task, item.item_id):
+        audios = [url for url in audio_urls(item.messages) if len(url) <= AUDIO_REPORT_CHARS]
+        if (urls or audios) and self.has_item(run_id, item.task, item.item_id):
             return
         where = f"task {item.task} item {item.item_id}"
-        images = [thumbnail_data_url(url, f"{where} image {k + 1}") for k, url in enumerate(urls)]
+        images = [thumbnail_data_url(url, f"{where} image {k + 1}") for k, url in enumerate(urls)] + audios
         self._db.execute("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (run_id, item.task, item.item_id, item.prompt_hash(), _dumps(item.gold), _dumps(item.meta),
                           prompt_text(item.messages), _dumps(images)))

@@ -21,8 +21,8 @@ from flageval_lite.servers.spec import load_serve_spec, serve_spec_from_mapping
 RUN = Path("/runs/r1")
 PY = sys.executable
 FAKE_GEMS = Path(__file__).parent / "fake_vllm" / "fake_flag_gems" / "flag_gems" / "__init__.py"
-OMNI_ARGS = ["--max-model-len", "32768", "--limit-mm-per-prompt", '{"image": 16}', "--generation-config", "vllm",
-             "--seed", "0"]
+OMNI_ARGS = ["--max-model-len", "32768", "--limit-mm-per-prompt", '{"image": 16, "audio": 2, "video": 1}',
+             "--generation-config", "vllm", "--seed", "0"]
 SWITCH_KEYS = {"USE_FLAGGEMS", "VLLM_FL_PREFER_ENABLED", "FLAGEVAL_FLAGGEMS", "VLLM_PLUGINS", "FLAGEVAL_OPLOG_DIR",
                "FLAGEVAL_FLAGGEMS_RECORD", "FLAGEVAL_FLAGGEMS_INCLUDE", "FLAGEVAL_FLAGGEMS_EXCLUDE", "GEMS_VENDOR",
                "FLAGGEMS_ENABLE_OPLIST_PATH", "VLLM_FL_FLAGOS_WHITELIST", "VLLM_FL_FLAGOS_BLACKLIST"}

@@ -197,7 +197,8 @@ def test_tasks_command_lists_every_benchmark_and_suite():
     lines = done.stdout.splitlines()
     titles = {line.split()[0] for line in lines[1:]}
     assert {"mmmu", "gpqa_diamond", "livebench", "musr", "demo_arith"} <= titles
-    assert sum("omni" in line for line in lines[1:]) == 14
+    in_suite = [set(word for column in line.split() for word in column.split(",")) for line in lines[1:]]
+    assert sum("omni" in suites for suites in in_suite) == 14 and sum("omni-av" in suites for suites in in_suite) == 5
     assert any(line.startswith("demo_arith") and line.rstrip().endswith("120") for line in lines)
 
 

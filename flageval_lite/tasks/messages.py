@@ -1,4 +1,5 @@
-"""Prompt text with `<image k>` placeholders -> OpenAI chat messages (FlagEvalMM `HttpClient` rules, §0.2).
+"""Prompt text with `<image k>` (and `<audio k>`, `<video k>`) placeholders -> OpenAI chat messages (FlagEvalMM
+`HttpClient` rules, §0.2; audio and video parts as `media.py` builds them).
 
 The text is split on `(<image \\d+>)`; each placeholder becomes an `image_url` part holding image k (1-based
 into the item's image list), text pieces stay unstripped, whitespace-only pieces are dropped.  Without any
@@ -18,8 +19,9 @@ from typing import Any, Optional, Sequence
 from PIL import Image
 
 from ..errors import UserError
+from . import media as media_parts
 
-PLACEHOLDER = re.compile(r"(<image \d+>)")
+PLACEHOLDER = re.compile(r"(<(?:image|audio|video) \d+>)")
 JPEG_QUALITY = 95
 
 
@@ -63,38 +65,52 @@ def image_data_url(image: Image.Image, max_pixels: Optional[int] = None) -> str:
 
 
 def build_messages(text: str, images: Sequence[Any] = (), system: str = "", max_image_pixels: Optional[int] = None,
-                   where: str = "", base_dir: Optional[Path] = None) -> list[dict[str, Any]]:
-    """Chat messages for one item.  `images[k-1]` is image k (None = an absent image column); `where` names the
-    task and item in errors.  A text-only item gets a plain string `content`."""
-    encoded: dict[int, dict[str, Any]] = {}
+                   where: str = "", base_dir: Optional[Path] = None, audios: Sequence[Any] = (),
+                   videos: Sequence[Any] = (), audio_part: str = "input_audio") -> list[dict[str, Any]]:
+    """Chat messages for one item.  `images[k-1]` is image k (None = an absent image column), likewise `audios` for
+    `<audio k>` and `videos` for `<video k>`; `where` names the task and item in errors.  Without placeholders the
+    images, then the audios, then the videos follow the text.  A text-only item gets a plain string `content`."""
+    media = {"image": images, "audio": audios, "video": videos}
+    encoded: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def part(k: int) -> dict[str, Any]:
-        if k not in encoded:
+    def frame_url(frame: Any) -> str:
+        return image_data_url(to_pil(frame, base_dir), max_image_pixels)
+
+    def encode(kind: str, value: Any) -> dict[str, Any]:
+        if kind == "image":
+            return {"type": "image_url", "image_url": {"url": frame_url(value)}}
+        if kind == "audio":
+            return media_parts.audio_part(value, audio_part, base_dir)
+        return media_parts.video_part(value, frame_url, base_dir)
+
+    def part(kind: str, k: int) -> dict[str, Any]:
+        if (kind, k) not in encoded:
             try:
-                url = image_data_url(to_pil(images[k - 1], base_dir), max_image_pixels)
+                encoded[kind, k] = encode(kind, media[kind][k - 1])
             except (ValueError, OSError) as exc:
-                raise UserError(f"{where}: image {k}: {exc}") from None
-            encoded[k] = {"type": "image_url", "image_url": {"url": url}}
-        return encoded[k]
+                raise UserError(f"{where}: {kind} {k}: {exc}") from None
+        return encoded[kind, k]
 
-    present = [k for k, image in enumerate(images, start=1) if image is not None]
+    present = {kind: [k for k, value in enumerate(values, start=1) if value is not None]
+               for kind, values in media.items()}
     pieces = PLACEHOLDER.split(text)
     content: list[dict[str, Any]] = []
     if len(pieces) == 1:
         if text.strip():
             content.append({"type": "text", "text": text})
-        content.extend(part(k) for k in present)
+        content.extend(part(kind, k) for kind in media for k in present[kind])
     else:
         for piece in pieces:
             if PLACEHOLDER.fullmatch(piece):
-                k = int(piece[7:-1])
-                if k not in present:
-                    raise UserError(f"{where}: prompt refers to {piece} but the item has {len(present)} image(s)"
-                                    + (f" (image {k} is empty)" if 1 <= k <= len(images) else ""))
-                content.append(part(k))
+                kind, number = piece[1:-1].split(" ")
+                k = int(number)
+                if k not in present[kind]:
+                    raise UserError(f"{where}: prompt refers to {piece} but the item has {len(present[kind])} "
+                                    f"{kind}(s)" + (f" ({kind} {k} is empty)" if 1 <= k <= len(media[kind]) else ""))
+                content.append(part(kind, k))
             elif piece.strip():
                 content.append({"type": "text", "text": piece})
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    has_images = any(p["type"] == "image_url" for p in content)
-    messages.append({"role": "user", "content": content if has_images else text})
+    has_media = any(p["type"] != "text" for p in content)
+    messages.append({"role": "user", "content": content if has_media else text})
     return messages

@@ -19,15 +19,16 @@ import yaml
 from ..errors import ConfigError, UserError
 from ..records import REPEAT_AGGREGATES, GenParams
 from . import templating
+from .media import AUDIO_PARTS
 
-MODALITIES = ("text", "vision")
+MODALITIES = ("text", "vision", "audio", "video", "audio-visual")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv-vlmeval"}
-METRICS = ("accuracy", "livebench", "ocrbench_sum")
+METRICS = ("accuracy", "livebench", "ocrbench_sum", "wer", "cer")
 SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
              "system", "fewshot", "gold", "meta", "group_by", "generation", "scorer", "scorer_args", "metric",
-             "compat", "suites", "decision", "repeats", "repeat_aggregate"}
+             "compat", "suites", "decision", "repeats", "repeat_aggregate", "audios", "videos", "audio_part"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
 SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
 FEWSHOT_KEYS = {"split", "n", "by"}
@@ -104,6 +105,10 @@ class TaskSpec:
     repeats: int = 1  # times each item is asked per side, unless the run config sets `repeats`
     repeat_aggregate: str = "avg"  # one of REPEAT_AGGREGATES
     source: str = ""  # the YAML file, for error messages
+    # `<audio k>` / `<video k>` values, resolved like `images`; audio sent as `input_audio` or `audio_url` parts
+    audios: Optional[ImageSpec] = None
+    videos: Optional[ImageSpec] = None
+    audio_part: str = "input_audio"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -179,24 +184,25 @@ def _parse_source(path: Path, name: str, raw: Any) -> DataSource:
     return DataSource(path=file_path, format=fmt, splits=(), tag=tag)
 
 
-def _parse_images(path: Path, raw: Any) -> ImageSpec:
+def _parse_images(path: Path, raw: Any, key: str = "images") -> ImageSpec:
+    """`images`, `audios` or `videos` (named by `key`): a column list, `{pattern: ...}` or `{expr: ...}`."""
     if isinstance(raw, list):
-        return ImageSpec(columns=_str_list(path, "images", raw))
-    _expect(path, "images", raw, dict, "a list of image columns or a mapping with `pattern` or `expr`")
-    _check_keys(path, "images.", raw, IMAGE_KEYS)
+        return ImageSpec(columns=_str_list(path, key, raw))
+    _expect(path, key, raw, dict, "a list of columns or a mapping with `pattern` or `expr`")
+    _check_keys(path, f"{key}.", raw, IMAGE_KEYS)
     if len(raw) != 1:
-        raise ConfigError(path, "images", "give exactly one of `pattern` or `expr`")
+        raise ConfigError(path, key, "give exactly one of `pattern` or `expr`")
     if "pattern" in raw:
-        pattern = _expect(path, "images.pattern", raw["pattern"], str, "a regular expression")
+        pattern = _expect(path, f"{key}.pattern", raw["pattern"], str, "a regular expression")
         try:
             groups = re.compile(pattern).groups
         except re.error as exc:
-            raise ConfigError(path, "images.pattern", f"bad regular expression: {exc}") from None
+            raise ConfigError(path, f"{key}.pattern", f"bad regular expression: {exc}") from None
         if groups != 1:
-            raise ConfigError(path, "images.pattern", "needs exactly one group capturing the image number")
+            raise ConfigError(path, f"{key}.pattern", "needs exactly one group capturing the number")
         return ImageSpec(pattern=pattern)
-    expr = _expect(path, "images.expr", raw["expr"], str, "a jinja expression")
-    _compile(path, "images.expr", expr, template=False)
+    expr = _expect(path, f"{key}.expr", raw["expr"], str, "a jinja expression")
+    _compile(path, f"{key}.expr", expr, template=False)
     return ImageSpec(expr=expr)
 
 
@@ -321,9 +327,15 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
     if compat:  # scorers take it as a keyword: reproduce the reference implementation's quirks
         scorer_args["compat"] = True
     _check_scorer(path, scorer, scorer_args)
+    audio_part = raw.get("audio_part", AUDIO_PARTS[0])
+    if audio_part not in AUDIO_PARTS:
+        raise ConfigError(path, "audio_part", f"expected one of {', '.join(AUDIO_PARTS)}, got {audio_part!r}")
     metric = raw.get("metric", "accuracy")
     if metric not in METRICS:
         raise ConfigError(path, "metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+    if (scorer in ("wer", "cer") or metric in ("wer", "cer")) and metric != scorer:
+        raise ConfigError(path, "metric", f"scorer {scorer!r} with metric {metric!r}: an error-rate task needs the "
+                                          "same name for both (wer or cer)")
 
     repeats = _expect(path, "repeats", raw.get("repeats", 1), int, "a whole number of repeats")
     if repeats < 1:
@@ -359,6 +371,9 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
         repeats=repeats,
         repeat_aggregate=repeat_aggregate,
         source=str(path),
+        audios=_parse_images(path, raw["audios"], "audios") if raw.get("audios") else None,
+        videos=_parse_images(path, raw["videos"], "videos") if raw.get("videos") else None,
+        audio_part=audio_part,
     )
 
 
