@@ -33,7 +33,7 @@ from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import Store, has_media
+from .store import Store
 from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,9 @@ class Pipeline:
         """Build the token sequences while the reference is up, score them on each backend while it is up (and
         again on the reference for the A/A floor); the compare stage pairs the stored scores."""
         cfg = self.config
-        sources = self.teacher_forced_sources(store) if "reference" in endpoints else []
+        # Every role needs the sources: a media item's sequence is scored from its messages, which stay out of the
+        # store; they come from the reference's stored answers, there whichever roles are up now.
+        sources = self.teacher_forced_sources(store)
         ordered = {role: endpoints[role] for role in ROLES if role in endpoints}
         started = time.monotonic()
         statuses = asyncio.run(teacher_forced.run_stage(
@@ -347,26 +349,27 @@ class Pipeline:
         if cfg.noise_floor and "reference" in endpoints:
             repeat = {AA_ROLE: dataclasses.replace(endpoints["reference"], role=AA_ROLE)}
             statuses |= asyncio.run(teacher_forced.run_stage(
-                store, self.run_id, repeat, [], cfg.teacher_forced.top_k, max(1, cfg.concurrency // 2),
+                store, self.run_id, repeat, sources, cfg.teacher_forced.top_k, max(1, cfg.concurrency // 2),
                 cfg.request_timeout_s))
         log.info("teacher forcing (%s) took %.1f s: %s", ", ".join(statuses), time.monotonic() - started, statuses)
 
     def teacher_forced_sources(self, store: Store) -> list[teacher_forced.TFSource]:
-        """The first `teacher_forced.items` items of each task that the reference answered, text-only ones (a
-        token-id prompt cannot carry images, audio or video)."""
+        """The first `teacher_forced.items` items of each task that the reference answered (items with images,
+        audio or video included: they are scored through the chat route, see teacher_forced.py)."""
         sources = []
         for spec in self.tasks:
             answered = {r.item_id: r.response_text for r in store.records(self.run_id, role="reference",
                                                                           task=spec.name)
                         if not r.error and r.response_text and r.repeat == 0}
-            template_kwargs = dict(task_params(spec).extra_body).get("chat_template_kwargs") or {}
+            extra_body = dict(task_params(spec).extra_body)
             picked = 0
             for item in self.items(spec):
                 if picked == self.config.teacher_forced.items:
                     break
-                if item.item_id in answered and not has_media(item.messages):
-                    sources.append(teacher_forced.TFSource(spec.name, item.item_id, item.messages,
-                                                           answered[item.item_id], template_kwargs))
+                if item.item_id in answered:
+                    sources.append(teacher_forced.TFSource(
+                        spec.name, item.item_id, item.messages, answered[item.item_id],
+                        extra_body.get("chat_template_kwargs") or {}, extra_body.get("mm_processor_kwargs") or {}))
                     picked += 1
         return sources
 

@@ -3,12 +3,15 @@ video parts as vLLM's OpenAI server does; the omni-av suite runs end to end on i
 audio players."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
 import sys
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -116,3 +119,66 @@ def test_omni_av_suite_end_to_end_on_the_embedded_default(tmp_path, cache, monke
     assert "Performance, concurrency 2, image/audio requests" in (report / "report.md").read_text()
     html = (report / "report.html").read_text()
     assert "media-src data:" in html and '<audio controls preload="none" src="data:audio/wav;base64,' in html
+
+
+def _tf_endpoint(server, role: str):
+    from flageval_lite.records import Endpoint
+
+    return Endpoint(role=role, label=f"tiny-omni-{role}", base_url=str(server.base_url).rstrip("/"),
+                    model="tiny-omni")
+
+
+def test_media_items_are_teacher_forced_through_the_chat_route(server, tmp_path):
+    """Audio, image and video items get a logit-level signal: the answer, scored as an open assistant message after
+    the item's media, pairs position by position; the server against itself reads exactly zero, and the media
+    reach the scores (another clip gives other log-probabilities for the same answer)."""
+    from flageval_lite import teacher_forced as tf
+    from flageval_lite.store import Store
+
+    def item(part):
+        return [{"role": "user", "content": [part, {"type": "text", "text": "Transcribe."}]}]
+
+    tone = {"type": "input_audio", "input_audio": {"data": base64.b64encode(_wav(0.5)).decode(), "format": "wav"}}
+    mp4 = (REPO / "tests/fixtures/hub/lmms-lab/Video-MME/data/fx001.mp4").read_bytes()
+    parts = {"audio": tone,
+             "image": {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                          + base64.b64encode(_png((200, 10, 10))).decode()}},
+             "video": {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
+                                                          + base64.b64encode(mp4).decode()}}}
+    sources = [tf.TFSource("av", name, item(part), "a quiet tone") for name, part in parts.items()]
+    sources.append(tf.TFSource("av", "text", [{"role": "user", "content": "Say hi."}], "hi there"))
+    store = Store(tmp_path / "results.sqlite")
+    try:
+        statuses = asyncio.run(tf.run_stage(store, "run", {"reference": _tf_endpoint(server, "reference")}, sources,
+                                            top_k=3, concurrency=2, timeout_s=120))
+        assert statuses == {tf.SEQUENCE_ROLE: "ok", "reference": "ok"}
+        # the candidate later, from the store and the run's items: the media themselves were never stored
+        later = asyncio.run(tf.run_stage(store, "run", {"candidate": _tf_endpoint(server, "candidate")}, sources,
+                                         top_k=3, concurrency=2, timeout_s=120))
+        assert later == {"candidate": "ok"}
+        sequences = {s.item_id: s for s in tf.stored_sequences(store, "run")}
+        report = tf.stored_comparison(store, "run", "reference", "candidate", ["av"])
+        # a role scoring without the items cannot rebuild a media prompt: those items fail, the text one scores
+        alone = asyncio.run(tf.score_sequences(_tf_endpoint(server, "candidate"), list(sequences.values()), 3))
+    finally:
+        store.close()
+    root = str(server.base_url).rstrip("/").removesuffix("/v1")
+    tokens = httpx.post(root + "/tokenize", json={"model": "tiny-omni", "prompt": "a quiet tone",
+                                                  "add_special_tokens": False}).json()["tokens"]
+    for name in parts:
+        assert sequences[name].continuation == "a quiet tone" and list(sequences[name].completion_ids) == tokens
+    assert sequences["text"].continuation is None
+    assert report["unsupported"] == "" and report["failed"] == 0
+    summary = report["tasks"]["av"]
+    assert summary["items"] == 4 and summary["positions"] == 3 * len(tokens) + len(sequences["text"].completion_ids)
+    assert (summary["kl_max"], summary["top1_agreement"], summary["logprob_abs_diff_max"]) == (0, 1, 0)
+    assert set(alone[0]) == {("av", "text")} and set(alone[1]) == {("av", name) for name in parts}
+    assert all("not among this run's items" in why for why in alone[1].values())
+    # the same answer after another clip: the audio is in the context the positions are scored in
+    other = tf.TFSource("av", "audio", item({**tone, "input_audio": {
+        "data": base64.b64encode(_wav(1.0)).decode(), "format": "wav"}}), "a quiet tone")
+    rescored = asyncio.run(tf.score_sequences(_tf_endpoint(server, "candidate"), [
+        dataclasses.replace(sequences["audio"], source=other)], 3))[0][("av", "audio")]
+    stored = asyncio.run(tf.score_sequences(_tf_endpoint(server, "candidate"), [
+        dataclasses.replace(sequences["audio"], source=sources[0])], 3))[0][("av", "audio")]
+    assert rescored.forced != stored.forced

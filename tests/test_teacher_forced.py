@@ -265,3 +265,102 @@ def test_sequential_run_of_one_stack_against_itself_reports_zero(tmp_path):
     assert ("**Output divergence beyond the noise floor:** not shown on any of 1 tasks: over 4 items, outputs "
             "differed A/B but not A/A on 0 and A/A but not A/B on 0; teacher-forced top-1 agreement 100.0 % "
             "(A/A 100.0 %)") in report
+
+
+# --------------------------------------------------------------------------- media items: the chat route
+
+# vLLM's ChatCompletionRequest fields (vllm/entrypoints/openai/chat_completion/protocol.py) that the media route
+# sends, with their JSON types: anything else in the body would be ignored by vLLM, so it is refused here.
+VLLM_CHAT_FIELDS = {"model": str, "messages": list, "max_completion_tokens": int, "temperature": (int, float),
+                    "return_token_ids": bool, "add_generation_prompt": bool, "continue_final_message": bool,
+                    "prompt_logprobs": int, "chat_template_kwargs": dict, "mm_processor_kwargs": dict}
+
+
+def vllm_chat_app(expand: int, bodies: list):
+    """A server answering /v1/chat/completions in vLLM's shape: top-level `prompt_token_ids` and `prompt_logprobs`,
+    the audio part expanded to `expand` placeholder tokens (7), one token per word of an open assistant message.
+    The scores depend only on the distance from the prompt's end, as a model's would on the continuation."""
+    from aiohttp import web
+
+    async def chat(request):
+        body = await request.json()
+        bodies.append(body)
+        assert set(body) <= set(VLLM_CHAT_FIELDS), set(body) - set(VLLM_CHAT_FIELDS)
+        assert all(isinstance(body[name], VLLM_CHAT_FIELDS[name]) for name in body), body
+        assert not (body.get("continue_final_message") and body.get("add_generation_prompt", True))
+        ids = [1, *[7] * expand, 2]
+        if body.get("continue_final_message"):
+            ids += [3, *(100 + len(word) for word in body["messages"][-1]["content"].split())]
+        elif body.get("add_generation_prompt", True):
+            ids += [3]
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length",
+                               "token_ids": [5]}], "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids) + 1,
+                                                             "completion_tokens": 1},
+                  "prompt_token_ids": ids}
+        if body.get("prompt_logprobs") is not None:
+            answer["prompt_logprobs"] = [None] + [
+                {str(token): {"logprob": -0.1 * (len(ids) - k), "rank": 1, "decoded_token": "t"},
+                 "999": {"logprob": -5.0, "rank": 2, "decoded_token": "z"}} for k, token in enumerate(ids[1:], 1)]
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def _serve_media_pair(sources):
+    from aiohttp import web
+
+    bodies = {"reference": [], "candidate": []}
+    runners, endpoints = [], {}
+    for role, expand in (("reference", 4), ("candidate", 6)):
+        runner = web.AppRunner(vllm_chat_app(expand, bodies[role]))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        endpoints[role] = Endpoint(role=role, label=f"vllm-{role}", base_url=f"http://127.0.0.1:{port}/v1", model="m")
+    try:
+        sequences, skipped = await tf.build_sequences(endpoints["reference"], sources)
+        results = await tf.teacher_force(endpoints, sequences, top_k=1)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    return sequences, skipped, results, bodies
+
+
+def test_media_items_go_to_vllms_chat_route_and_align_from_the_end():
+    """An audio item: the request bodies are vLLM's documented chat fields (the answer as an open final assistant
+    message, `prompt_logprobs`, the task's processor options); the candidate expands the audio to more tokens than
+    the reference, yet the continuation's positions pair up, so identical scores compare equal."""
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    messages = [{"role": "user", "content": [audio, {"type": "text", "text": "Transcribe."}]}]
+    source = tf.TFSource("asr", "u1", messages, "the cat sat", {"enable_thinking": False},
+                         {"use_audio_in_video": True})
+    [sequence], skipped, [result], bodies = asyncio.run(_serve_media_pair([source]))
+    assert skipped == {} and sequence.continuation == "the cat sat" and sequence.completion_ids == (103, 103, 103)
+    assert sequence.prompt_ids == (1, 7, 7, 7, 7, 2, 3)
+    assert "continuation" in sequence.to_dict() and "messages" not in json.dumps(sequence.to_dict())
+    assert result.positions == 3 and set(result.kl) == {0.0} and all(result.top1_agree)
+    head, full = bodies["reference"][:2]
+    assert head["messages"] == messages and "continue_final_message" not in head  # vLLM default: generation prompt
+    assert full["continue_final_message"] is True and full["add_generation_prompt"] is False
+    assert full["messages"] == [*messages, {"role": "assistant", "content": "the cat sat"}]
+    [scored] = bodies["candidate"]
+    assert scored["prompt_logprobs"] == 1 and scored["max_completion_tokens"] == 1 and scored["temperature"] == 0
+    assert scored["mm_processor_kwargs"] == {"use_audio_in_video": True}
+    assert scored["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_a_media_answer_that_ends_in_other_tokens_fails_that_item():
+    sequence = tf.TFSequence("asr", "u1", (1, 2), (103, 104), "the cats")
+    answer = {"prompt_token_ids": [1, 2, 103, 105], "prompt_logprobs": [None] + [
+        {str(t): {"logprob": -0.5, "rank": 1, "decoded_token": "t"}} for t in (2, 103, 105)]}
+    with pytest.raises(ValueError, match="does not end in the reference's continuation"):
+        tf._scores(answer, sequence, top_k=1)
+    del answer["prompt_token_ids"]  # a server without return_token_ids: the entries' own keys check the alignment
+    with pytest.raises(ValueError, match=r"prompt_logprobs\[3\] lacks the prompt token 104"):
+        tf._scores(answer, sequence, top_k=1)
+    with pytest.raises(tf.Unsupported, match="chat/completions answer has no prompt_logprobs"):
+        tf._scores({"prompt_token_ids": [1]}, sequence, top_k=1)

@@ -87,7 +87,7 @@ _NOT_IMPLEMENTED: dict[str, tuple] = {
 _CHAT_NOT_IMPLEMENTED = {
     **_NOT_IMPLEMENTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
     "echo": (False,), "audio": (), "modalities": (["text"],), "documents": ([],), "chat_template": (),
-    "add_generation_prompt": (True,), "continue_final_message": (False,), "web_search_options": (),
+    "web_search_options": (),
 }
 _COMPLETION_NOT_IMPLEMENTED = {**_NOT_IMPLEMENTED, "suffix": ("",)}
 
@@ -126,6 +126,10 @@ class ChatBody(_GenerationBody):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # vLLM's template switches: with `continue_final_message` the last message stays open, so a fixed assistant
+    # text after a multimodal prompt is scored by `prompt_logprobs` (teacher forcing of media items).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class CompletionBody(_GenerationBody):
@@ -264,9 +268,11 @@ class EmbeddedServer:
     async def chat_completions(self, request: Request):
         body: ChatBody = await _parse(request, ChatBody)
         self._check_model(body.model)
+        _check_template_switches(body)
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
         try:
-            prompt = await asyncio.to_thread(chat_prompt, self.loaded, messages, body.chat_template_kwargs)
+            prompt = await asyncio.to_thread(chat_prompt, self.loaded, messages, body.chat_template_kwargs,
+                                             body.add_generation_prompt, body.continue_final_message)
         except PromptError as exc:
             raise ApiError(str(exc), param=exc.param) from exc
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -316,9 +322,7 @@ class EmbeddedServer:
             self._check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError("exactly one of `prompt` and `messages` is required", param="prompt")
-        if body.continue_final_message and body.add_generation_prompt:
-            raise ApiError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                           param="continue_final_message")
+        _check_template_switches(body)
         try:
             if body.prompt is not None:
                 special = True if body.add_special_tokens is None else body.add_special_tokens
@@ -401,6 +405,12 @@ class EmbeddedServer:
         if collected[-1].error:
             raise ApiError(collected[-1].error, status=500, kind="server_error")
         return response.whole(collected)
+
+
+def _check_template_switches(body: Union[ChatBody, TokenizeBody]) -> None:
+    if body.continue_final_message and body.add_generation_prompt:
+        raise ApiError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                       param="continue_final_message")
 
 
 def _json_value(value: Any) -> Any:
