@@ -26,7 +26,8 @@ DEFAULT_CANDIDATE = ("embedded_flaggems", "embedded_bf16")
 PLACEMENTS = ("sequential", "concurrent")
 # Suites whose inputs the default text model cannot take get embedded defaults that can (a tiny random-weights
 # omni model; see docs/qwen3-omni.md for the real stack): suite -> (reference, candidate alternatives).
-SUITE_DEFAULT_BACKENDS = {"omni-av": ("embedded_omni_fp32", ("embedded_omni_flaggems", "embedded_omni_bf16"))}
+_OMNI_BACKENDS = ("embedded_omni_fp32", ("embedded_omni_flaggems", "embedded_omni_bf16"))
+SUITE_DEFAULT_BACKENDS = {"omni": _OMNI_BACKENDS, "omni-av": _OMNI_BACKENDS}
 
 
 @dataclass

@@ -231,6 +231,7 @@ class Pipeline:
         cfg = self.config
         store.set_meta("config", {
             "run_id": self.run_id, "suite": cfg.suite, "tasks": [t.name for t in self.tasks], "limit": cfg.limit,
+            "beyond_card": [t.name for t in self.tasks if t.beyond_card],
             "placement": cfg.placement, "margin": cfg.margin, "release_gate": cfg.release_gate,
             "max_error_rate": cfg.max_error_rate,
             "rules": {name: dataclasses.asdict(rule) for name, rule in self.rules().items()},

@@ -238,11 +238,19 @@ def _repeat_notation(comparison: Comparison, manifest: Mapping[str, Any]) -> dic
             if t.task in repeats}
 
 
-def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
+BEYOND_CARD = "†"
+
+
+def _beyond_card(manifest: Mapping[str, Any]) -> set[str]:
+    """Tasks whose benchmark the target model's card does not list (their task files say `beyond_card: true`)."""
+    return set((manifest.get("config") or {}).get("beyond_card") or ())
+
+
+def _comparison_table(comparison: Comparison, ref: str, cand: str, beyond_card: set[str]) -> Table:
     rows = []
     for t in comparison.tasks:
         rows.append([
-            f"{t.title} ↓" if t.lower_is_better else t.title,
+            (f"{t.title} ↓" if t.lower_is_better else t.title) + (f" {BEYOND_CARD}" if t.task in beyond_card else ""),
             _score(t.reference_score, t.reference_ci.low, t.reference_ci.high),
             _score(t.candidate_score, t.candidate_ci.low, t.candidate_ci.high),
             _signed(t.delta),
@@ -262,7 +270,10 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
              "±ε: the 90 % CI inside ±ε; non-inferiority −δ: the 90 % CI above −δ), or why faults made it "
              "incomplete.  Rows marked ↓ are corpus error rates (WER/CER, paired bootstrap over utterances): "
              "lower is better, Δ = reference − candidate, so a negative Δ is a loss there too, and flips count "
-             "utterances where one side made fewer errors.",
+             "utterances where one side made fewer errors."
+             + (f"  Rows marked {BEYOND_CARD} are beyond the model card: benchmarks the target model's card does "
+                "not list (audio and video inputs), after the card's rows."
+                if beyond_card & {t.task for t in comparison.tasks} else ""),
         verdict_column=7,
         row_classes=[t.verdict for t in comparison.tasks],
     )
@@ -542,7 +553,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "hardware_warnings": hardware_warnings(backends),
         "divergence_headline": divergence_headline(comparison),
         "facts": _run_facts(comparison, manifest),
-        "scores": _comparison_table(comparison, ref, cand),
+        "scores": _comparison_table(comparison, ref, cand, _beyond_card(manifest)),
         "details": _detail_table(comparison),
         "plan": _plan_table(comparison),
         "exit_codes_text": EXIT_CODES_TEXT,

@@ -182,3 +182,34 @@ def test_media_items_are_teacher_forced_through_the_chat_route(server, tmp_path)
     stored = asyncio.run(tf.score_sequences(_tf_endpoint(server, "candidate"), [
         dataclasses.replace(sequences["audio"], source=sources[0])], 3))[0][("av", "audio")]
     assert rescored.forced != stored.forced
+
+
+@pytest.mark.slow
+def test_omni_suite_end_to_end_on_its_embedded_default(tmp_path, cache, monkeypatch):
+    """`run --suite omni` with no serve specs: its audio rows make tiny-omni the embedded default, which takes every
+    row's inputs; the report lists the card's 14 rows, then the five beyond it, marked."""
+    from flageval_lite.servers.embedded_model import TINY_OMNI
+    from helpers_servers import ServerPool
+    from test_pipeline import BEYOND_CARD_ROWS, CARD_ORDER
+
+    pool = ServerPool(tmp_path)
+    try:
+        judge = pool.stub("--model", "judge", "--answer-mode", "fixed", "--fixed-text", '{"score": 0.5}')
+        config = write_config(tmp_path, suite="omni", limit=2, max_tokens_cap=8, perf={"enabled": False},
+                              teacher_forced={"items": 1}, data_dir=str(REPO / "tests/fixtures/hub"),
+                              judge={"base_url": judge.base_url, "model": "judge"})
+        monkeypatch.setenv("FLAGEVAL_CACHE", str(cache))
+        done = cli(tmp_path, "run", "--config", str(config), "--run-id", "omni", "--quiet", timeout=1200)
+    finally:
+        pool.stop_all()
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    report = (tmp_path / "reports/omni/report.md").read_text()
+    assert score_rows(report) == CARD_ORDER + BEYOND_CARD_ROWS
+    summary = json.loads((tmp_path / "reports/omni/summary.json").read_text())
+    tasks = summary["comparison"]["tasks"]
+    assert all(t["n"] == 2 and t["errors_reference"] == t["errors_candidate"] == 0 for t in tasks), \
+        [(t["title"], t["errors_reference"], t["errors_candidate"]) for t in tasks]
+    assert summary["manifest"]["servers"]["reference"]["version"]["model"] == TINY_OMNI
+    # every row, audio and video included, has its teacher-forced positions
+    forced = summary["comparison"]["teacher_forced"]
+    assert forced["unsupported"] == "" and all(forced["tasks"][t["task"]]["positions"] > 0 for t in tasks)

@@ -1,12 +1,12 @@
-"""All 14 benchmark fixtures, loaded through the real loaders, sent through the embedded server on a tiny
-random-weights vision-language model (images included), scored, compared and reported."""
+"""The model card's 14 benchmark fixtures, loaded through the real loaders, sent through the embedded server on a
+tiny random-weights vision-language model (images included), scored, compared and reported."""
 from __future__ import annotations
 
 import json
 
 from helpers_servers import ServerPool
 from test_embedded_vision import build_llava
-from test_pipeline import CARD_ORDER, REPO, cli, score_rows, write_config
+from test_pipeline import CARD_ORDER, CARD_TASKS, REPO, cli, score_rows, write_config
 
 
 def test_omni_fixtures_end_to_end_on_a_tiny_vision_language_model(tmp_path):
@@ -21,7 +21,7 @@ def test_omni_fixtures_end_to_end_on_a_tiny_vision_language_model(tmp_path):
                     "dtype": dtype, "device": "cpu", "warmup": False, "startup_timeout_s": 300}
 
         config = write_config(tmp_path, reference=spec("tiny-fp32", "float32"), candidate=spec("tiny-bf16", "bfloat16"),
-                              suite="omni", limit=3, max_tokens_cap=8, data_dir=str(REPO / "tests/fixtures/hub"),
+                              tasks=CARD_TASKS, limit=3, max_tokens_cap=8, data_dir=str(REPO / "tests/fixtures/hub"),
                               judge={"base_url": judge.base_url, "model": "judge"})
         done = cli(tmp_path, "run", "--config", str(config), "--run-id", "omni-vlm", "--quiet", timeout=900)
     finally:

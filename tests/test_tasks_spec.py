@@ -23,9 +23,11 @@ scorer: choice
 """
 
 
-def test_omni_suite_is_the_model_card_in_order():
+def test_omni_suite_is_the_model_card_in_order_then_the_rows_beyond_it():
     specs = load_suite("omni")
-    assert [s.title for s in specs] == CARD_ORDER
+    assert [s.title for s in specs[:14]] == CARD_ORDER and not any(s.beyond_card for s in specs[:14])
+    assert [s.name for s in specs[14:]] == [s.name for s in load_suite("omni-av")]
+    assert all(s.beyond_card for s in specs[14:])
     assert [s.title for s in load_suite("vision")] == CARD_ORDER[:9]
     assert [s.title for s in load_suite("text")] == CARD_ORDER[9:]
     assert all(s.modality == "vision" for s in load_suite("vision"))
@@ -88,6 +90,7 @@ BAD = [
     (VALID + "generation: {max_token: 5}\n", "generation.max_token", "unknown field"),
     (VALID + "images: {pattern: 'image_\\d+'}\n", "images.pattern", "one group"),
     (VALID + "metric: median\n", "metric", "expected one of"),
+    (VALID + "beyond_card: yes please\n", "beyond_card", "true or false"),
     (VALID.replace("name: mytask", "name: other"), "name", "must equal the file name"),
     (VALID + "prompt: [unclosed\n", "line 9", "invalid YAML"),
 ]

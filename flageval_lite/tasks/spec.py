@@ -28,7 +28,8 @@ SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
              "system", "fewshot", "gold", "meta", "group_by", "generation", "scorer", "scorer_args", "metric",
-             "compat", "suites", "decision", "repeats", "repeat_aggregate", "audios", "videos", "audio_part"}
+             "compat", "suites", "decision", "repeats", "repeat_aggregate", "audios", "videos", "audio_part",
+             "beyond_card"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
 SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
 FEWSHOT_KEYS = {"split", "n", "by"}
@@ -100,6 +101,7 @@ class TaskSpec:
     metric: str = "accuracy"
     compat: bool = False
     suites: tuple[str, ...] = ()
+    beyond_card: bool = False  # a benchmark the target model's card does not list: the report marks its row
     # The fields of `decision:` this task sets (DECISION_KEYS); the run config fills in the rest (config.task_rule).
     decision: dict[str, Optional[float]] = field(default_factory=dict)
     repeats: int = 1  # times each item is asked per side, unless the run config sets `repeats`
@@ -366,6 +368,7 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
         scorer_args=scorer_args,
         metric=metric,
         compat=compat,
+        beyond_card=_expect(path, "beyond_card", raw.get("beyond_card", False), bool, "true or false"),
         suites=_str_list(path, "suites", raw.get("suites") or []),
         decision=parse_decision(path, "decision", raw["decision"]) if raw.get("decision") is not None else {},
         repeats=repeats,
