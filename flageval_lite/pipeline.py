@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 AA_ROLE = "reference_repeat"  # the reference asked again, for the A/A noise floor
 PERF_TASK_PREFIX = "perf@c"
+# Each perf load is preceded by one unmeasured wave of this prefix (see after_main); its records are no samples.
+PERF_WARMUP_PREFIX = "perf-warmup@c"
 ENDPOINTS_META = "endpoint_ids"  # role -> Endpoint.identity() of the servers the latest run of the role started
 
 
@@ -112,12 +114,14 @@ def block_reversed(items: Iterable[Item], block: int = 64) -> Iterator[Item]:
     yield from reversed(chunk)
 
 
-def perf_items(config: RunConfig, concurrency: int) -> Iterator[Item]:
-    """Fixed-length synthetic prompts: the same load for both backends."""
+def perf_items(config: RunConfig, concurrency: int, warm_up: bool = False) -> Iterator[Item]:
+    """Fixed-length synthetic prompts: the same load for both backends.  The warm-up wave is `concurrency` prompts
+    of the same length and form but another first word, so no prefix cache holds a measured prompt."""
     words = " ".join(f"w{i % 97}" for i in range(config.perf.prompt_words))
-    for i in range(config.perf.requests):
-        text = f"Request {i}. Repeat these words back, then keep counting upwards: {words}"
-        yield Item(task=f"{PERF_TASK_PREFIX}{concurrency}", item_id=f"p{i}",
+    opening, prefix = ("Warming", PERF_WARMUP_PREFIX) if warm_up else ("Request", PERF_TASK_PREFIX)
+    for i in range(min(concurrency, config.perf.requests) if warm_up else config.perf.requests):
+        text = f"{opening} {i}. Repeat these words back, then keep counting upwards: {words}"
+        yield Item(task=f"{prefix}{concurrency}", item_id=f"p{i}",
                    messages=[{"role": "user", "content": text}], gold=None)
 
 
@@ -144,9 +148,10 @@ def perf_media(modalities: set[str]) -> tuple[list[Any], list[Any]]:
     return images, audios
 
 
-def perf_media_items(config: RunConfig, concurrency: int, images: list[Any], audios: list[Any]) -> Iterator[Item]:
+def perf_media_items(config: RunConfig, concurrency: int, images: list[Any], audios: list[Any],
+                     warm_up: bool = False) -> Iterator[Item]:
     """The text load's prompts with the media load's image and audio in front of the text."""
-    for item in perf_items(config, concurrency):
+    for item in perf_items(config, concurrency, warm_up):
         messages = build_messages(item.messages[0]["content"], images, audios=audios)
         yield dataclasses.replace(item, task=item.task + MEDIA_LOAD_SUFFIX, messages=messages)
 
@@ -326,15 +331,18 @@ class Pipeline:
             params = GenParams(max_tokens=cfg.perf.output_tokens, stream=True,
                                extra_body=(("ignore_eos", True),))
             images, audios = perf_media({spec.modality for spec in self.tasks})
+            loads = {"": lambda level, warm_up: perf_items(cfg, level, warm_up)}
+            if images or audios:
+                loads[MEDIA_LOAD_SUFFIX] = lambda level, warm_up: perf_media_items(cfg, level, images, audios, warm_up)
             for endpoint in first.values():
                 for level in cfg.perf.concurrency:
-                    job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}",
-                              items=perf_items(cfg, level), params=params)
-                    asyncio.run(runner.run_jobs([job], concurrency=level))
-                    if images or audios:
-                        job = Job(endpoint=endpoint, task=f"{PERF_TASK_PREFIX}{level}{MEDIA_LOAD_SUFFIX}",
-                                  items=perf_media_items(cfg, level, images, audios), params=params)
-                        asyncio.run(runner.run_jobs([job], concurrency=level))
+                    for suffix, load in loads.items():
+                        # One unmeasured wave first: a JIT compiler (FlagGems' Triton kernels) compiles for each new
+                        # batch shape inside the first requests, seconds that no steady-state request pays.
+                        for prefix, warm_up in ((PERF_WARMUP_PREFIX, True), (PERF_TASK_PREFIX, False)):
+                            job = Job(endpoint=endpoint, task=f"{prefix}{level}{suffix}", items=load(level, warm_up),
+                                      params=params)
+                            asyncio.run(runner.run_jobs([job], concurrency=level))
 
     def teacher_force(self, endpoints: dict[str, Endpoint], store: Store) -> None:
         """Build the token sequences while the reference is up, score them on each backend while it is up (and

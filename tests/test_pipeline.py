@@ -224,6 +224,28 @@ def test_candidate_without_flaggems_is_refused_after_warm_up_before_any_item(tmp
     assert asked["answered"] <= 1  # the warm-up request only: none of the 30 items
 
 
+def test_perf_loads_are_warmed_up_before_they_are_measured(tmp_path):
+    """The candidate stub pays 1.5 s on the first requests of each prompt length, as a JIT compiling kernels for a
+    new shape would: one unmeasured wave per load (the same lengths, other text) pays it, the measured TTFTs do not,
+    and the wave's records are no perf samples."""
+    perf = {"concurrency": [2], "requests": 4, "prompt_words": 50, "output_tokens": 4}  # no demo prompt is as long
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=stub_spec("stub-cand", "--compile-ms",
+                                                                                          "1500"),
+                          tasks=["demo_arith"], limit=2, perf=perf, teacher_forced={"enabled": False})
+    done = cli(tmp_path, "run", "--config", str(config), "--run-id", "warm", "--quiet")
+    assert done.returncode in (0, 1, 3), done.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "runs/warm/results.sqlite") as conn:
+        waves = conn.execute("select role, task, count(*), min(latency_s) from records where task like 'perf%' "
+                             "group by role, task order by role, task").fetchall()
+    assert [row[:3] for row in waves] == [("candidate", "perf-warmup@c2", 2), ("candidate", "perf@c2", 4),
+                                          ("reference", "perf-warmup@c2", 2), ("reference", "perf@c2", 4)]
+    assert waves[0][3] >= 1.5  # the candidate's warm-up wave compiled
+    summary = json.loads((tmp_path / "reports/warm/summary.json").read_text())
+    assert set(summary["comparison"]["perf"]) == {"perf@c2"}
+    assert summary["comparison"]["perf"]["perf@c2"]["candidate"]["requests"] == 4
+    assert summary["comparison"]["perf"]["perf@c2"]["candidate"]["ttft_ms_p99"] < 1500
+
+
 def test_resume_with_a_changed_candidate_spec_compares_only_its_own_perf_samples(tmp_path):
     """The first run's candidate answers at once; the resumed run's candidate spec adds 150 ms per request.  Its
     perf samples are a new endpoint identity: only they are compared, the earlier ones stay in the store."""

@@ -72,6 +72,7 @@ class StubServer:
         self.first_request_at: Optional[float] = None
         self.started_at = time.time()
         self._stats_dirty = False
+        self.compiling: dict[int, asyncio.Future] = {}  # prompt length (words) -> its one-off --compile-ms delay
 
     # ------------------------------------------------------------------ faults and answers
 
@@ -206,6 +207,8 @@ class StubServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.args.compile_ms:
+                await self.compile_for(prompt_words)
             if self.args.latency_ms:
                 await asyncio.sleep(self.args.latency_ms / 1000)
             if fault == "hang":
@@ -239,6 +242,13 @@ class StubServer:
                 if self.args.exit_after and self.answered >= self.args.exit_after:
                     self.write_stats()
                     os._exit(0)  # a crash, as far as clients can tell
+
+    async def compile_for(self, shape: int) -> None:
+        """A JIT compiler's first call for a shape: the first request of each prompt length pays --compile-ms, and
+        those of that length arriving meanwhile wait for it too; later ones pay nothing."""
+        if shape not in self.compiling:
+            self.compiling[shape] = asyncio.ensure_future(asyncio.sleep(self.args.compile_ms / 1000))
+        await asyncio.shield(self.compiling[shape])  # a client leaving early does not cut the compilation short
 
     async def hang(self, reader: asyncio.StreamReader) -> None:
         """Answer nothing until the client gives up (EOF) or --hang-s passes, then drop the connection."""
@@ -390,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay before each completion response")
     p.add_argument("--itl-ms", type=float, default=0.0, help="delay between streamed chunks")
+    p.add_argument("--compile-ms", type=float, default=0.0,
+                   help="one-off delay of the first requests of each prompt length in words (a JIT compiling)")
     p.add_argument("--exit-after", type=int, default=0, help="exit abruptly after N answered requests (a crash)")
     p.add_argument("--stats-file", default="", help="write /stats here (throttled) and at shutdown")
     return p
