@@ -21,7 +21,7 @@ def test_omni_fixtures_end_to_end_on_a_tiny_vision_language_model(tmp_path):
                     "dtype": dtype, "device": "cpu", "warmup": False, "startup_timeout_s": 300}
 
         config = write_config(tmp_path, reference=spec("tiny-fp32", "float32"), candidate=spec("tiny-bf16", "bfloat16"),
-                              tasks=CARD_TASKS, limit=3, max_tokens_cap=8, data_dir=str(REPO / "tests/fixtures/hub"),
+                              tasks=CARD_TASKS, limit=3, max_tokens_cap=8, teacher_forced={"items": 1}, data_dir=str(REPO / "tests/fixtures/hub"),
                               judge={"base_url": judge.base_url, "model": "judge"})
         done = cli(tmp_path, "run", "--config", str(config), "--run-id", "omni-vlm", "--quiet", timeout=900)
     finally:
