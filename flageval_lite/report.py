@@ -18,6 +18,7 @@ import jinja2
 from . import __version__, charts
 from .compare import Comparison, PairedTaskComparison
 from .records import ROLES
+from .secrets import redact
 
 PERF_ROWS = (  # (label, PerfSummary field, section of perf.perf_ratios)
     ("TTFT p50 (ms)", "ttft_ms_p50", "latency"),
@@ -506,6 +507,7 @@ def render_report(comparison: Comparison, manifest: dict[str, Any], out_dir: Pat
     """Write report.md, report.html and summary.json into `out_dir`; returns {"md", "html", "json"} paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = redact(manifest)
     context = build_context(comparison, manifest)
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "summary.json"}
     paths["md"].write_text(_environment(False).get_template("report.md.j2").render(**context), encoding="utf-8")

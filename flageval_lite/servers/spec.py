@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..records import FlagGemsSpec, ServeSpec
+from ..secrets import remember_spec
 
 ENGINES = ("embedded", "vllm", "flagscale", "external", "stub")
 GPU_ENGINES = ("vllm", "flagscale")  # engines whose servers take GPU memory from a shared pool
@@ -153,6 +154,7 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
     if engine in ("vllm", "flagscale") and not values.get("model"):
         raise ConfigError(source, "model", f"engine {engine} needs a model (a local path or hub id)")
     spec = ServeSpec(source=source, **values)
+    remember_spec(spec)
     replica_specs(spec)  # devices that do not split over the replicas, or too few for TP × PP
     return spec
 

@@ -1,0 +1,142 @@
+"""Typed configuration, declared once: a dataclass field's annotation is its type, `checked(...)` adds its range
+or choices, and `build` validates a YAML mapping against the class.  A new field is validated the moment it is
+declared; there is no second list of keys or types to keep in step.
+
+Every problem raises `ConfigError(source, field, message)`: one line naming the file (or the command line) and
+the dotted field, e.g. `run.yaml: perf.concurrency[0]: must be at least 1, got -1`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+from .errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class Rule:
+    low: Optional[float] = None
+    high: Optional[float] = None
+    above: Optional[float] = None  # exclusive lower bound
+    choices: tuple[Any, ...] = ()
+    nonempty: bool = False  # a list or string given must not be empty
+
+
+def checked(default: Any = _MISSING, *, default_factory: Any = _MISSING, **rule: Any) -> Any:
+    """A dataclass field with a validation rule (see `Rule`) beside its type."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": Rule(**rule)})
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def convert(value: Any, tp: Any, rule: Optional[Rule], source: str, where: str) -> Any:
+    """`value` as type `tp` (int, float, bool, str, Optional, tuple[X, ...], dict, a dataclass), checked
+    against `rule`; tuples arrive as YAML lists."""
+    tp, optional = _optional(tp)
+    if value is None and dataclasses.is_dataclass(tp):  # an empty section (`perf:`) keeps the defaults
+        return tp()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(source, where, f"expected {_type_name(tp)}, got nothing")
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(source, where, f"expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        out = value
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        out = value
+    elif tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong
+        out = value
+    elif tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise wrong
+        out = value  # an int stays one: 0 and 0.0 hash differently in cache keys that older runs hold
+    elif tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        out = value
+    elif origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        item_type = typing.get_args(tp)[0]
+        out = tuple(convert(v, item_type, None, source, f"{where}[{i}]") for i, v in enumerate(value))
+        if rule:  # the rule's range applies to each element, emptiness to the list
+            for i, v in enumerate(out):
+                _check_rule(dataclasses.replace(rule, nonempty=False), v, source, f"{where}[{i}]")
+            if rule.nonempty and not out:
+                raise ConfigError(source, where, "must not be empty")
+        return out
+    elif origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise wrong
+        out = dict(value)
+    elif dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise wrong
+        return tp(**build(tp, value, source, f"{where}."))
+    else:
+        raise TypeError(f"schema: no conversion for {tp!r} ({where})")
+    if rule:
+        _check_rule(rule, out, source, where)
+    return out
+
+
+def _check_rule(rule: Rule, value: Any, source: str, where: str) -> None:
+    if rule.choices and value not in rule.choices:
+        raise ConfigError(source, where, f"must be one of {', '.join(map(str, rule.choices))}, got {value!r}")
+    if rule.nonempty and not value:
+        raise ConfigError(source, where, "must not be empty")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = rule.low, rule.high
+        if low is not None and high is not None and not low <= value <= high:
+            raise ConfigError(source, where, f"must be between {_num(low)} and {_num(high)}, got {value!r}")
+        if low is not None and value < low:
+            raise ConfigError(source, where, f"must be at least {_num(low)}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(source, where, f"must be at most {_num(high)}, got {value!r}")
+        if rule.above is not None and value <= rule.above:
+            raise ConfigError(source, where, f"must be greater than {_num(rule.above)}, got {value!r}")
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def build(cls: type, raw: Mapping[str, Any], source: str, prefix: str = "",
+          skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The validated keyword arguments for `cls(...)` from a mapping; unknown keys are refused.  Fields in `skip`
+    are left to the caller (fields that need more than a type and a range, e.g. serve specs by name)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(source, f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(known))})")
+    return {name: convert(value, hints[name], known[name].metadata.get("rule"), source, f"{prefix}{name}")
+            for name, value in raw.items() if name not in skip}
