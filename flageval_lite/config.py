@@ -88,7 +88,12 @@ class RunConfig:
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
-    source: str = ""
+    source: str = field(default="", metadata={"internal": True})
+    # field -> where the user set it ("run.yaml: tasks", "command line: --tasks"), for errors found later
+    origins: dict[str, str] = field(default_factory=dict, repr=False, metadata={"internal": True})
+
+    def origin(self, name: str) -> str:
+        return self.origins.get(name, f"{self.source}: {name}")
 
 
 def cuda_with_flaggems() -> bool:
@@ -181,8 +186,8 @@ def _validated(raw: dict[str, Any], source: str, name_of: Any) -> dict[str, Any]
     """Type- and range-checked values of one layer (the file, or the command line); `name_of` turns a field
     name into what the user wrote (the field itself, or its flag)."""
     values: dict[str, Any] = {}
+    known = {f.name for f in fields(RunConfig) if not f.metadata.get("internal")} | {"gpus"}
     for key, value in raw.items():
-        known = {f.name for f in fields(RunConfig)} - {"source"} | {"gpus"}
         if key not in known:
             raise ConfigError(source, name_of(key), f"unknown field (known: {', '.join(sorted(known))})")
         if key in ("reference", "candidate", "gpus"):
@@ -233,4 +238,5 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     for key in ("data_dir", "lmeval_include_path"):
         if values.get(key) and not Path(values[key]).expanduser().is_dir():
             raise ConfigError(*where[key], f"no such directory: {values[key]}")
-    return RunConfig(reference=reference, candidate=candidate, source=source, **values)
+    return RunConfig(reference=reference, candidate=candidate, source=source, **values,
+                     origins={key: f"{layer_source}: {name}" for key, (layer_source, name) in where.items()})

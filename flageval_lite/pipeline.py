@@ -142,7 +142,12 @@ class Pipeline:
     def __init__(self, config: RunConfig, run_id: Optional[str] = None, runs_root: Path = Path("runs"),
                  reports_root: Path = Path("reports"), quiet: bool = False):
         self.config = config
-        self.tasks = select_tasks(config)
+        try:
+            self.tasks = select_tasks(config)
+        except ConfigError:
+            raise  # names its task file already
+        except UserError as exc:  # an unknown task or suite: blame the flag or field that named it
+            raise UserError(f"{config.origin('tasks' if config.tasks else 'suite')}: {exc}") from None
         self.lmeval_tasks = [t for t in config.tasks if is_lmeval_task(t)]
         self.run_id = run_id or new_run_id(config.suite if not config.tasks else "tasks")
         self.run_dir = inside(runs_root, self.run_id, "--run-id")

@@ -8,6 +8,7 @@ the dotted field, e.g. `run.yaml: perf.concurrency[0]: must be at least 1, got -
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def convert(value: Any, tp: Any, rule: Optional[Rule], source: str, where: str) 
             raise wrong
         out = value
     elif tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise wrong
         out = value  # an int stays one: 0 and 0.0 hash differently in cache keys that older runs hold
     elif tp is str:
@@ -134,7 +135,7 @@ def build(cls: type, raw: Mapping[str, Any], source: str, prefix: str = "",
     """The validated keyword arguments for `cls(...)` from a mapping; unknown keys are refused.  Fields in `skip`
     are left to the caller (fields that need more than a type and a range, e.g. serve specs by name)."""
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
     for key in raw:
         if key not in known:
             raise ConfigError(source, f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(known))})")
