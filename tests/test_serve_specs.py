@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from flageval_lite.config import load_run_config
 from flageval_lite.errors import ConfigError
 from flageval_lite.servers.spec import load_serve_spec
 
 SERVE_DIR = Path(__file__).resolve().parents[1] / "serve"
 SHIPPED = ["embedded_fp32", "embedded_bf16", "embedded_flaggems", "qwen3_omni_native", "qwen3_omni_flaggems",
-           "flagscale_qwen3_o", "external_9010", "tiny_qwen3_native", "tiny_qwen3_flaggems", "stub"]
+           "flagscale_qwen3_o", "external_9010", "tiny_qwen3_native", "tiny_qwen3_flaggems", "stub",
+           "smollm2_native", "smollm2_flaggems", "smollm2_flaggems_nomul"]
 
 
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
@@ -46,7 +48,9 @@ def test_shipped_defaults_have_the_documented_stacks() -> None:
 
 
 @pytest.mark.parametrize("native,flaggems", [("qwen3_omni_native", "qwen3_omni_flaggems"),
-                                             ("tiny_qwen3_native", "tiny_qwen3_flaggems")])
+                                             ("tiny_qwen3_native", "tiny_qwen3_flaggems"),
+                                             ("smollm2_native", "smollm2_flaggems"),
+                                             ("smollm2_native", "smollm2_flaggems_nomul")])
 def test_pairs_differ_only_in_the_flaggems_switch(native: str, flaggems: str) -> None:
     ref, cand = load_serve_spec(native), load_serve_spec(flaggems)
     assert ref.flaggems.route == "off" and ref.ops == "aten"
@@ -113,3 +117,11 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_serve_spec(str(write(tmp_path, "name: s\nengine: [stub\n")))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_serve_spec(str(write(tmp_path, "- a\n- b\n")))
+
+
+@pytest.mark.parametrize("config", sorted((SERVE_DIR.parent / "benchmarks" / "gpu").glob("*.yaml")))
+def test_gpu_run_configs_load(config: Path) -> None:
+    """The GPU recipes cannot run here; a typo in one would only show on the device, after minutes of set-up."""
+    cfg = load_run_config(config)
+    assert cfg.reference.engine == cfg.candidate.engine == "vllm"
+    assert cfg.reference.flaggems.route == "off" and cfg.candidate.flaggems.route == "plugin"

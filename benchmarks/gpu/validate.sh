@@ -1,11 +1,15 @@
 #!/bin/bash
 # On the offline GPU machine, after the vLLM + FlagGems pieces are installed into /tmp/site
-# (../shared/gpu/README.md). Runs the real comparison on the tiny model and leaves the report in $OUT.
-#   bash benchmarks/gpu/validate.sh sequential|concurrent|two_gpus|replicas     (carry .gpu/tok and .whl on the first
-#   call; the run config is benchmarks/gpu/tiny_<name>.yaml; two_gpus and replicas need a two-GPU host)
-# A rerun with the same placement resumes the stored run (answers already in /tmp/runs are not asked again).
+# (../shared/gpu/README.md). Runs the real comparison and leaves the report in $OUT.
+#   bash benchmarks/gpu/validate.sh sequential|concurrent|two_gpus|replicas     the random tiny Qwen3, run config
+#       benchmarks/gpu/tiny_<name>.yaml (carry .gpu/tok and .whl on the first call; two_gpus and replicas need two GPUs)
+#   bash benchmarks/gpu/validate.sh smollm2_all|smollm2_nomul                  the trained SmolLM2, run config
+#       benchmarks/gpu/<name>.yaml; its GGUF pieces were stashed in /tmp/gguf by earlier calls (docs/gpu-validation.md)
+# A rerun with the same name resumes the stored run (answers already in /tmp/runs are not asked again).
 set -uo pipefail
-placement=$1  # the run config's name: tiny_$placement.yaml
+name=$1
+config=benchmarks/gpu/$name.yaml
+[ -f "$config" ] || config=benchmarks/gpu/tiny_$name.yaml
 OUT=${OUT:-/tmp/gpu_out}
 RUN_LIMIT_S=${RUN_LIMIT_S:-540}
 mkdir -p "$OUT"
@@ -22,10 +26,14 @@ ep=/tmp/ep/flageval_lite_gpu-0.1.dist-info
 mkdir -p $ep
 printf 'Metadata-Version: 2.1\nName: flageval-lite-gpu\nVersion: 0.1\n' > $ep/METADATA
 printf '[vllm.general_plugins]\nflageval_lite_flaggems = flageval_lite.servers.vllm_plugin:register\nflageval_lite_evidence = flageval_lite.servers.vllm_plugin:register_evidence\n' > $ep/entry_points.txt
-if [ ! -f /tmp/tiny-qwen3/config.json ]; then
+if grep -q tiny_qwen3 "$config" && [ ! -f /tmp/tiny-qwen3/config.json ]; then
   python3 benchmarks/gpu/build_tiny_model.py --tokenizer .gpu/tok --out /tmp/tiny-qwen3 || exit 1
 fi
-run=gpu-$placement
+if grep -q smollm2 "$config" && [ ! -f /tmp/smollm2-bf16/config.json ]; then
+  python3 benchmarks/gpu/build_smollm2.py --join /tmp/gguf/gguf.part.* --gguf /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --out /tmp/smollm2-bf16 2>&1 | tail -n 3 || exit 1
+fi
+run=gpu-${name//_/-}
 reports=/tmp/gpu-reports
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv > "$OUT/$run-gpu.txt"
 # GPU memory in use every 5 s while the run lasts.
@@ -33,7 +41,7 @@ nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 5 > "$OUT/
 smi=$!
 start=$(date +%s)
 # SIGINT before the call's limit: the CLI stops its servers and keeps every stored answer for a resuming rerun.
-timeout -s INT -k 30 "$RUN_LIMIT_S" python3 -m flageval_lite.cli run --config benchmarks/gpu/tiny_$placement.yaml \
+timeout -s INT -k 30 "$RUN_LIMIT_S" python3 -m flageval_lite.cli run --config "$config" \
   --run-id $run --runs-dir /tmp/runs --reports-dir $reports --quiet > "$OUT/$run.log" 2>&1
 echo "exit $? wall_s $(( $(date +%s) - start ))" | tee -a "$OUT/$run.log"
 kill $smi
