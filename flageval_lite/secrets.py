@@ -11,8 +11,9 @@ import re
 from typing import Any, Iterable
 
 REDACTED = "<redacted>"
-SECRET_NAME = re.compile(r"api[_-]?key|token|secret|passw(or)?d|credential|auth|private[_-]?key|access[_-]?key",
-                         re.IGNORECASE)
+# `token` but not max_tokens/prompt_token_ids/tokenizer, `auth` but not author.
+SECRET_NAME = re.compile(r"api[_-]?key|token(?!s|_id|iz)|secret|passw(or)?d|credential|auth(?!or)|private[_-]?key|"
+                         r"access[_-]?key", re.IGNORECASE)
 # Placeholders that OpenAI-compatible clients send when a server takes no key: not secrets, kept readable.
 NOT_SECRET = frozenset({"", "EMPTY", "none", "None", "null", REDACTED})
 MIN_SCRUB_LENGTH = 4  # shorter values would mangle unrelated text if scrubbed everywhere
@@ -41,8 +42,7 @@ def scrub(text: str) -> str:
 
 
 def _secret_value(value: Any) -> Any:
-    return REDACTED if isinstance(value, str) and value not in NOT_SECRET or isinstance(value, (int, float)) \
-        and not isinstance(value, bool) else value
+    return REDACTED if isinstance(value, str) and value not in NOT_SECRET else value
 
 
 def _redact_words(words: list[Any]) -> list[Any]:

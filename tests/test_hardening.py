@@ -77,6 +77,9 @@ def test_redaction_covers_flags_env_words_and_nested_values():
                              "command": [f"AUTH_TOKEN={REDACTED}", "serve"],
                              "nested": [{"secret_key": REDACTED, "api_key": "EMPTY"}],
                              "env": [["OPENAI_API_KEY", REDACTED], ["X", "1"]]}
+    harmless = {"max_tokens": 256, "prompt_token_ids": [1, 2], "tokenizer": "/m", "author": "someone",
+                "completion_tokens": 3, "api_key": "EMPTY", "token_count": 7}
+    assert redact(harmless) == {**harmless, "token_count": 7}
 
 
 @pytest.mark.parametrize("run_id", ["../x", "../../x", "/abs/run", "a/b", "..", ".", ".hidden", "", "a" * 129,
