@@ -24,6 +24,7 @@ class Rule:
     low: Optional[float] = None
     high: Optional[float] = None
     above: Optional[float] = None  # exclusive lower bound
+    below: Optional[float] = None  # exclusive upper bound
     choices: tuple[Any, ...] = ()
     nonempty: bool = False  # a list or string given must not be empty
 
@@ -124,6 +125,8 @@ def _check_rule(rule: Rule, value: Any, source: str, where: str) -> None:
             raise ConfigError(source, where, f"must be at most {_num(high)}, got {value!r}")
         if rule.above is not None and value <= rule.above:
             raise ConfigError(source, where, f"must be greater than {_num(rule.above)}, got {value!r}")
+        if rule.below is not None and value >= rule.below:
+            raise ConfigError(source, where, f"must be less than {_num(rule.below)}, got {value!r}")
 
 
 def _num(bound: float) -> str:

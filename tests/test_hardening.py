@@ -12,13 +12,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
 
-from flageval_lite.errors import UserError
+from flageval_lite.errors import ConfigError, UserError
 from flageval_lite.pipeline import check_run_id, inside
 from flageval_lite.report import render_report
+from flageval_lite.schema import build, checked
 from flageval_lite.secrets import REDACTED, redact
 from flageval_lite.servers.lifecycle import spawn
 from flageval_lite.store import RunLock
@@ -68,6 +70,47 @@ def test_planted_secrets_reach_no_file_and_no_log(tmp_path):
     reference = manifest["specs"]["reference"]
     assert reference["api_key"] == REDACTED and dict(reference["env"]) == {"HF_TOKEN": REDACTED,
                                                                           "PLAIN_SETTING": "visible"}
+
+
+@dataclasses.dataclass
+class Section:
+    share: float = checked(0.5, low=0, below=1)
+    levels: tuple[int, ...] = checked((1,), low=1, nonempty=True)
+    mode: str = checked("a", choices=("a", "b"))
+    cap: Optional[int] = checked(None, above=0)
+    on: bool = True
+
+
+@dataclasses.dataclass
+class Top:
+    section: Section = dataclasses.field(default_factory=Section)
+    name: str = ""
+
+
+@pytest.mark.parametrize("raw, where, words", [
+    ({"section": {"share": 1}}, "section.share", "must be less than 1, got 1"),
+    ({"section": {"share": "half"}}, "section.share", "expected a number, got 'half'"),
+    ({"section": {"levels": [2, 0]}}, "section.levels[1]", "must be at least 1, got 0"),
+    ({"section": {"levels": []}}, "section.levels", "must not be empty"),
+    ({"section": {"levels": 3}}, "section.levels", "expected a list of integers, got 3"),
+    ({"section": {"mode": "c"}}, "section.mode", "must be one of a, b, got 'c'"),
+    ({"section": {"cap": 0}}, "section.cap", "must be greater than 0, got 0"),
+    ({"section": {"on": "yes"}}, "section.on", "expected true or false, got 'yes'"),
+    ({"section": {"colour": 1}}, "section.colour", "unknown field (known: cap, levels, mode, on, share)"),
+    ({"section": []}, "section", "expected a mapping, got []"),
+    ({"name": None}, "name", "expected a string, got nothing"),
+])
+def test_schema_validates_any_declared_field_by_its_annotation(raw, where, words):
+    with pytest.raises(ConfigError) as info:
+        build(Top, raw, "x.yaml")
+    assert (info.value.field, str(info.value)) == (where, f"x.yaml: {where}: {words}")
+
+
+def test_schema_builds_nested_defaults_and_keeps_ints():
+    values = build(Top, {"section": {"share": 0, "cap": None, "levels": [3, 4]}, "name": "n"}, "x.yaml")
+    assert Top(**values) == Top(Section(share=0, levels=(3, 4)), name="n")
+    assert type(values["section"].share) is int  # 0 stays 0: cache keys hash params as given
+    assert build(Top, {"section": None}, "x.yaml")["section"] == Section()
 
 
 def test_redaction_covers_flags_env_words_and_nested_values():
