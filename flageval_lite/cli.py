@@ -94,7 +94,8 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     return bisect_command(args.run, Path(args.runs_dir), Path(args.reports_dir), by=args.by, strategy=args.strategy,
                           ops=_names(args.ops), tasks=_names(args.tasks), max_items=args.max_items,
                           max_rounds=args.max_rounds, concurrency=args.concurrency, verify_full=not args.no_verify,
-                          quiet=args.quiet)
+                          resume=args.resume, triton_cache=Path(args.triton_cache) if args.triton_cache else None,
+                          startup_timeout_s=args.startup_timeout, quiet=args.quiet)
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -159,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int)
     p.add_argument("--concurrency", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the full-set check before searching")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the restarts an earlier, interrupted bisection of this run finished (bisect-state.json)")
+    p.add_argument("--triton-cache", help="TRITON_CACHE_DIR for every restart, unless the spec or environment sets "
+                                          "one (default: RUN/triton-cache)")
+    p.add_argument("--startup-timeout", type=float, help="seconds a restart may take to be ready before it counts as "
+                                                         "a crash at start (default: the spec's startup_timeout_s)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
@@ -187,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished answers are stored; rerun with the same --run-id to resume", file=sys.stderr)
+        again = "rerun with --resume" if args.command == "bisect" else "rerun with the same --run-id"
+        print(f"interrupted: finished answers are stored; {again} to resume", file=sys.stderr)
         return 130
 
 

@@ -24,7 +24,7 @@ from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
 from .config import COMMAND_LINE, RunConfig
 from .errors import ConfigError, UserError
-from .records import ROLES, Endpoint, GenParams, Item, ServeSpec, stable_hash
+from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
 from .report import render_report
 from .runner import Job, Runner
 from .secrets import redact
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 AA_ROLE = "reference_repeat"  # the reference asked again, for the A/A noise floor
 PERF_TASK_PREFIX = "perf@c"
+ENDPOINTS_META = "endpoint_ids"  # role -> Endpoint.identity() of the servers the latest run of the role started
 
 
 @dataclasses.dataclass
@@ -274,6 +275,9 @@ class Pipeline:
                      for role, replicas in servers.items()}
         runner.supervisors = {role: {e.base_url: s for e, s in zip(endpoints[role], servers[role])}
                               for role in servers}
+        # Which identity's perf samples the comparison reads (replicas share it): the one started now.
+        store.set_meta(ENDPOINTS_META, {**(store.get_meta(ENDPOINTS_META) or {}),
+                                        **{role: replicas[0].identity() for role, replicas in endpoints.items()}})
         jobs = [job for replicas in endpoints.values() for job in self.jobs_for(replicas)]
         asyncio.run(runner.run_jobs(jobs, interleave=self.config.interleave))
         for role, replicas in endpoints.items():
@@ -395,14 +399,33 @@ def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, 
     return out
 
 
-def perf_samples(store: Store, run_id: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """role -> perf task -> timing samples of the synthetic load."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+def _perf_records(store: Store, run_id: str) -> Iterator[tuple[Record, bool]]:
+    """The perf records, each with whether it comes from its role's current endpoint identity (runs stored
+    before ENDPOINTS_META existed: all do)."""
+    current = store.get_meta(ENDPOINTS_META) or {}
     for rec in store.records(run_id):
         if rec.task.startswith(PERF_TASK_PREFIX):
+            yield rec, rec.endpoint_id == current.get(rec.role, rec.endpoint_id)
+
+
+def perf_samples(store: Store, run_id: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """role -> perf task -> timing samples of the synthetic load, from the role's current endpoint identity only:
+    the timings of another serve spec (a resumed run whose spec changed) measure another server."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rec, current in _perf_records(store, run_id):
+        if current:
             out.setdefault(rec.role, {}).setdefault(rec.task, []).append(
                 {"started_at": rec.started_at, "latency_s": rec.latency_s, "ttft_s": rec.ttft_s,
                  "itl_s": rec.itl_s, "completion_tokens": rec.completion_tokens, "error": rec.error})
+    return out
+
+
+def perf_set_aside(store: Store, run_id: str) -> dict[str, int]:
+    """role -> perf samples of an earlier endpoint identity, kept in the store and left out of the comparison."""
+    out: dict[str, int] = {}
+    for rec, current in _perf_records(store, run_id):
+        if not current:
+            out[rec.role] = out.get(rec.role, 0) + 1
     return out
 
 
@@ -429,7 +452,8 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "replica_failures": store.get_meta("replica_failures", []),
                 "placement": store.get_meta("placement", {}),
                 "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
-                "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {})}
+                "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
+                "perf_set_aside": perf_set_aside(store, run_id)}
     write_manifest_file(run_dir, manifest)
     files = render_report(comparison, manifest, report_dir)
     return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)

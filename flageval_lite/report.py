@@ -202,7 +202,9 @@ def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
             text = f"the divergence did not reproduce with all operators on ({restarts})"
         else:
             early = "" if bisect.get("complete") else ", stopped early"
-            text = f"{', '.join(bisect.get('culprits') or ())} ({restarts}{early})"
+            crashes = (bisect.get("culprits_by_kind") or {}).get("crashes") or ()
+            text = (f"{', '.join(bisect.get('culprits') or ()) or 'no culprit of the divergence'}"
+                    f"{'; crashes: ' + ', '.join(crashes) if crashes else ''} ({restarts}{early})")
         facts.append(("FlagGems bisection", f"{text}; {bisect.get('report', 'bisect.md')}"))
     opcheck = manifest.get("opcheck") or {}
     if opcheck:
@@ -364,9 +366,12 @@ def divergence_headline(comparison: Comparison) -> tuple[str, str]:
     return status, text
 
 
-def _perf_tables(comparison: Comparison, ref: str, cand: str,
-                 backends: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Table, list[charts.PerfRow]]]:
+def _perf_tables(comparison: Comparison, ref: str, cand: str, backends: Mapping[str, Mapping[str, Any]],
+                 set_aside: Mapping[str, int]) -> list[tuple[str, Table, list[charts.PerfRow]]]:
     hardware = "; ".join(f"{b['label']} on {b['device']}, {b['parallelism']}" for b in backends.values())
+    # A resumed run whose serve spec changed: the earlier spec's samples stay in the store, out of the comparison.
+    older = "".join(f"  {n} sample(s) of an earlier {role} serve spec are kept in the store and not compared."
+                    for role, n in set_aside.items() if n)
     out = []
     for load, roles in comparison.perf.items():
         ratios = comparison.perf_ratios.get(load) or {}
@@ -388,7 +393,7 @@ def _perf_tables(comparison: Comparison, ref: str, cand: str,
             headers=["metric", ref, cand, "candidate / reference", "gate"],
             rows=rows,
             note=f"Hardware: {hardware}.  Requests: {requests}.  Latencies: lower is better; throughputs: higher is better.  The gate "
-                 f"asks the candidate's output tok/s to reach {comparison.perf_gate:.0%} of the reference's.",
+                 f"asks the candidate's output tok/s to reach {comparison.perf_gate:.0%} of the reference's.{older}",
         )
         out.append((load, table, bars))
     return out
@@ -451,7 +456,7 @@ def _group_tables(comparison: Comparison) -> list[Table]:
 def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, Any]:
     ref, cand = _label(manifest, "reference"), _label(manifest, "candidate")
     backends = {role: _backend(manifest, role) for role in ROLES}
-    perf = _perf_tables(comparison, ref, cand, backends)
+    perf = _perf_tables(comparison, ref, cand, backends, manifest.get("perf_set_aside") or {})
     return {
         "comparison": comparison,
         "reference_label": ref,

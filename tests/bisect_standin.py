@@ -6,6 +6,14 @@ implementation of certain operators is on:
 
 - STANDIN_OPS        the operators "the model calls" (comma list)
 - STANDIN_CULPRITS   groups separated by ";", each "a+b": a group changes answers when all its operators are on
+                     (and those written "!c" are off)
+- STANDIN_CRASH_START  groups (same form) that make it die before it listens, as vLLM's engine core does when a
+                     kernel faults during its start-up profiling (exit code 1, a CUDA traceback in the log)
+- STANDIN_CRASH_RUN  groups that make the first chat request kill it: that request gets vLLM's HTTP 500
+                     (EngineDeadError), then the process exits and later requests find the port closed
+- STANDIN_ERRORS     groups that make every chat request fail with a bare HTTP 500 while the server stays up, as
+                     vLLM does when a NaN logprob cannot be encoded as JSON
+- STANDIN_STARTUP_DELAY  seconds to wait before listening (a slow start, to interrupt a round mid-way)
 - FLAGEVAL_FLAGGEMS, FLAGEVAL_FLAGGEMS_INCLUDE/_EXCLUDE, FLAGEVAL_OPLOG_DIR: as set for the plugin route
 
 Enabled = nothing when FLAGEVAL_FLAGGEMS is not 1, else the include list (or all but the excluded ones) among
@@ -37,9 +45,25 @@ def enabled_ops() -> list[str]:
     return [op for op in ops if op in include] if include else [op for op in ops if op not in exclude]
 
 
-def diverging(enabled: list[str]) -> bool:
-    groups = [set(g.split("+")) for g in os.environ.get("STANDIN_CULPRITS", "").split(";") if g.strip()]
-    return any(group <= set(enabled) for group in groups)
+def triggered(var: str, enabled: list[str]) -> bool:
+    """Whether one of the groups in `var` holds: all its operators on, and those written "!op" off (a crash that
+    shows only in some subsets, as FlagGems' fill_scalar_ did under vLLM)."""
+    for group in (g.split("+") for g in os.environ.get(var, "").split(";") if g.strip()):
+        on, off = {op for op in group if not op.startswith("!")}, {op[1:] for op in group if op.startswith("!")}
+        if on <= set(enabled) and not off & set(enabled):
+            return True
+    return False
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+CUDA_FAULT = ("Traceback (most recent call last):\n"
+              '  File "vllm/v1/worker/gpu_model_runner.py", line 2100, in execute_model\n'
+              "torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+              "CUDA kernel errors might be asynchronously reported at some other API call.")
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
 def write_logs(enabled: list[str]) -> None:
@@ -66,7 +90,7 @@ def answer(prompt: str, changed: bool) -> str:
     return f"The result is {number}."
 
 
-def make_handler(model: str, changed: bool):
+def make_handler(model: str, changed: bool, crash_run: bool = False, errors: bool = False):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -93,6 +117,23 @@ def make_handler(model: str, changed: bool):
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if crash_run:
+                log(f"ERROR [core.py] EngineCore encountered a fatal error.\n{CUDA_FAULT}")
+                log(f"ERROR [async_llm.py] AsyncLLM output_handler failed.\n"
+                    f"vllm.v1.engine.exceptions.EngineDeadError: {ENGINE_DEAD}")
+                self.send_json({"error": {"message": ENGINE_DEAD, "type": "InternalServerError", "code": 500}}, 500)
+                self.wfile.flush()
+                os._exit(1)  # the API server shuts down with its engine
+            if errors:
+                log("ERROR:    Exception in ASGI application\nTraceback (most recent call last):\n"
+                    "ValueError: Out of range float values are not JSON compliant")
+                data = b"Internal Server Error"
+                self.send_response(500)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []))
             text = answer(prompt, changed)
             usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
@@ -123,8 +164,14 @@ def main(argv: list[str]) -> int:
     args, _ = parser.parse_known_args(argv)
     enabled = enabled_ops()
     write_logs(enabled)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.served_model_name or args.model,
-                                                                      diverging(enabled)))
+    time.sleep(float(os.environ.get("STANDIN_STARTUP_DELAY") or 0))
+    if triggered("STANDIN_CRASH_START", enabled):
+        log(f"ERROR [core.py] EngineCore failed to start.\n{CUDA_FAULT}")
+        log("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+        return 1
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(
+        args.served_model_name or args.model, triggered("STANDIN_CULPRITS", enabled),
+        crash_run=triggered("STANDIN_CRASH_RUN", enabled), errors=triggered("STANDIN_ERRORS", enabled)))
     server.serve_forever()
     return 0
 

@@ -7,14 +7,20 @@ import importlib.util
 import itertools
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytest
 
-from flageval_lite.bisect import (STRATEGIES, askable_tasks, bisect_command, bisect_run, check_bisectable, chunks,
-                                  disagreements, find_culprits, halves, load_items, restrict, spec_from_stored)
+from flageval_lite.bisect import (CRASH_RUN, CRASH_START, ERRORS, STATE_NAME, STRATEGIES, askable_tasks,
+                                  bisect_command, bisect_run, check_bisectable, chunks, disagreements, find_culprits,
+                                  halves, load_items, restrict, root_cause_lines, spec_from_stored)
 from flageval_lite.errors import UserError
 from flageval_lite.pipeline import score_run, spec_identity, task_params
 from flageval_lite.records import FlagGemsSpec, Record, Score, ServeSpec
@@ -33,15 +39,22 @@ OPS = [f"op{i:02d}" for i in range(64)]
 
 
 class Simulated:
-    """A candidate that diverges when any culprit group is wholly enabled; counts restarts."""
+    """A candidate that diverges when any culprit group is wholly enabled; counts restarts.  `crashes` maps an
+    outcome to the groups that cause it; a group's "!op" must be off (a crash that only some subsets show)."""
 
-    def __init__(self, *groups: set[str]):
+    def __init__(self, *groups: set[str], crashes: Optional[dict[str, list[set[str]]]] = None):
         self.groups = [set(g) for g in groups]
+        self.crashes = crashes or {}
         self.calls: list[tuple[str, ...]] = []
 
-    def __call__(self, ops: tuple[str, ...]) -> bool:
+    def __call__(self, ops: tuple[str, ...]) -> Union[bool, str]:
         assert ops, "the empty set is never started"
         self.calls.append(ops)
+        for outcome, groups in self.crashes.items():  # a crashed server gives no answers to compare
+            for group in groups:
+                on, off = {op for op in group if op[0] != "!"}, {op[1:] for op in group if op[0] == "!"}
+                if on <= set(ops) and not off & set(ops):
+                    return outcome
         return any(group <= set(ops) for group in self.groups)
 
 
@@ -95,8 +108,8 @@ def test_three_way_interaction_and_alternative_culprits(strategy: str) -> None:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_search_is_deterministic(strategy: str) -> None:
     runs = [find_culprits(OPS[:26], Simulated({"op04", "op19"}), strategy=strategy) for _ in range(2)]
-    assert [[(r.phase, r.ops, r.diverged) for r in run.rounds] for run in runs][0] == \
-        [(r.phase, r.ops, r.diverged) for r in runs[1].rounds]
+    assert [[(r.phase, r.ops, r.outcome) for r in run.rounds] for run in runs][0] == \
+        [(r.phase, r.ops, r.outcome) for r in runs[1].rounds]
     for r in runs[0].rounds:  # subsets reach the evaluator in the universe's order
         assert list(r.ops) == sorted(r.ops)
 
@@ -120,6 +133,45 @@ def test_without_verification_the_full_set_is_assumed() -> None:
     result = find_culprits(OPS[:8], simulated, verify_full=False)
     assert result.culprits == ("op05",) and tuple(OPS[:8]) not in simulated.calls
     assert len(result.rounds) <= math.ceil(math.log2(8)) + 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", [CRASH_START, CRASH_RUN, ERRORS])
+def test_a_crashing_operator_does_not_hide_the_culprit(strategy: str, kind: str) -> None:
+    """Every position of the culprit and of an operator that crashes the candidate, also one that crashes only
+    while another operator is off (the full set answers, as the stored run did): both are named, each by kind."""
+    universe = OPS[:12]
+    seen = 0
+    for culprit, crasher in itertools.permutations(universe[::2], 2):
+        for group in ({crasher}, {crasher, f"!{universe[-1]}"}):
+            simulated = Simulated({culprit}, crashes={kind: [group]})
+            # A crash of the full set would have stopped the stored run: that candidate's run is assumed.
+            result = find_culprits(universe, simulated, strategy=strategy, verify_full=len(group) > 1)
+            assert result.culprits == (culprit,) and result.complete and result.minimal, (culprit, group)
+            assert len(set(simulated.calls)) == len(simulated.calls)
+            assert len(result.rounds) <= 2 * (math.ceil(math.log2(len(universe))) + 2) + 1
+            if any(r.outcome == kind for r in result.rounds):  # a crash no restart ran into cannot be named
+                seen += 1
+                assert result.of_class("crashes") == (crasher,), (culprit, group)
+                assert [c.outcome for c in result.causes if c.ops == (crasher,)] == [kind]
+                assert crasher in result.in_every_round()[kind]
+    assert seen >= 20
+
+
+def test_a_full_set_that_crashes_is_not_blamed_on_an_operator() -> None:
+    result = find_culprits(OPS[:8], Simulated({"op01"}, crashes={CRASH_START: [{"op00"}]}))
+    assert not result.reproduced and result.causes == [] and len(result.rounds) == 1
+    assert result.rounds[0].outcome == CRASH_START
+
+
+def test_a_search_resumed_from_its_finished_rounds_asks_only_the_rest() -> None:
+    full = find_culprits(OPS[:26], Simulated({"op04", "op19"}, crashes={ERRORS: [{"op11"}]}))
+    for cut in range(len(full.rounds) + 1):
+        simulated = Simulated({"op04", "op19"}, crashes={ERRORS: [{"op11"}]})
+        resumed = find_culprits(OPS[:26], simulated, finished=full.rounds[:cut])
+        assert [(r.phase, r.ops, r.outcome) for r in resumed.rounds] == [(r.phase, r.ops, r.outcome)
+                                                                         for r in full.rounds]
+        assert simulated.calls == [r.ops for r in full.rounds[cut:]] and resumed.causes == full.causes
 
 
 def test_splitting_helpers() -> None:
@@ -190,19 +242,23 @@ def standin_server(spec: ServeSpec, role: str, run_dir: Path) -> ManagedServer:
     return ManagedServer(spec, role, run_dir, launcher=standin_launch, poll_interval_s=0.05)
 
 
-def standin_spec(route: str, ops: list[str], culprits: str) -> ServeSpec:
+def standin_spec(route: str, ops: list[str], culprits: str, **failures: str) -> ServeSpec:
+    """`failures`: STANDIN_CRASH_START / _CRASH_RUN / _ERRORS groups, as crash_start="a+!b" and so on."""
+    env = [("STANDIN_OPS", ",".join(ops)), ("STANDIN_CULPRITS", culprits)]
+    env += [(f"STANDIN_{name.upper()}", groups) for name, groups in failures.items()]
     return ServeSpec(name=f"standin-{route}", engine="vllm", model="/models/standin", served_model_name="standin",
                      ops="aten" if route == "off" else "flaggems", flaggems=FlagGemsSpec(route=route),
-                     env=(("STANDIN_OPS", ",".join(ops)), ("STANDIN_CULPRITS", culprits)), warmup=False,
-                     startup_timeout_s=30.0, max_restarts=0)
+                     env=tuple(env), warmup=False, startup_timeout_s=30.0, max_restarts=0)
 
 
-def make_run(runs: Path, run_id: str, ops: list[str], culprits: str, limit: int = 8, task: str = "demo_facts") -> Path:
+def make_run(runs: Path, run_id: str, ops: list[str], culprits: str, limit: int = 8, task: str = "demo_facts",
+             **failures: str) -> Path:
     """A stored run made the way the pipeline makes one: both servers asked the task, answers scored."""
     run_dir = runs / run_id
     store = Store(run_dir / "results.sqlite")
     task = load_task(task)
-    specs = {"reference": standin_spec("off", ops, culprits), "candidate": standin_spec("plugin", ops, culprits)}
+    specs = {"reference": standin_spec("off", ops, culprits, **failures),
+             "candidate": standin_spec("plugin", ops, culprits, **failures)}
     store.set_meta("config", {"run_id": run_id, "tasks": [task.name], "limit": limit, "concurrency": 4, "source": ""})
     store.set_meta("specs", {role: spec.to_dict() for role, spec in specs.items()})
     store.set_meta("task_specs", {task.name: {"title": task.title, "scorer": task.scorer,
@@ -239,7 +295,8 @@ def test_bisect_run_names_the_culprit_against_standin_servers(tmp_path: Path, ca
     assert [line["round"] for line in lines] == list(range(1, len(summary["rounds"]) + 1))
     for line in lines:
         assert sorted(line["ops_called"]) == sorted(line["ops"])
-        assert line["diverged"] == ("mm" in line["ops"]) == bool(line["items_diverged"])
+        assert line["outcome"] == ("diverges" if "mm" in line["ops"] else "agrees")
+        assert ("mm" in line["ops"]) == bool(line["items_diverged"])
         assert line["role"] == f"bisect-{line['round']}" and (run_dir / "logs" / f"{line['role']}.log").is_file()
     report = (tmp_path / "reports" / "r1" / "bisect.md").read_text()
     assert "**culprit: mm" in report and "| 1 | all operators |" in report
@@ -248,6 +305,133 @@ def test_bisect_run_names_the_culprit_against_standin_servers(tmp_path: Path, ca
     # What `report RUN` shows once the manifest carries the run's `bisect` meta.
     (fact,) = _diagnosis_facts({"bisect": meta})
     assert fact == ("FlagGems bisection", f"mm ({len(lines)} restarts over 8 operators); {meta['report']}")
+
+
+STANDIN_OPS = ["cat", "embedding", "fill_scalar_", "index", "mm", "mul", "rsqrt", "softmax"]
+
+
+@pytest.mark.parametrize("failure, outcome, cause", [
+    ("crash_start", CRASH_START, "illegal memory access"),
+    ("crash_run", CRASH_RUN, "EngineDeadError"),
+    ("errors", ERRORS, "Out of range float values are not JSON compliant")])
+def test_bisect_goes_on_past_a_candidate_that_crashes(tmp_path: Path, failure: str, outcome: str, cause: str) -> None:
+    """As FlagGems' fill_scalar_ under vLLM: the run with all operators answered, a subset without softmax
+    crashes.  The search names that crash with its kind and root cause, and still names the culprit, mul."""
+    run_dir = make_run(tmp_path / "runs", "r7", STANDIN_OPS, culprits="mul", limit=4,
+                       **{failure: "fill_scalar_+!softmax"})
+    summary = bisect_run("r7", tmp_path / "runs", tmp_path / "reports", start_server=standin_server, quiet=True)
+    assert summary["culprits"] == ["mul"] and summary["complete"] and summary["minimal"]
+    assert summary["culprits_by_kind"] == {"diverges": ["mul"], "crashes": ["fill_scalar_"]}
+    assert [(c["outcome"], c["ops"]) for c in summary["causes"]] == [(outcome, ["fill_scalar_"]), ("diverges", ["mul"])]
+    failed = [r for r in summary["rounds"] if r["outcome"] == outcome]
+    assert failed and all("fill_scalar_" in r["ops"] and "softmax" not in r["ops"] for r in failed)
+    for r in failed:  # root cause from this restart's own log, bounded
+        assert any(cause in line for line in r["detail"]["root_cause"]) and len(r["detail"]["root_cause"]) <= 8
+    assert summary["ops_in_every_failing_round"][outcome] == ["fill_scalar_"]
+    # Every restart used one Triton cache, in the run's directory.
+    assert summary["triton_cache"] == str((run_dir / "triton-cache").resolve())
+    report = (tmp_path / "reports" / "r7" / "bisect.md").read_text()
+    assert f"**culprit: mul; crashes: fill_scalar_ ({outcome})" in report and cause in report
+    assert "culprits per kind: diverges: mul; crashes: fill_scalar_" in report
+    meta = Store(run_dir / "results.sqlite").get_meta("bisect")
+    (fact,) = _diagnosis_facts({"bisect": meta})
+    assert fact[1].startswith("mul; crashes: fill_scalar_")
+
+
+RESUMABLE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_bisect import standin_server
+from flageval_lite.bisect import bisect_command
+sys.exit(bisect_command("r8", Path({runs!r}), Path({reports!r}), start_server=standin_server, resume=True, quiet=True))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_path: Path, sig: int) -> None:
+    """SIGTERM or SIGINT mid-restart, as `timeout` before a device call's limit sends: the candidate's process
+    group is stopped, the finished restarts are kept, and `--resume` ends with the uninterrupted search's result."""
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    run_dir = make_run(runs, "r8", STANDIN_OPS, culprits="mul", limit=4, crash_start="fill_scalar_+!softmax")
+    shutil.copytree(run_dir, tmp_path / "fresh" / "r8")
+    fresh = bisect_run("r8", tmp_path / "fresh", reports, start_server=standin_server, quiet=True)
+
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), runs=str(runs), reports=str(reports))
+    env = {**os.environ, "STANDIN_STARTUP_DELAY": "1"}  # slow starts: the signal lands inside a restart
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    state_path = run_dir / STATE_NAME
+    deadline = time.monotonic() + 60
+    while not (state_path.is_file() and len(json.loads(state_path.read_text())["rounds"]) >= 3
+               and list((run_dir / "oplogs" / "bisect-4").glob("calls-*.jsonl"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    (calls,) = (run_dir / "oplogs" / "bisect-4").glob("calls-*.jsonl")
+    candidate_pid = int(calls.stem.split("-")[1])
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)  # SystemExit, KeyboardInterrupt
+    time.sleep(0.5)
+    assert not _alive(candidate_pid)  # stopped with its process group, not left holding the GPU
+    kept = json.loads(state_path.read_text())["rounds"]
+    assert len(kept) == 3
+
+    started: list[tuple[str, ...]] = []
+
+    def counting(spec: ServeSpec, role: str, run_dir: Path) -> ManagedServer:
+        started.append(spec.flaggems.include)
+        return standin_server(spec, role, run_dir)
+
+    resumed = bisect_run("r8", runs, reports, start_server=counting, resume=True, quiet=True)
+    same = ("culprits", "culprits_by_kind", "causes", "reproduced", "minimal", "complete")
+    assert {k: resumed[k] for k in same} == {k: fresh[k] for k in same}
+    assert [(r["phase"], r["ops"], r["outcome"]) for r in resumed["rounds"]] == [
+        (r["phase"], r["ops"], r["outcome"]) for r in fresh["rounds"]]
+    assert [list(ops) for ops in started] == [r["ops"] for r in resumed["rounds"][3:]]  # none of the 3 again
+    assert resumed["rounds_resumed"] == 3 and resumed["bisect_run_id"] == json.loads(
+        state_path.read_text())["bisect_run_id"]
+    logged = [json.loads(line) for line in (run_dir / "bisect.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in logged] == list(range(1, len(fresh["rounds"]) + 1))
+    assert "3 restart(s) kept from an earlier, interrupted call" in (reports / "r8" / "bisect.md").read_text()
+    # Another search over the same run must say so to be resumed from this state.
+    with pytest.raises(UserError, match="holds a search with strategy 'binary', not 'ddmin'"):
+        bisect_run("r8", runs, reports, start_server=standin_server, resume=True, strategy="ddmin", quiet=True)
+
+
+def test_a_candidate_failing_with_all_operators_stops_the_search(tmp_path: Path, monkeypatch) -> None:
+    """The stored run answered with all operators: a restart with all of them that is not ready within
+    --startup-timeout says the machine differs, and no operator is blamed."""
+    make_run(tmp_path / "runs", "r9", ["mm", "cat"], culprits="mm", limit=4)
+    monkeypatch.setenv("STANDIN_STARTUP_DELAY", "30")
+    summary = bisect_run("r9", tmp_path / "runs", tmp_path / "reports", start_server=standin_server,
+                         startup_timeout_s=0.5, quiet=True)
+    assert not summary["reproduced"] and summary["causes"] == [] and summary["culprits"] == []
+    (first,) = summary["rounds"]
+    assert first["outcome"] == CRASH_START and "did not become ready within 0.5 s" in first["detail"]["error"]
+    assert "failed (crash at start) although the stored run answered" in (
+        tmp_path / "reports" / "r9" / "bisect.md").read_text()
+
+
+def test_root_cause_lines_are_bounded_and_from_this_start(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("RuntimeError: an earlier start\n")
+    offset = log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write("=== flageval-lite: starting\nINFO loading\n" + "".join(f"ValueError: {i} {'x' * 400}\n"
+                                                                        for i in range(20)) + "INFO shutting down\n")
+    lines = root_cause_lines(log, offset)
+    assert len(lines) == 8 and lines[-1].startswith("ValueError: 19") and all(len(x) <= 300 for x in lines)
+    (tmp_path / "quiet.log").write_text("INFO one\nINFO two\n")
+    assert root_cause_lines(tmp_path / "quiet.log") == ["INFO one", "INFO two"]  # nothing matched: the last lines
+    assert root_cause_lines(tmp_path / "missing.log") == []
 
 
 def test_bisect_run_finds_an_interaction_and_honours_max_items(tmp_path: Path) -> None:

@@ -214,3 +214,25 @@ def test_candidate_without_flaggems_is_refused_after_warm_up_before_any_item(tmp
     assert done.returncode == 2, done.stderr
     assert "candidate ran without FlagGems: spec 'claims-flaggems' asks for route 'plugin'" in done.stderr
     assert asked["answered"] <= 1  # the warm-up request only: none of the 30 items
+
+
+def test_resume_with_a_changed_candidate_spec_compares_only_its_own_perf_samples(tmp_path):
+    """The first run's candidate answers at once; the resumed run's candidate spec adds 150 ms per request.  Its
+    perf samples are a new endpoint identity: only they are compared, the earlier ones stay in the store."""
+    perf = {"concurrency": [2], "requests": 6, "prompt_words": 8, "output_tokens": 4}
+    common = dict(reference=stub_spec("stub-ref"), tasks=["demo_arith"], limit=4, perf=perf)
+    for candidate in (stub_spec("stub-cand"), stub_spec("stub-cand", "--latency-ms", "150")):
+        config = write_config(tmp_path, candidate=candidate, **common)
+        done = cli(tmp_path, "run", "--config", str(config), "--run-id", "changed", "--quiet")
+        assert done.returncode in (0, 1), done.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "runs/changed/results.sqlite") as conn:
+        stored = dict(conn.execute("select role, count(*) from records where task = 'perf@c2' group by role"))
+        identities = conn.execute("select count(distinct endpoint_id) from records where task = 'perf@c2' "
+                                  "and role = 'candidate'").fetchone()[0]
+    assert stored == {"reference": 6, "candidate": 12} and identities == 2  # kept apart, not deleted
+    summary = json.loads((tmp_path / "reports/changed/summary.json").read_text())
+    compared = summary["comparison"]["perf"]["perf@c2"]
+    assert compared["reference"]["requests"] == compared["candidate"]["requests"] == 6
+    assert compared["candidate"]["e2el_ms_p50"] >= 150  # pooled with the earlier fast answers it would not be
+    assert summary["manifest"]["perf_set_aside"] == {"candidate": 6}
+    assert "6 sample(s) of an earlier candidate serve spec" in (tmp_path / "reports/changed/report.md").read_text()
