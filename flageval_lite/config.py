@@ -61,6 +61,13 @@ class JudgeConfig:
     retry_backoff_s: float = checked(0.5, low=0)
 
 
+def _judge(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """The judge keys given, checked against JudgeConfig; its key is scrubbed from whatever is written."""
+    judge = build(JudgeConfig, value, source, f"{where}.")
+    remember([judge.get("api_key")])
+    return judge
+
+
 @dataclass
 class RunConfig:
     # Serve specs: names, paths, mappings or lists of alternatives, resolved by `resolve_backend`.
@@ -84,7 +91,7 @@ class RunConfig:
     # 8k-token answers that AIME or GPQA allow a real one.
     max_tokens_cap: Optional[int] = checked(None, low=1)
     # Only the keys given (JudgeConfig checks them): `judge.get("base_url")` says whether one is set.
-    judge: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] = checked(default_factory=dict, parse=_judge)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
@@ -195,16 +202,9 @@ def _validated(raw: dict[str, Any], source: str, name_of: Any) -> dict[str, Any]
             continue
         if key == "tasks":
             value = _task_names(value, source, name_of(key))
-        where = name_of(key)
-        if key == "judge":
-            if not isinstance(value, dict):
-                raise ConfigError(source, where, f"expected a mapping (base_url, model, ...), got {value!r}")
-            values[key] = build(JudgeConfig, value, source, f"{where}.")
-            remember([values[key].get("api_key")])
-            continue
         hint = typing.get_type_hints(RunConfig)[key]
         rule = next(f for f in fields(RunConfig) if f.name == key).metadata.get("rule")
-        values[key] = convert(value, hint, rule, source, where)
+        values[key] = convert(value, hint, rule, source, name_of(key))
     return values
 
 

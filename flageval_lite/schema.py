@@ -12,7 +12,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from .errors import ConfigError
 
@@ -27,6 +27,9 @@ class Rule:
     below: Optional[float] = None  # exclusive upper bound
     choices: tuple[Any, ...] = ()
     nonempty: bool = False  # a list or string given must not be empty
+    # Further checks or a conversion after the type's: parse(value, source, where) -> value (e.g. a mapping of
+    # its own schema, such as the judge's); it raises ConfigError itself.
+    parse: Optional[Callable[[Any, str, str], Any]] = None
 
 
 def checked(default: Any = _MISSING, *, default_factory: Any = _MISSING, **rule: Any) -> Any:
@@ -107,6 +110,8 @@ def convert(value: Any, tp: Any, rule: Optional[Rule], source: str, where: str) 
         raise TypeError(f"schema: no conversion for {tp!r} ({where})")
     if rule:
         _check_rule(rule, out, source, where)
+        if rule.parse:
+            out = rule.parse(out, source, where)
     return out
 
 
