@@ -346,7 +346,7 @@ def disagreements(store: Store, run_id: str, by: str = "text",
         answers: dict[str, dict[tuple[str, str], str]] = {"reference": {}, "candidate": {}}
         for role in answers:
             for rec in store.records(run_id, role=role):
-                if rec.ok:
+                if rec.ok and rec.repeat == 0:  # with repeats, the first one (as the report's texts)
                     answers[role][(rec.task, rec.item_id)] = rec.response_text
     else:
         answers = {role: {(s.task, s.item_id): s.extracted for s in store.scores(run_id, role=role)
@@ -442,7 +442,7 @@ def load_items(store: Store, run_id: str, wanted: Sequence[Disagreement]) -> tup
     if source and Path(source).is_file():
         run_config = load_run_config(source)
         data_dir, max_pixels = run_config.data_dir or None, run_config.max_image_pixels
-    ref_records = {(r.task, r.item_id): r for r in store.records(run_id, role="reference") if r.ok}
+    ref_records = {(r.task, r.item_id): r for r in store.records(run_id, role="reference") if r.ok and r.repeat == 0}
     by_task: dict[str, set[str]] = {}
     for d in wanted:
         by_task.setdefault(d.task, set()).add(d.item_id)

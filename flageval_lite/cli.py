@@ -1,4 +1,4 @@
-"""Command line: `flageval-lite run | compare | report | tasks`."""
+"""Command line: `flageval-lite run | compare | report | plan | tasks`."""
 from __future__ import annotations
 
 import argparse
@@ -24,10 +24,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, help="equivalence margin in points (TOST)")
     p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
     p.add_argument("--noise-floor", action="store_true", default=None, help="also run an A/A repeat of the reference")
+    p.add_argument("--repeats", type=int, help="ask every item K times per side (compared as avg@K)")
     p.add_argument("--run-id", help="resume or name a run (runs/<run-id>)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
-    p.add_argument("--gate", action="store_true", help="exit with the verdict's code (0 consistent, 1 regression, 3 inconclusive)")
+    p.add_argument("--gate", action="store_true",
+                   help="exit with the verdict's code (0 consistent, 1 regression, 3 inconclusive, 4 incomplete)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI, logs)")
 
 
@@ -38,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, suite=args.suite, tasks=args.tasks, limit=args.limit,
                              reference=args.reference, candidate=args.candidate, placement=args.placement,
                              concurrency=args.concurrency, margin=args.margin, data_dir=args.data_dir,
-                             noise_floor=args.noise_floor)
+                             noise_floor=args.noise_floor, repeats=args.repeats)
     result = Pipeline(config, run_id=args.run_id, runs_root=Path(args.runs_dir),
                       reports_root=Path(args.reports_dir), quiet=args.quiet).run()
     return _print_result(result, args.gate)
@@ -64,6 +66,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  runs_root=Path(args.runs_dir), reports_root=Path(args.reports_dir),
                                  margin=args.margin)
     return _print_result(result, args.gate)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import plan
+
+    if args.run:
+        from .pipeline import build_comparison, open_run
+
+        store, run_id, _ = open_run(args.run, Path(args.runs_dir))
+        try:
+            headers, rows = plan.RUN_HEADERS, plan.stored_run_table(build_comparison(store, run_id))
+        finally:
+            store.close()
+        print(f"run {run_id}: items needed to certify each rule at the observed flip rate (true Δ = 0, 80 % power)")
+    else:
+        from .config import load_run_config, task_rule
+        from .pipeline import select_tasks
+        from .tasks import cached_item_count
+
+        if not 0 < args.flip_rate < 1:
+            raise UserError(f"--flip-rate must lie in (0, 1), got {args.flip_rate}")
+        config = load_run_config(args.config, suite=args.suite, tasks=args.tasks, data_dir=args.data_dir)
+        specs = select_tasks(config)
+        headers, rows = plan.ASSUMED_HEADERS, plan.assumed_table([(spec.title, cached_item_count(spec, config.data_dir or None),
+                                    task_rule(config, spec.name, spec.decision)) for spec in specs], args.flip_rate)
+        print(f"suite {config.suite if not config.tasks else ','.join(config.tasks)}: items needed to certify each "
+              f"rule at a flip rate of {100 * args.flip_rate:g} % (true Δ = 0, 80 % power)")
+    print(plan.format_table(headers, rows))
+    return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -134,16 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b")
     p.add_argument("--role-a", default="reference")
     p.add_argument("--role-b", default="candidate")
-    p.add_argument("--margin", type=float, default=1.0)
+    p.add_argument("--margin", type=float, help="equivalence margin in points for every task (default: as stored "
+                                                "with RUN_A)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--gate", action="store_true")
+    p = sub.add_parser("plan", help="items (or repeats) each task needs to certify its decision rule: from a stored "
+                                    "run's flip rates, or for a suite from an assumed flip rate")
+    p.add_argument("run", nargs="?", help="run id or run directory (omit to plan a suite)")
+    p.add_argument("--config", help="run config YAML whose decision rules to plan for (without RUN)")
+    p.add_argument("--suite", help="suite to plan (without RUN; default: the config's)")
+    p.add_argument("--tasks", help="comma-separated task names (without RUN)")
+    p.add_argument("--flip-rate", type=float, default=0.05, help="assumed share of items that flip (without RUN)")
+    p.add_argument("--data-dir", help="local datasets, for item counts (without RUN)")
+    p.add_argument("--runs-dir", default="runs")
     p = sub.add_parser("tasks", help="list tasks and suites, with item counts where the data is local")
     p.add_argument("--data-dir", help="local copies of datasets, laid out as <dir>/<hub id>/...")
-    p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, VLMEvalKit or FlagEvalMM")
+    p = sub.add_parser("import", help="compare per-sample outputs of two runs made by lm-eval, lmms-eval, VLMEvalKit, "
+                                      "FlagEvalMM, EvalScope or inspect-ai")
     p.add_argument("path_a")
     p.add_argument("path_b")
-    p.add_argument("--format", choices=["lmeval", "vlmevalkit", "flagevalmm"])
+    # importers.FORMATS, spelled out: importing the module here would slow every command's start
+    p.add_argument("--format", choices=["lmeval", "lmms-eval", "vlmevalkit", "flagevalmm", "evalscope", "inspect"])
     p.add_argument("--labels", default="A,B", help="names of the two runs in the report")
     p.add_argument("--margin", type=float, default=1.0)
     p.add_argument("--runs-dir", default="runs")
@@ -179,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "tasks": cmd_tasks, "import": cmd_import,
+COMMANDS = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "plan": cmd_plan, "tasks": cmd_tasks,
+            "import": cmd_import,
             "bisect": cmd_bisect, "ops": cmd_ops}
 
 

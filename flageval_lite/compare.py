@@ -1,8 +1,10 @@
 """Compare stage: the Scores of both backends -> paired statistics per task and one verdict per run.
 
 Items are paired by `item_id`.  An item scored on one side only is listed and left out of every
-paired number.  Infrastructure errors count as score 0 (the user saw no answer) and are also counted
-on their own; unparsed answers are scored 0 by the scorer and counted on their own.
+paired number.  An item with an infrastructure error on either side is left out of the paired sample
+too (a fault is not an answer) and counted per side; unparsed answers are scored 0 by the scorer and
+counted on their own.  A task that lost more than its rule's `max_error_rate` of items that way, or
+lost any item on one side only, reads "incomplete" (docs/statistics.md, "Decision rules").
 
 Scores and deltas are in points (proportion × 100).  Two headline metrics exist:
 
@@ -19,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from . import divergence, perf, stats
+import numpy as np
+
+from . import divergence, perf, plan, stats
 from .errors import UserError
 from .records import Interval, PerfSummary, Record, Score, TaskComparison
 
@@ -38,7 +43,18 @@ class PairedTaskComparison(TaskComparison):
     metric: str = "accuracy"
     only_reference: list[str] = field(default_factory=list)  # item ids scored on the reference only
     only_candidate: list[str] = field(default_factory=list)
-    excluded_errors: int = 0  # pairs dropped because errors were not counted as 0
+    excluded_errors: int = 0  # pairs left out because either side errored (none with errors_as_zero)
+    # The decision rule (stats.DecisionRule, points) and what decided the verdict ("equivalence ±1", ...)
+    equivalence_margin: Optional[float] = None
+    non_inferiority_margin: Optional[float] = None
+    max_error_rate: float = 0.02
+    rule: str = ""
+    non_inferior: bool = False  # the one-sided test at -non_inferiority_margin (False when that rule is off)
+    certified: dict[str, float] = field(default_factory=dict)  # tightest margins this row certifies (points)
+    incomplete_reason: str = ""  # why faults make the row "incomplete"; "" when they do not
+    flip_rate: float = 0.0  # share of paired items whose values differ
+    diff_variance: float = 0.0  # population variance of the paired differences (proportion units), for planning
+    plan: dict[str, Any] = field(default_factory=dict)  # plan.plan_row: the n this row needs for its rule
     answer_disagreements: int = 0  # pairs whose extracted answers or outcomes differ
     warnings: list[str] = field(default_factory=list)
     # A/B against A/A per item (see beyond_noise_floor); {} without a noise floor
@@ -93,9 +109,10 @@ class Comparison:
     tasks: list[PairedTaskComparison]
     verdict: str
     exit_code: int
-    margin: float
-    release_gate: float
+    margin: Optional[float]  # the run's default equivalence margin ε (points); rows may override it
+    release_gate: Optional[float]  # the run's default non-inferiority margin δ (points)
     alpha: float = 0.05
+    max_error_rate: float = 0.02
     perf: dict[str, dict[str, PerfSummary]] = field(default_factory=dict)  # load -> role -> summary
     perf_ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # load -> perf.perf_ratios(...)
     perf_gate: float = 0.8
@@ -123,6 +140,7 @@ class Comparison:
             "margin": self.margin,
             "release_gate": self.release_gate,
             "alpha": self.alpha,
+            "max_error_rate": self.max_error_rate,
             "perf": {load: {role: s.to_dict() for role, s in roles.items()} for load, roles in self.perf.items()},
             "perf_ratios": self.perf_ratios,
             "perf_gate": self.perf_gate,
@@ -142,6 +160,7 @@ class Comparison:
             margin=data["margin"],
             release_gate=data["release_gate"],
             alpha=data.get("alpha", 0.05),
+            max_error_rate=data.get("max_error_rate", 0.02),
             perf={load: {role: PerfSummary.from_dict(s) for role, s in roles.items()}
                   for load, roles in (data.get("perf") or {}).items()},
             perf_ratios=data.get("perf_ratios") or {},
@@ -206,21 +225,23 @@ def _livebench_cell(group: str) -> tuple[str, str]:
     return category, task or category
 
 
-def livebench_weights(groups: Sequence[str]) -> list[float]:
-    """Per-item weights (summing to 1) under which a weighted mean is LiveBench's headline."""
+def livebench_weights(groups: Sequence[str]) -> list[Fraction]:
+    """Per-item weights (exact fractions summing to 1) under which a weighted mean is LiveBench's headline."""
     cells = Counter(_livebench_cell(g) for g in groups)
     tasks_per_category = Counter(category for category, _ in cells)
     n_categories = len(tasks_per_category)
-    return [1.0 / (n_categories * tasks_per_category[c] * cells[(c, t)])
+    return [Fraction(1, n_categories * tasks_per_category[c] * cells[(c, t)])
             for c, t in (_livebench_cell(g) for g in groups)]
 
 
 def _statistic_values(values: Sequence[float], groups: Sequence[str], metric: str) -> list[float]:
-    """Values whose plain mean is the task's headline (see the module docstring)."""
+    """Values whose plain mean is the task's headline (see the module docstring).  Rescaled in exact
+    arithmetic: with equal cells n × weight is exactly 1, so 0/1 values stay 0/1 (floats would give
+    0.9999999999999999 for n = 49, 98, 103 and silently switch to the graded test and interval)."""
     if metric == "accuracy":
         return list(values)
     n = len(values)
-    return [v * n * w for v, w in zip(values, livebench_weights(groups))]
+    return [float(Fraction(v) * n * w) for v, w in zip(values, livebench_weights(groups))]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -278,17 +299,50 @@ def _divergence_pairs(pairs: Sequence[_Pair], records: Mapping[str, Mapping[str,
 # --------------------------------------------------------------------------- one task
 
 
+def _fault_losses(ref: Mapping[str, Score], cand: Mapping[str, Score]) -> tuple[set[str], set[str]]:
+    """(items out of the paired sample through a fault or a missing score, those of them lost on one side only)."""
+    bad_ref = {i for i, s in ref.items() if s.outcome == "error"} | (cand.keys() - ref.keys())
+    bad_cand = {i for i, s in cand.items() if s.outcome == "error"} | (ref.keys() - cand.keys())
+    return bad_ref | bad_cand, bad_ref ^ bad_cand
+
+
+def incomplete_reason(ref: Mapping[str, Score], cand: Mapping[str, Score], max_error_rate: float) -> str:
+    """Why the faults of a task (all its scores per side) make its paired sample unfit to decide on; "" when not.
+
+    Excluding an item lost on both sides leaves a smaller but still paired sample; an item lost on one
+    side only may be one that side cannot answer (a crash on long inputs), so leaving it out could hide
+    exactly the difference the run looks for."""
+    lost, one_sided = _fault_losses(ref, cand)
+    total = len(ref.keys() | cand.keys())
+    if total and len(lost) / total > max_error_rate:
+        return (f"{len(lost)} of {total} items ({100 * len(lost) / total:.1f} %) lost to infrastructure errors or "
+                f"missing scores, more than the {100 * max_error_rate:g} % allowed")
+    if one_sided:
+        return f"{len(one_sided)} item(s) lost to infrastructure errors or missing scores on one side only"
+    return ""
+
+
+def _outcome_counts(ref: Mapping[str, Score], cand: Mapping[str, Score]) -> dict[str, int]:
+    return {f"{kind}_{role}": sum(s.outcome == outcome for s in scores.values())
+            for kind, outcome in (("errors", "error"), ("unparsed", "unparsed"))
+            for role, scores in (("reference", ref), ("candidate", cand))}
+
+
 def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
-                 margin: float = 1.0, release_gate: float = 5.0, metric: str = "accuracy",
-                 errors_as_zero: bool = True, alpha: float = 0.05,
+                 rule: Optional[stats.DecisionRule] = None, metric: str = "accuracy",
+                 errors_as_zero: bool = False, alpha: float = 0.05,
                  records: Optional[Mapping[str, Iterable[Record]]] = None) -> PairedTaskComparison:
-    """Paired statistics of one task.  `records` (role -> Records) adds logprob divergence when present.
+    """Paired statistics of one task under `rule` (default stats.DecisionRule()).  `records` (role -> Records) adds
+    logprob divergence when present.
 
     `p_holm` equals `p_value` and the verdict uses it; `compare_run` adjusts both across tasks.
     """
     if metric not in METRICS:
         raise UserError(f"task {task}: unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+    rule = rule or stats.DecisionRule()
     pairs, only_ref, only_cand, ref_all, cand_all = _pair(task, ref_scores, cand_scores)
+    if not pairs:
+        raise UserError(f"task {task}: no item was scored on both the reference and the candidate")
     warnings = []
     if only_ref or only_cand:
         warnings.append(f"{len(only_ref)} item(s) scored on the reference only and {len(only_cand)} on the "
@@ -297,11 +351,12 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     if not errors_as_zero:
         kept = [p for p in pairs if "error" not in (p.reference.outcome, p.candidate.outcome)]
         excluded_errors = len(pairs) - len(kept)
-        pairs = kept
         if excluded_errors:
             warnings.append(f"{excluded_errors} pair(s) with an infrastructure error on either side were left out")
-    if not pairs:
-        raise UserError(f"task {task}: no item was scored on both the reference and the candidate")
+        if not kept:
+            return _unmeasured_row(task, title, metric, rule, pairs, ref_all, cand_all, only_ref, only_cand, warnings)
+        pairs = kept
+    reason = incomplete_reason(ref_all, cand_all, rule.max_error_rate)
 
     ref_vals = [_value(p.reference, errors_as_zero) for p in pairs]
     cand_vals = [_value(p.candidate, errors_as_zero) for p in pairs]
@@ -309,13 +364,13 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     ref_stat = _statistic_values(ref_vals, groups, metric)
     cand_stat = _statistic_values(cand_vals, groups, metric)
     n = len(pairs)
-    binary = metric == "accuracy" and stats.is_binary(ref_vals + cand_vals)
-    lost = sum(r > c for r, c in zip(ref_vals, cand_vals))
+    binary = stats.is_binary(ref_stat + cand_stat)  # what the paired test and interval below see
+    lost_items = sum(r > c for r, c in zip(ref_vals, cand_vals))
     gained = sum(c > r for r, c in zip(ref_vals, cand_vals))
 
     if binary:
-        ref_ci = stats.wilson_interval(int(sum(ref_vals)), n)
-        cand_ci = stats.wilson_interval(int(sum(cand_vals)), n)
+        ref_ci = stats.wilson_interval(int(sum(ref_stat)), n)
+        cand_ci = stats.wilson_interval(int(sum(cand_stat)), n)
     else:
         ref_ci = stats.bootstrap_mean_ci(ref_stat)
         cand_ci = stats.bootstrap_mean_ci(cand_stat)
@@ -323,13 +378,15 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     delta = 100.0 * (_mean(cand_stat) - _mean(ref_stat))
     delta_ci = _interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.95))
     delta_ci90 = _interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.90))
-    equivalent = stats.tost_equivalent((delta_ci90.low, delta_ci90.high), margin)
-    verdict = stats.verdict(delta, (delta_ci.low, delta_ci.high), (delta_ci90.low, delta_ci90.high), p_value,
-                            margin, release_gate, alpha=alpha)
+    ci90 = (delta_ci90.low, delta_ci90.high)
+    verdict, decided_by = stats.verdict((delta_ci.low, delta_ci.high), ci90, p_value, rule, alpha=alpha)
+    if reason:
+        verdict = "incomplete"
+        warnings.append(f"incomplete: {reason}; rerun to re-ask them")
 
     by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
     differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
-    return PairedTaskComparison(
+    row = PairedTaskComparison(
         task=task,
         title=title,
         n=n,
@@ -343,18 +400,15 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         delta_ci90=delta_ci90,
         p_value=p_value,
         p_holm=p_value,
-        flips_ref_only=lost,
+        flips_ref_only=lost_items,
         flips_cand_only=gained,
         answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
         output_agreement=1.0 - len(differing) / n,
         mde=100.0 * stats.minimum_detectable_effect(ref_stat, cand_stat, alpha=alpha),
-        equivalent=equivalent,
-        within_release_gate=-delta <= release_gate,
+        equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
+        within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
         verdict=verdict,
-        errors_reference=sum(s.outcome == "error" for s in ref_all.values()),
-        errors_candidate=sum(s.outcome == "error" for s in cand_all.values()),
-        unparsed_reference=sum(s.outcome == "unparsed" for s in ref_all.values()),
-        unparsed_candidate=sum(s.outcome == "unparsed" for s in cand_all.values()),
+        **_outcome_counts(ref_all, cand_all),
         divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
         groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
         metric=metric,
@@ -363,9 +417,38 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         excluded_errors=excluded_errors,
         answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
         warnings=warnings,
+        equivalence_margin=rule.equivalence,
+        non_inferiority_margin=rule.non_inferiority,
+        max_error_rate=rule.max_error_rate,
+        rule=decided_by,
+        non_inferior=rule.non_inferiority is not None and stats.non_inferior(ci90, rule.non_inferiority),
+        certified=stats.certified(ci90),
+        incomplete_reason=reason,
+        flip_rate=sum(r != c for r, c in zip(ref_stat, cand_stat)) / n,
+        diff_variance=float(np.var(np.subtract(cand_stat, ref_stat))),
         paired_items=frozenset(p.item_id for p in pairs),
         differing_outputs=differing,
     )
+    row.plan = plan.plan_row(row)
+    return row
+
+
+def _unmeasured_row(task: str, title: str, metric: str, rule: stats.DecisionRule, pairs: Sequence[_Pair],
+                    ref_all: Mapping[str, Score], cand_all: Mapping[str, Score], only_ref: list[str],
+                    only_cand: list[str], warnings: list[str]) -> PairedTaskComparison:
+    """The row of a task whose every paired item errored: nothing measured (Δ anywhere in ±100), "incomplete"."""
+    reason = incomplete_reason(ref_all, cand_all, rule.max_error_rate)
+    nothing = Interval(-100.0, 100.0)
+    return PairedTaskComparison(
+        task=task, title=title, n=0, binary=False, reference_score=0.0, candidate_score=0.0,
+        reference_ci=Interval(0.0, 100.0), candidate_ci=Interval(0.0, 100.0), delta=0.0, delta_ci=nothing,
+        delta_ci90=nothing, p_value=1.0, p_holm=1.0, flips_ref_only=0, flips_cand_only=0, answer_agreement=0.0,
+        output_agreement=0.0, mde=100.0, equivalent=False, within_release_gate=False, verdict="incomplete",
+        **_outcome_counts(ref_all, cand_all), metric=metric, only_reference=only_ref, only_candidate=only_cand, excluded_errors=len(pairs),
+        warnings=warnings + [f"incomplete: {reason}; rerun to re-ask them"],
+        equivalence_margin=rule.equivalence, non_inferiority_margin=rule.non_inferiority,
+        max_error_rate=rule.max_error_rate, rule=rule.label(rule.weakest),
+        certified={"equivalence": 100.0, "non_inferiority": 100.0}, incomplete_reason=reason)
 
 
 def beyond_noise_floor(rows: Sequence[PairedTaskComparison], noise: Comparison, alpha: float = 0.05) -> None:
@@ -400,13 +483,16 @@ def clip_text(text: str, limit: int = DRILLDOWN_TEXT_CHARS) -> str:
 
 def disagreeing_items(task: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
                       items: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                      limit: int = DRILLDOWN_LIMIT) -> list[DrillItem]:
-    """Items whose credit or extracted answer differs, flips first, at most `limit`.
+                      limit: int = DRILLDOWN_LIMIT, errors_as_zero: bool = True) -> list[DrillItem]:
+    """Items whose credit or extracted answer differs, flips first, at most `limit`; without `errors_as_zero`
+    a pair with an infrastructure error is no disagreement (it is left out, as from the statistics).
 
     `items` maps item_id -> the stored item (``prompt``/``prompt_text`` and ``thumbnails``/``images``
     as data URLs); only ``data:`` images are kept so the report never references the network.
     """
     pairs, *_ = _pair(task, ref_scores, cand_scores)
+    if not errors_as_zero:
+        pairs = [p for p in pairs if "error" not in (p.reference.outcome, p.candidate.outcome)]
     kinds = [(kind, pair) for pair in pairs if (kind := _disagree_kind(pair))]
     kinds.sort(key=lambda kp: kp[0] != "flip")  # stable: flips first, item order kept within a kind
     out = []
@@ -468,36 +554,45 @@ def _load_order(load: str) -> tuple[int, str]:
     return (int(digits) if digits else 0, load)
 
 
-def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release_gate: float = 5.0,
-                alpha: float = 0.05, errors_as_zero: bool = True, perf: Optional[Mapping[str, Any]] = None,
+def compare_run(tasks: Sequence[Mapping[str, Any]], margin: Optional[float] = 1.0,
+                release_gate: Optional[float] = 5.0, alpha: float = 0.05, max_error_rate: float = 0.02,
+                errors_as_zero: bool = False, perf: Optional[Mapping[str, Any]] = None,
                 perf_gate: float = 0.8, noise_floor: Optional[Comparison] = None,
                 drilldown_limit: int = DRILLDOWN_LIMIT,
                 teacher_forced: Optional[Mapping[str, Any]] = None) -> Comparison:
     """Compare every task, Holm-adjust across tasks, then decide.
 
     Each task is a mapping with ``task``, ``title``, ``reference`` and ``candidate`` (lists of Score)
-    and optionally ``metric`` (accuracy | livebench), ``items`` (item_id -> stored item, for the
-    drill-down) and ``records`` (role -> Records, for logprob divergence); the list order is the
-    card order.  `perf` maps role -> load name -> timing samples (dicts or Records).  `teacher_forced` is carried
-    through to the report as it is (see teacher_forced.stored_comparison).
+    and optionally ``metric`` (accuracy | livebench), ``rule`` (a stats.DecisionRule for this task; default: the
+    run's `margin` as equivalence margin ε, `release_gate` as non-inferiority margin δ, both in points, None = off),
+    ``items`` (item_id -> stored item, for the drill-down) and ``records`` (role -> Records, for logprob
+    divergence); the list order is the card order.  `perf` maps role -> load name -> timing samples (dicts or
+    Records).  `teacher_forced` is carried through to the report as it is (see teacher_forced.stored_comparison).
     """
     if not tasks:
         raise UserError("nothing to compare: no task has scores")
+    try:
+        default_rule = stats.DecisionRule(equivalence=margin, non_inferiority=release_gate,
+                                          max_error_rate=max_error_rate)
+    except ValueError as exc:
+        raise UserError(f"decision rule: {exc}") from None
     rows: list[PairedTaskComparison] = []
+    rules: list[stats.DecisionRule] = []
     drilldown: dict[str, list[DrillItem]] = {}
     for spec in tasks:
         name = spec["task"]
-        row = compare_task(name, spec.get("title") or name, spec["reference"], spec["candidate"], margin=margin,
-                           release_gate=release_gate, metric=spec.get("metric") or "accuracy",
-                           errors_as_zero=errors_as_zero, alpha=alpha, records=spec.get("records"))
-        rows.append(row)
+        rules.append(spec.get("rule") or default_rule)
+        rows.append(compare_task(name, spec.get("title") or name, spec["reference"], spec["candidate"], rule=rules[-1],
+                                 metric=spec.get("metric") or "accuracy", errors_as_zero=errors_as_zero, alpha=alpha,
+                                 records=spec.get("records")))
         drilldown[name] = disagreeing_items(name, spec["reference"], spec["candidate"], spec.get("items"),
-                                            limit=drilldown_limit)
-    for row, adjusted in zip(rows, stats.holm([r.p_value for r in rows])):
+                                            limit=drilldown_limit, errors_as_zero=errors_as_zero)
+    for row, rule, adjusted in zip(rows, rules, stats.holm([r.p_value for r in rows])):
         row.p_holm = adjusted
-        row.verdict = stats.verdict(row.delta, (row.delta_ci.low, row.delta_ci.high),
-                                    (row.delta_ci90.low, row.delta_ci90.high), adjusted, margin, release_gate,
-                                    alpha=alpha)
+        if row.verdict != "incomplete":
+            row.verdict, row.rule = stats.verdict((row.delta_ci.low, row.delta_ci.high),
+                                                  (row.delta_ci90.low, row.delta_ci90.high), adjusted, rule,
+                                                  alpha=alpha)
     overall = stats.overall_verdict([r.verdict for r in rows])
     if noise_floor is not None:
         beyond_noise_floor(rows, noise_floor, alpha)
@@ -509,6 +604,7 @@ def compare_run(tasks: Sequence[Mapping[str, Any]], margin: float = 1.0, release
         margin=margin,
         release_gate=release_gate,
         alpha=alpha,
+        max_error_rate=max_error_rate,
         perf=summaries,
         perf_ratios=ratios,
         perf_gate=perf_gate,

@@ -20,6 +20,8 @@ from .records import ROLES, ServeSpec
 from .schema import build, checked, convert
 from .secrets import remember
 from .servers.spec import device_ids, load_serve_spec, replica_specs
+from .stats import DecisionRule
+from .tasks.spec import parse_decision
 
 DEFAULT_REFERENCE = "embedded_fp32"
 # On a CUDA machine with FlagGems the candidate is the FlagGems stack; on CPU, bfloat16 stands in.
@@ -69,6 +71,24 @@ def _judge(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:
 
 
 @dataclass
+class SamplingConfig:
+    """`sampling:`: the GenParams fields of these names, set for every task (only the keys given are kept)."""
+
+    temperature: float = checked(0.0, low=0)
+    top_p: Optional[float] = checked(None, above=0, high=1)
+    seed: Optional[int] = 0
+
+
+def _sampling(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    return build(SamplingConfig, value, source, f"{where}.")
+
+
+def _task_rules(value: dict[str, Any], source: str, where: str) -> dict[str, dict[str, Optional[float]]]:
+    """`task_rules: {task: {equivalence, non_inferiority, max_error_rate}}`, each checked as a task's `decision:`."""
+    return {task: parse_decision(source, f"{where}.{task}", rule) for task, rule in value.items()}
+
+
+@dataclass
 class RunConfig:
     # Serve specs: names, paths, mappings or lists of alternatives, resolved by `resolve_backend`.
     reference: ServeSpec
@@ -82,8 +102,13 @@ class RunConfig:
     request_timeout_s: float = checked(600.0, above=0)
     max_attempts: int = checked(4, low=1, high=100)
     interleave: bool = True
-    margin: float = checked(1.0, above=0, high=100)  # points
-    release_gate: float = checked(5.0, above=0, high=100)
+    # The decision rule's defaults (docs/statistics.md, "Decision rules"): equivalence margin ε and non-inferiority
+    # margin δ in points (null: not tested), and the error share before a row reads "incomplete".  A task spec's
+    # `decision:` overrides them for its task, `task_rules: {task: {...}}` overrides both.
+    margin: Optional[float] = checked(1.0, above=0, below=100)
+    release_gate: Optional[float] = checked(5.0, above=0, below=100)
+    max_error_rate: float = checked(0.02, low=0, below=1)
+    task_rules: dict[str, dict[str, Optional[float]]] = checked(default_factory=dict, parse=_task_rules)
     data_dir: str = ""
     lmeval_include_path: str = ""  # folder of extra lm-eval task YAMLs for `lmeval:<task>` entries
     max_image_pixels: Optional[int] = checked(None, low=1)
@@ -94,6 +119,10 @@ class RunConfig:
     judge: dict[str, Any] = checked(default_factory=dict, parse=_judge)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
+    # Ask every item this many times per side (None: each task's own `repeats`, default 1); compared as avg@k.
+    repeats: Optional[int] = checked(None, low=1)
+    # Sampled decoding for every task, e.g. {temperature: 0.6, top_p: 0.95}; each repeat gets seed + its index.
+    sampling: dict[str, Any] = checked(default_factory=dict, parse=_sampling)
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
     source: str = field(default="", metadata={"internal": True})
     # field -> where the user set it ("run.yaml: tasks", "command line: --tasks"), for errors found later
@@ -240,3 +269,17 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
             raise ConfigError(*where[key], f"no such directory: {values[key]}")
     return RunConfig(reference=reference, candidate=candidate, source=source, **values,
                      origins={key: f"{layer_source}: {name}" for key, (layer_source, name) in where.items()})
+
+
+def task_rule(config: RunConfig, task: str, task_decision: Optional[dict[str, Optional[float]]] = None) -> DecisionRule:
+    """The decision rule of one task: the run config's defaults, then the task spec's `decision:`, then the run
+    config's `task_rules[task]`, field by field."""
+    fields_set = {"equivalence": config.margin, "non_inferiority": config.release_gate,
+                  "max_error_rate": config.max_error_rate}
+    fields_set.update(task_decision or {})
+    fields_set.update(config.task_rules.get(task) or {})
+    try:
+        return DecisionRule(**fields_set)
+    except ValueError as exc:
+        where = f"task_rules.{task}" if task in config.task_rules else f"margin/release_gate (task {task})"
+        raise ConfigError(config.source, where, str(exc)) from None

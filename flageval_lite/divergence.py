@@ -161,7 +161,8 @@ def summarize_divergence(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       n, exact_output_agreement (fraction of identical texts), differing_outputs,
       first_divergence_char_median and first_divergence_relative_median (character position, and
       position / longer text length, over differing pairs),
-      length_shift_mean / length_shift_median (candidate - reference completion tokens),
+      length_shift_mean / length_shift_median (candidate - reference completion tokens, over the pairs whose
+      token counts are known: None when none are, as in imported runs),
       finish_reason_shifts ({"ref->cand": count} over pairs whose finish reasons differ),
       logprobs: None, or token-level aggregates over pairs with logprobs on both sides
       (pooled over positions for top1_agreement, kl_mean and logprob_abs_diff_mean).
@@ -177,7 +178,10 @@ def summarize_divergence(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if position is not None:
             char_positions.append(position)
             relative_positions.append(position / max(len(text_ref), len(text_cand)))
-        shifts.append(int(pair["tokens_cand"]) - int(pair["tokens_ref"]))
+        counts = (pair["tokens_ref"], pair["tokens_cand"])
+        # A non-empty reply counted as 0 tokens has no count (imported runs carry none): no length shift for it.
+        if not any(not count and text for count, text in zip(counts, (text_ref, text_cand))):
+            shifts.append(int(counts[1] or 0) - int(counts[0] or 0))
         if pair["finish_ref"] != pair["finish_cand"]:
             key = f"{pair['finish_ref']}->{pair['finish_cand']}"
             finish_shifts[key] = finish_shifts.get(key, 0) + 1

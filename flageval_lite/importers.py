@@ -20,7 +20,7 @@ from .bridges.lmeval import PREFIX as LMEVAL_PREFIX, convert_samples
 from .errors import UserError
 from .records import Item, Record, Score, stable_hash
 
-FORMATS = ("lmeval", "vlmevalkit", "flagevalmm")
+FORMATS = ("lmeval", "lmms-eval", "vlmevalkit", "flagevalmm", "evalscope", "inspect")
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".csv", ".json")
 SCORE_COLUMNS = ("hit", "score", "correct", "is_correct")  # VLMEvalKit per-item score, first present wins
 VLMEVAL_FAILED = "Failed to obtain answer"  # VLMEvalKit's prediction when every API retry failed
@@ -28,6 +28,11 @@ FLAGEVALMM_REJECTED = ("Error code", "Can not answer because of", "Input data ma
 GROUP_COLUMNS = ("category", "sub_task", "subject")
 MISMATCHES_SHOWN = 5
 _LMEVAL_FILE = re.compile(r"^samples_(?P<task>.+?)(?:_(?P<date>\d{4}-\d{2}-\d{2}T[\d.-]+))?\.jsonl$")
+_LMMS_FILE = re.compile(r"^(?P<date>\d{8}_\d{6})_samples_(?P<task>.+)\.jsonl$")  # lmms-eval's {date_id}_samples_
+LMMS_PREFIX = "lmms-eval:"
+# The fields of an lmms-eval sample line that are not the task's metrics.
+_LMMS_FIELDS = {"doc_id", "doc", "target", "arguments", "input", "resps", "filtered_resps", "doc_hash", "prompt_hash",
+                "target_hash", "filter", "metrics", "token_counts", "input_media"}
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -48,11 +53,12 @@ class ImportedItem:
     error: str = ""
     reasoning: str = ""
     messages: Optional[list[dict[str, Any]]] = None
+    completion_tokens: int = 0  # where the tool logged it; 0 = unknown (the report then shows no length shift)
 
     def to_score(self, role: str) -> Score:
         return Score(role=role, task=self.task, item_id=self.item_id, value=self.value, outcome=self.outcome,
                      extracted=self.extracted, gold=self.gold, response_text=self.response, error=self.error,
-                     group=self.group)
+                     group=self.group, completion_tokens=self.completion_tokens)
 
     def to_item(self) -> Item:
         messages = self.messages or [{"role": "user", "content": self.prompt}]
@@ -62,7 +68,7 @@ class ImportedItem:
         return Record(run_id=run_id, role=role, endpoint_id=endpoint_id, task=self.task, item_id=self.item_id,
                       prompt_hash=stable_hash(self.hashes) if self.hashes else "", params={},
                       response_text=self.response, reasoning_content=self.reasoning, error=self.error,
-                      error_kind="imported" if self.error else "")
+                      error_kind="imported" if self.error else "", completion_tokens=self.completion_tokens)
 
 
 @dataclass
@@ -71,6 +77,11 @@ class ImportedRun:
     fmt: str
     tasks: dict[str, list[ImportedItem]]  # task -> items in file order
     titles: dict[str, str] = field(default_factory=dict)
+    # What ran, where the tool wrote it down (lm-eval's results_<date>.json): ServeSpec-like fields for the
+    # report's "What was compared" table, and ServerEvidence-like ones (version, packages).
+    spec: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why it could not be imported
 
 
 # --------------------------------------------------------------------------- cell helpers
@@ -121,17 +132,24 @@ def _check_unique(items: list[ImportedItem], where: str) -> list[ImportedItem]:
 # --------------------------------------------------------------------------- lm-eval
 
 
-def lmeval_task_of(path: Path) -> str:
-    match = _LMEVAL_FILE.match(path.name)
-    if not match:
-        raise UserError(f"{path}: not an lm-eval samples file (expected samples_<task>_<date>.jsonl)")
-    return match.group("task")
+def _task_of(path: Path, pattern: re.Pattern, tool: str, quiet: bool) -> str:
+    """The task a samples file is named after; "" (quiet) or an error when the name is not the tool's."""
+    match = pattern.match(path.name)
+    if not match and not quiet:
+        expected = "samples_<task>_<date>.jsonl" if pattern is _LMEVAL_FILE else "<date>_samples_<task>.jsonl"
+        raise UserError(f"{path}: not an {tool} samples file (expected {expected})")
+    return match.group("task") if match else ""
 
 
-def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
-    """One samples_<task>_<date>.jsonl -> (task, items, title); the task's first filter and metric count."""
-    subtask = lmeval_task_of(path)
-    task = LMEVAL_PREFIX + subtask
+def lmeval_task_of(path: Path, quiet: bool = False) -> str:
+    return _task_of(path, _LMEVAL_FILE, "lm-eval", quiet)
+
+
+def lmms_task_of(path: Path, quiet: bool = False) -> str:
+    return _task_of(path, _LMMS_FILE, "lmms-eval", quiet)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -139,30 +157,137 @@ def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+    return rows
+
+
+def _lmeval_items(rows: list[dict[str, Any]], task: str, subtask: str, tool: str,
+                  path: Path) -> tuple[str, list[ImportedItem], str]:
     samples = convert_samples(rows, task, subtask, where=str(path))
     items = [ImportedItem(task=task, key=s.key, item_id=s.item_id, value=s.value, outcome=s.outcome,
                           response=s.response, extracted=s.extracted, gold=s.gold, hashes=s.input_hashes(),
                           meta=s.meta(), group=s.group, messages=s.messages) for s in samples]
-    title = f"{subtask} (lm-eval {samples[0].metric}, {samples[0].filter})" if samples else subtask
+    title = f"{subtask} ({tool} {samples[0].metric}, {samples[0].filter})" if samples else subtask
     return task, _check_unique(items, str(path)), title
 
 
-def load_lmeval(path: Path) -> ImportedRun:
-    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
+def load_lmeval_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    """One samples_<task>_<date>.jsonl -> (task, items, title); the task's first filter and metric count."""
+    subtask = lmeval_task_of(path)
+    return _lmeval_items(_jsonl(path), LMEVAL_PREFIX + subtask, subtask, "lm-eval", path)
+
+
+def _load_sample_files(path: Path, fmt: str, pattern: str, task_of: Any, load_file: Any) -> ImportedRun:
+    """A samples file, or a directory searched for them holding one run (one file per task)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob(pattern) if task_of(f, quiet=True))
     if not files:
-        raise UserError(f"{path}: no lm-eval samples_<task>_<date>.jsonl files")
+        raise UserError(f"{path}: no {fmt} {pattern} files")
     by_task: dict[str, list[Path]] = {}
     for file in files:
-        by_task.setdefault(lmeval_task_of(file), []).append(file)
+        by_task.setdefault(task_of(file), []).append(file)
     repeated = {task: names for task, names in by_task.items() if len(names) > 1}
     if repeated:
         task, names = next(iter(repeated.items()))
         raise UserError(f"{path}: {len(names)} sample files for task {task} ({', '.join(n.name for n in names)}); "
                         f"point at one file or a directory holding one run")
-    run = ImportedRun(source=str(path), fmt="lmeval", tasks={})
+    run = ImportedRun(source=str(path), fmt=fmt, tasks={})
     for file in files:
-        task, items, title = load_lmeval_file(file)
+        task, items, title = load_file(file)
         run.tasks[task], run.titles[task] = items, title
+    return run
+
+
+def load_lmeval(path: Path) -> ImportedRun:
+    run = _load_sample_files(path, "lmeval", "samples_*.jsonl", lmeval_task_of, load_lmeval_file)
+    _read_harness_config(run, _results_beside(path, "samples_*.jsonl", _LMEVAL_FILE, "results_{date}.json"),
+                         "lm-eval", "lm_eval_version")
+    return run
+
+
+def _results_beside(path: Path, pattern: str, samples_name: re.Pattern, results_name: str) -> Optional[Path]:
+    """The aggregate results file a harness wrote beside a samples file, with the same date in its name."""
+    files = [path] if path.is_file() else sorted(path.rglob(pattern))
+    for file in files:
+        match = samples_name.match(file.name)
+        if match and match.group("date"):
+            results = file.with_name(results_name.format(date=match.group("date")))
+            if results.is_file():
+                return results
+    return None
+
+
+def _model_arg(model_args: Any) -> str:
+    """`model=...` of lm-eval's model_args, a "k=v,k=v" string or a dict."""
+    if isinstance(model_args, dict):
+        return str(model_args.get("model") or model_args.get("pretrained") or "")
+    match = re.search(r"(?:^|,)\s*(?:model|pretrained)=([^,]+)", str(model_args or ""))
+    return match.group(1).strip() if match else ""
+
+
+def _read_harness_config(run: ImportedRun, results: Optional[Path], tool: str, version_key: str) -> None:
+    """Fill `run.spec`/`run.evidence` from the harness's aggregate results file, where there is one."""
+    if results is None:
+        return
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError) as exc:
+        raise UserError(f"{results}: cannot read the results file ({exc})") from None
+    config = data.get("config") or {}
+    version = data.get(version_key)
+    client = config.get("model")
+    run.spec = {
+        "engine": " ".join(part for part in (tool, version and str(version)) if part) + (f": {client}" if client else ""),
+        "model": _model_arg(config.get("model_args")) or str(data.get("model_name") or "") or run.source,
+        "dtype": str(config.get("model_dtype") or "n/a"),
+        "device": str(config.get("device") or "n/a"),
+        "results_file": str(results),
+    }
+    packages = {name: str(data[key]) for name, key in ((tool, version_key), ("transformers", "transformers_version"))
+                if data.get(key)}
+    versions = {name: str(data[key]) for name, key in ((tool, version_key), ("git", "git_hash")) if data.get(key)}
+    run.evidence = {"packages": packages, "version": versions}
+
+
+# --------------------------------------------------------------------------- lmms-eval
+
+
+def _lmms_value(value: Any) -> Any:
+    """A metric's per-item value: a number, or the `score` of the dict many lmms-eval tasks log per item (their
+    aggregation reads it); None when there is no per-item number."""
+    if isinstance(value, dict):
+        value = value.get("score")
+    return value if isinstance(value, (int, float)) else None
+
+
+def lmms_as_lmeval(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One lmms-eval sample line in lm-eval's form.  lmms-eval's tracker drops `arguments` and `doc` and keeps
+    `input` (the first request's prompt), drops `resps` where they equal `filtered_resps`, and older versions
+    write neither `filter` nor `metrics`: the metrics are then the fields outside lmms-eval's own."""
+    if "doc_id" not in row or "filtered_resps" not in row:
+        raise UserError(f"{where}: fields doc_id and filtered_resps are required (an lmms-eval --log_samples line)")
+    replies = row["filtered_resps"]
+    if replies and isinstance(replies[0], (list, tuple)) and replies[0] and isinstance(replies[0][0], (int, float)):
+        raise UserError(f"{where}: a log-likelihood task; lmms-eval's samples file keeps no choice texts, so it "
+                        f"cannot be paired (import its generative variant)")
+    metrics = row.get("metrics") or [name for name in row if name not in _LMMS_FIELDS]
+    usable = [name for name in metrics if _lmms_value(row.get(name)) is not None]
+    if not usable:
+        raise UserError(f"{where}: no metric with a per-item number (fields: {', '.join(metrics) or 'none'}); "
+                        f"lmms-eval computes these over the whole corpus")
+    converted = {**row, "arguments": [[row.get("input", ""), {}]], "resps": row.get("resps", replies),
+                 "metrics": usable}
+    return converted | {name: _lmms_value(row[name]) for name in usable}
+
+
+def load_lmms_file(path: Path) -> tuple[str, list[ImportedItem], str]:
+    subtask = lmms_task_of(path)
+    rows = [lmms_as_lmeval(row, f"{path}: doc {row.get('doc_id', '?')}") for row in _jsonl(path)]
+    return _lmeval_items(rows, LMMS_PREFIX + subtask, subtask, "lmms-eval", path)
+
+
+def load_lmms(path: Path) -> ImportedRun:
+    run = _load_sample_files(path, "lmms-eval", "*_samples_*.jsonl", lmms_task_of, load_lmms_file)
+    _read_harness_config(run, _results_beside(path, "*_samples_*.jsonl", _LMMS_FILE, "{date}_results.json"),
+                         "lmms-eval", "lmms_eval_version")
     return run
 
 
@@ -206,7 +331,45 @@ def _options(row: dict[str, Any], letters: Sequence[str]) -> list[str]:
     return options
 
 
+class Unscorable(UserError):
+    """A prediction table with no per-item score that none of our scorers can re-score."""
+
+
+_HME_CATEGORY = "Handwritten Mathematical Expression Recognition"  # OCRBench's case- and space-exact category
+
+
+def _dataset_is(task: str, name: str) -> bool:
+    return re.search(rf"(^|_){name}($|_)", task) is not None
+
+
+def _rescorer(task: str, columns: set[str]) -> Optional[tuple[str, Any]]:
+    """(how, row -> ScoreResult) for a dataset whose VLMEvalKit evaluation writes only aggregates (OCRBench's
+    `_score.json`, MathVision's `_score.csv`): our scorer of the same benchmark on the per-item columns."""
+    from .records import ScoreResult
+    from .scorers import get_scorer
+    from .scorers.mathvision import is_equal
+
+    if _dataset_is(task, "OCRBench"):
+        ocrbench = get_scorer("ocrbench")
+        # our scorer keys handwritten-math handling on the source dataset; VLMEvalKit's on the category
+        return "our ocrbench scorer", lambda row, prediction, gold: ocrbench(
+            prediction, gold, {"dataset": "HME100k" if _text(row.get("category")) == _HME_CATEGORY else ""})
+    if _dataset_is(task, "MathVision") and "res" in columns:
+        def judged(row: dict[str, Any], prediction: str, gold: str) -> Any:
+            res = _text(row.get("res")).strip()  # the answer VLMEvalKit's judge extracted
+            return ScoreResult(float(bool(res) and is_equal(gold, res, compat=False)), res, parsed=bool(res))
+
+        return "its judge's res, our mathvision equality", judged
+    if _dataset_is(task, "MathVision"):
+        mathvision = get_scorer("mathvision")
+        return "our mathvision scorer", lambda row, prediction, gold: mathvision(
+            prediction, gold, {"options": _text(row.get("options")) or _text(row.get("choices"))})
+    return None
+
+
 def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str]:
+    from .scoring import outcome_of
+
     rows = read_table(path)
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("index", "prediction") if c not in columns]
@@ -216,11 +379,14 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
     score_column = next((c for c in SCORE_COLUMNS if c in columns), None)
     letters = [ch for ch in _ALPHABET if ch in columns]
     letters = letters[:next((i for i, ch in enumerate(letters) if ch != _ALPHABET[i]), len(letters))]
-    if score_column is None and (len(letters) < 2 or "answer" not in columns):
-        raise UserError(f"{path}: no score column ({', '.join(SCORE_COLUMNS)}) and not a multiple-choice file "
-                        f"(option columns A, B, ... and answer); import VLMEvalKit's scored file for this dataset")
+    multiple_choice = len(letters) >= 2 and "answer" in columns
+    rescorer = _rescorer(task, columns) if score_column is None and not multiple_choice else None
+    if score_column is None and not multiple_choice and rescorer is None:
+        raise Unscorable(f"{path}: no score column ({', '.join(SCORE_COLUMNS)}), not a multiple-choice file "
+                         f"(option columns A, B, ... and answer) and no scorer of ours for {task}; import "
+                         f"VLMEvalKit's scored file for this dataset")
     scorer = None
-    if score_column is None:
+    if score_column is None and rescorer is None:
         from .scorers import get_scorer
 
         scorer = get_scorer("choice")
@@ -241,6 +407,13 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
                             group=next((_text(row[c]) for c in GROUP_COLUMNS if _text(row.get(c))), ""))
         if prediction.startswith(VLMEVAL_FAILED):
             item.outcome, item.error = "error", f"VLMEvalKit: {prediction}"
+        elif rescorer is not None:
+            try:
+                result = rescorer[1](row, prediction, gold)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+            item.outcome, item.extracted = outcome_of(result), result.extracted
+            item.value = 0.0 if item.outcome == "unparsed" else float(result.value)
         elif scorer is None:
             item.value = _unit_value(row.get(score_column), f"{where}: column {score_column}")
             item.outcome = _outcome(item.value)
@@ -248,8 +421,23 @@ def load_vlmevalkit_file(path: Path, task: str) -> tuple[list[ImportedItem], str
         else:
             item.value, item.outcome, item.extracted = _score_choice(scorer, prediction, gold, options, where)
         items.append(item)
-    how = f"VLMEvalKit {score_column}" if score_column else "VLMEvalKit predictions, our choice scorer"
-    return _check_unique(items, str(path)), f"{task} ({how})"
+    how = (f"VLMEvalKit {score_column}" if score_column else f"VLMEvalKit predictions, {rescorer[0]}" if rescorer
+           else "VLMEvalKit predictions, our choice scorer")
+    return _check_unique(items, str(path)), f"{task} ({how}{_aggregate_check(path, items)})"
+
+
+def _aggregate_check(path: Path, items: list[ImportedItem]) -> str:
+    """OCRBench's `<stem>_score.json` holds VLMEvalKit's own total ("Final Score", a count of hits): the title
+    says whether our re-scoring reproduces it."""
+    aggregate = path.with_name(path.stem + "_score.json")
+    try:
+        final = json.loads(aggregate.read_text(encoding="utf-8")).get("Final Score")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+    if not isinstance(final, (int, float)):
+        return ""
+    ours = sum(item.value for item in items)
+    return f"; {aggregate.name}: Final Score {final:g}, ours {ours:g}"
 
 
 def _score_choice(scorer: Any, prediction: str, gold: str, options: list[str], where: str) -> tuple[float, str, str]:
@@ -267,8 +455,8 @@ def _score_choice(scorer: Any, prediction: str, gold: str, options: list[str], w
 
 
 def _vlmevalkit_files(path: Path) -> dict[str, Path]:
-    """task -> file.  In a work directory every file is `<model>_<dataset>[_<judge>...]`: a scored table
-    whose name extends another prediction file's (`<stem>_gpt-4o-mini_result.xlsx`) is that dataset's
+    """task -> file.  In a work directory every file is `<model>_<dataset>[_<judge>...]`: a scored (or judged)
+    table whose name extends another prediction file's (`<stem>_gpt-4o-mini_result.xlsx`) is that dataset's
     scored version and is taken over it; the model prefix shared by all datasets is dropped."""
     if path.is_file():
         return {path.stem: path}
@@ -277,7 +465,7 @@ def _vlmevalkit_files(path: Path) -> dict[str, Path]:
         raise UserError(f"{path}: no VLMEvalKit prediction files (tables with index and prediction columns)")
     scored_of: dict[str, list[Path]] = {}
     for stem, file in stems.items():
-        owners = [b for b in stems if stem.startswith(b + "_")] if _has_score(file) else []
+        owners = [b for b in stems if stem.startswith(b + "_")] if _is_judged(file) else []
         if owners:
             scored_of.setdefault(max(owners, key=len), []).append(file)
     bases = [s for s in stems if not any(s in [f.stem for f in files] for files in scored_of.values())]
@@ -305,8 +493,9 @@ def _is_prediction(path: Path) -> bool:
         return False
 
 
-def _has_score(path: Path) -> bool:
-    return any(c in _header(path) for c in SCORE_COLUMNS)
+def _is_judged(path: Path) -> bool:
+    """A score column, or the `res` column of VLMEvalKit's judge-extracted answers (MathVision)."""
+    return any(c in _header(path) for c in (*SCORE_COLUMNS, "res"))
 
 
 def _shared_prefix(stems: list[str]) -> str:
@@ -320,9 +509,18 @@ def _shared_prefix(stems: list[str]) -> str:
 
 
 def load_vlmevalkit(path: Path) -> ImportedRun:
+    """A prediction file, or a work directory; there a dataset that cannot be scored is skipped and named in
+    `skipped`, not a reason to refuse the others."""
     run = ImportedRun(source=str(path), fmt="vlmevalkit", tasks={})
     for task, file in _vlmevalkit_files(path).items():
-        run.tasks[task], run.titles[task] = load_vlmevalkit_file(file, task)
+        try:
+            run.tasks[task], run.titles[task] = load_vlmevalkit_file(file, task)
+        except Unscorable as exc:
+            if path.is_file():
+                raise
+            run.skipped[task] = str(exc)
+    if not run.tasks:
+        raise UserError(f"{path}: no dataset could be imported: " + " | ".join(run.skipped.values()))
     return run
 
 
@@ -385,10 +583,16 @@ def load_flagevalmm_file(path: Path) -> tuple[str, list[ImportedItem], str]:
     return task, _check_unique(items, str(path)), f"{task} (FlagEvalMM {'/'.join(sorted(judged_by)) or 'correct'})"
 
 
-def load_flagevalmm(path: Path) -> ImportedRun:
-    files = [path] if path.is_file() else sorted(path.rglob("*_evaluated.json"))
+def _files(path: Path, pattern: str, what: str) -> list[Path]:
+    """`path` itself, or the files under it matching `pattern` (at least one)."""
+    files = [path] if path.is_file() else sorted(path.rglob(pattern))
     if not files:
-        raise UserError(f"{path}: no FlagEvalMM <task>_evaluated.json files")
+        raise UserError(f"{path}: no {what}")
+    return files
+
+
+def load_flagevalmm(path: Path) -> ImportedRun:
+    files = _files(path, "*_evaluated.json", "FlagEvalMM <task>_evaluated.json files")
     run = ImportedRun(source=str(path), fmt="flagevalmm", tasks={})
     for file in files:
         task, items, title = load_flagevalmm_file(file)
@@ -398,13 +602,195 @@ def load_flagevalmm(path: Path) -> ImportedRun:
     return run
 
 
+# --------------------------------------------------------------------------- EvalScope
+
+
+def _messages(value: Any) -> Optional[list[dict[str, Any]]]:
+    """Chat messages as the tools log them (role + text or content parts), else None for a plain prompt."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return [{"role": m["role"], "content": m.get("content") if m.get("content") is not None else ""}
+                for m in value]
+    return None
+
+
+def _evalscope_task(file: Path) -> tuple[str, str]:
+    """(task, group) of `reviews/<model>/<benchmark>_<subset>.jsonl`: the benchmark named by the report EvalScope
+    wrote beside it (`reports/<model>/<benchmark>.json`), the subset as the group; else the file stem."""
+    reports = file.parents[2] / "reports" / file.parent.name if len(file.parents) > 2 else None
+    benchmarks = sorted((r.stem for r in reports.glob("*.json")), key=len, reverse=True) if reports else []
+    for benchmark in benchmarks:
+        if file.stem.startswith(benchmark + "_"):
+            return benchmark, file.stem[len(benchmark) + 1:]
+    return file.stem, ""
+
+
+def _evalscope_tokens(review_file: Path) -> dict[str, int]:
+    """index -> output tokens, from `predictions/<model>/<same name>.jsonl` (its model_output.usage)."""
+    predictions = review_file.parents[2] / "predictions" / review_file.parent.name / review_file.name
+    if len(review_file.parents) <= 2 or not predictions.is_file():
+        return {}
+    tokens = {}
+    for row in _jsonl(predictions):
+        usage = ((row.get("model_output") or {}).get("usage") or {})
+        if isinstance(usage.get("output_tokens"), int):
+            tokens[_text(row.get("index"))] = usage["output_tokens"]
+    return tokens
+
+
+def load_evalscope_file(path: Path) -> tuple[str, list[ImportedItem]]:
+    """One review file: a line per sample, `{index, input, target, sample_score: {score: {value: {name: number},
+    main_score_name, prediction, extracted_prediction}, sample_id, sample_metadata}}` (EvalScope >= 1.0)."""
+    task, group = _evalscope_task(path)
+    tokens = _evalscope_tokens(path)
+    items = []
+    for number, row in enumerate(_jsonl(path), 1):
+        score = (row.get("sample_score") or {}).get("score") if isinstance(row.get("sample_score"), dict) else None
+        if "index" not in row or not isinstance(score, dict) or not isinstance(score.get("value"), dict):
+            raise UserError(f"{path}: line {number} is not an EvalScope review (index and sample_score.score.value "
+                            f"are required; predictions files carry no correctness)")
+        key = _text(row["index"])
+        values = score["value"]
+        name = score.get("main_score_name") if score.get("main_score_name") in values else next(iter(values), None)
+        if name is None:
+            raise UserError(f"{path}: index {key}: sample_score.score.value is empty")
+        value = _unit_value(values[name], f"{path}: index {key}: score {name}")
+        prompt = row.get("input")
+        messages = _messages(prompt)
+        prompt_text = json.dumps(prompt, ensure_ascii=False) if messages else _text(prompt)
+        response = _text(score.get("prediction"))
+        items.append(ImportedItem(
+            task=task, key=f"{group}/{key}" if group else key, item_id=f"{group}/{key}" if group else key,
+            value=value, outcome=_outcome(value), response=response,
+            extracted=_text(score.get("extracted_prediction")) or response.strip(), gold=_text(row.get("target")),
+            prompt=prompt_text, hashes={"input": stable_hash(prompt_text)} if prompt_text else {},
+            meta={"index": key, "metric": name}, group=group, messages=messages,
+            completion_tokens=tokens.get(key, 0)))
+    return task, items
+
+
+def load_evalscope(path: Path) -> ImportedRun:
+    """A review file, or an EvalScope output directory (`<timestamp>/reviews/<model>/*.jsonl`, searched
+    recursively); the subsets of one benchmark become one task with a group per subset."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*.jsonl") if "reviews" in f.parts)
+    if not files:
+        raise UserError(f"{path}: no EvalScope reviews/<model>/<benchmark>_<subset>.jsonl files (predictions "
+                        f"alone carry no correctness)")
+    run = ImportedRun(source=str(path), fmt="evalscope", tasks={})
+    for file in files:
+        task, items = load_evalscope_file(file)
+        run.tasks.setdefault(task, []).extend(items)
+        run.titles[task] = f"{task} (EvalScope {items[0].meta['metric'] if items else ''})"
+    for task, items in run.tasks.items():
+        _check_unique(items, f"{path}: task {task}")
+    return run
+
+
+# --------------------------------------------------------------------------- inspect-ai
+
+_INSPECT_VALUES = {"C": 1.0, "I": 0.0, "P": 0.5, "N": 0.0}  # inspect's CORRECT, INCORRECT, PARTIAL, NOANSWER
+
+
+def _inspect_value(value: Any, where: str) -> float:
+    """A sample score as inspect's value_to_float reads it: C/I/P/N, yes/no, true/false, or a number."""
+    if isinstance(value, str) and value.strip().upper() in _INSPECT_VALUES:
+        return _INSPECT_VALUES[value.strip().upper()]
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{where}: a score with several values ({json.dumps(value)[:60]}); only one number per "
+                        f"sample can be paired")
+    return _unit_value(value, where)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # content parts: the text ones
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return _text(content)
+
+
+def load_inspect_file(path: Path) -> tuple[str, list[ImportedItem], dict[str, Any]]:
+    """One `.eval` log, a zip of JSON: `header.json` (or `_journal/start.json` for an unfinished run) with the
+    task and model, and `samples/<id>_epoch_<n>.json` per sample (input, target, output, scores, error)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path}: not an inspect-ai .eval log (a zip archive): {exc}") from None
+    with archive:
+        names = set(archive.namelist())
+        header_name = next((n for n in ("header.json", "_journal/start.json") if n in names), None)
+        if header_name is None:
+            raise UserError(f"{path}: no header.json in the archive (not an inspect-ai .eval log)")
+        header = json.loads(archive.read(header_name))
+        samples = [json.loads(archive.read(n)) for n in sorted(names)
+                   if n.startswith("samples/") and n.endswith(".json")]
+    eval_info = header.get("eval") or {}
+    task = str(eval_info.get("task") or path.stem)
+    epochs = {int(sample.get("epoch", 1)) for sample in samples}
+    items = []
+    for sample in samples:
+        key = _text(sample.get("id"))
+        if len(epochs) > 1:
+            key = f"{key}/epoch{sample.get('epoch', 1)}"
+        where = f"{path}: sample {key}"
+        scores = sample.get("scores") or {}
+        output = sample.get("output") or {}
+        choices = output.get("choices") or [{}]
+        response = _text(output.get("completion")) or _content_text((choices[0].get("message") or {}).get("content"))
+        prompt = sample.get("input")
+        messages = _messages(prompt)
+        prompt_text = json.dumps(prompt, ensure_ascii=False) if messages else _text(prompt)
+        target = sample.get("target")
+        item = ImportedItem(
+            task=task, key=key, item_id=key, value=0.0, outcome="wrong", response=response,
+            gold=" | ".join(map(str, target)) if isinstance(target, list) else _text(target), prompt=prompt_text,
+            hashes={"input": stable_hash([prompt_text, target])} if prompt_text else {},
+            meta={"id": _text(sample.get("id")), "epoch": sample.get("epoch", 1)}, messages=messages,
+            completion_tokens=int((output.get("usage") or {}).get("output_tokens") or 0))
+        error = sample.get("error")
+        if error:
+            item.outcome = "error"
+            item.error = f"inspect-ai: {error.get('message', error) if isinstance(error, dict) else error}"[:500]
+        elif not scores:
+            raise UserError(f"{where}: no scores (was the log written with --no-score?)")
+        else:
+            name, score = next(iter(scores.items()))  # the task's first scorer, as inspect lists it
+            item.value = _inspect_value(score.get("value"), f"{where}: scorer {name}")
+            item.outcome, item.extracted = _outcome(item.value), _text(score.get("answer")) or response.strip()
+            item.meta["scorer"] = name
+        items.append(item)
+    return task, _check_unique(items, str(path)), eval_info
+
+
+def load_inspect(path: Path) -> ImportedRun:
+    files = _files(path, "*.eval", "inspect-ai .eval logs")
+    run = ImportedRun(source=str(path), fmt="inspect", tasks={})
+    for file in files:
+        task, items, eval_info = load_inspect_file(file)
+        if task in run.tasks:
+            raise UserError(f"{path}: task {task} appears in two logs ({file.name}); point at one run's logs")
+        scorer = next((item.meta.get("scorer") for item in items if item.meta.get("scorer")), "")
+        run.tasks[task], run.titles[task] = items, f"{task} (inspect-ai {scorer})"
+        if not run.spec:
+            version = (eval_info.get("packages") or {}).get("inspect_ai")
+            run.spec = {"engine": f"inspect-ai {version}" if version else "inspect-ai",
+                        "model": str(eval_info.get("model") or run.source)}
+            run.evidence = {"packages": {"inspect_ai": str(version)}} if version else {}
+    return run
+
+
 # --------------------------------------------------------------------------- detection
 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
-        found = [fmt for fmt, pattern in (("lmeval", "samples_*.jsonl"), ("flagevalmm", "*_evaluated.json"))
-                 if next(path.rglob(pattern), None) is not None]
+        found = [fmt for fmt, pattern, name in (("lmeval", "samples_*.jsonl", _LMEVAL_FILE),
+                                                ("lmms-eval", "*_samples_*.jsonl", _LMMS_FILE),
+                                                ("flagevalmm", "*_evaluated.json", None))
+                 if any(name is None or name.match(f.name) for f in path.rglob(pattern))]
+        if any("reviews" in f.parts for f in path.rglob("*.jsonl")):
+            found.append("evalscope")
+        if next(path.rglob("*.eval"), None) is not None:
+            found.append("inspect")
         if not found and any(f.suffix.lower() in TABLE_SUFFIXES and _is_prediction(f) for f in path.iterdir()):
             found.append("vlmevalkit")
         if len(found) != 1:
@@ -414,8 +800,14 @@ def detect_format(path: Path) -> str:
         return found[0]
     if _LMEVAL_FILE.match(path.name):
         return "lmeval"
+    if _LMMS_FILE.match(path.name):
+        return "lmms-eval"
     if path.name.endswith("_evaluated.json"):
         return "flagevalmm"
+    if path.suffix == ".eval":
+        return "inspect"
+    if path.suffix == ".jsonl" and "reviews" in path.parts:
+        return "evalscope"
     if path.suffix.lower() == ".json":
         rows = _read_json_list(path)
         return "flagevalmm" if rows and "question_id" in rows[0] else "vlmevalkit"
@@ -425,12 +817,13 @@ def detect_format(path: Path) -> str:
 
 
 def load_samples(path: str | Path, fmt: Optional[str] = None) -> ImportedRun:
-    """Read one run's per-sample outputs (a file or a directory); `fmt` = lmeval | vlmevalkit | flagevalmm."""
+    """Read one run's per-sample outputs (a file or a directory); `fmt` = one of FORMATS."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
     fmt = fmt or detect_format(path)
-    loaders = {"lmeval": load_lmeval, "vlmevalkit": load_vlmevalkit, "flagevalmm": load_flagevalmm}
+    loaders = {"lmeval": load_lmeval, "lmms-eval": load_lmms, "vlmevalkit": load_vlmevalkit,
+               "flagevalmm": load_flagevalmm, "evalscope": load_evalscope, "inspect": load_inspect}
     if fmt not in loaders:
         raise UserError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     return loaders[fmt](path)
@@ -454,6 +847,7 @@ class Pairing:
     tasks: list[TaskPairing]
     tasks_only_reference: list[str]
     tasks_only_candidate: list[str]
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # side label -> task -> why not imported
 
 
 def _same_dataset(x: str, y: str) -> bool:
@@ -512,7 +906,8 @@ def match_runs(a: ImportedRun, b: ImportedRun, labels: Sequence[str] = ("A", "B"
                         + " | ".join(mismatched))
     paired_b = {task_b for _, task_b in pairs}
     return Pairing(tasks=tasks, tasks_only_reference=[t for t in a.tasks if t not in dict(pairs)],
-                   tasks_only_candidate=[t for t in b.tasks if t not in paired_b])
+                   tasks_only_candidate=[t for t in b.tasks if t not in paired_b],
+                   skipped={label: run.skipped for label, run in zip(labels, (a, b)) if run.skipped})
 
 
 # --------------------------------------------------------------------------- store, compare, report
@@ -554,6 +949,7 @@ def store_pairing(store: Any, run_id: str, pairing: Pairing, runs: tuple[Importe
                   for tp in pairing.tasks},
         "tasks_only_reference": pairing.tasks_only_reference,
         "tasks_only_candidate": pairing.tasks_only_candidate,
+        "skipped": pairing.skipped,
     })
 
 
@@ -577,7 +973,9 @@ def run_import(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, 
         config = {"run_id": run_id, "suite": "import", "tasks": [tp.task for tp in pairing.tasks], "limit": None,
                   "margin": margin, "release_gate": release_gate, "compared": [str(path_a), str(path_b)],
                   "started": _dt.datetime.now().isoformat(timespec="seconds")}
-        specs = {role: {"name": label, "engine": f"import ({run.fmt})", "model": run.source}
+        # Fields no import format knows (operators, dtype unless the tool logged it) read n/a, not "?".
+        specs = {role: {"name": label, "engine": f"import ({run.fmt})", "model": run.source, "dtype": "n/a",
+                        "ops": "n/a", "device": "n/a", "flaggems": {"route": "n/a"}, **run.spec}
                  for role, label, run in zip(("reference", "candidate"), labels, runs)}
         store.set_meta("config", config)
         store.set_meta("specs", specs)
@@ -589,7 +987,8 @@ def run_import(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path, 
     finally:
         store.close()
     comparison = compare_run(inputs, margin=margin, release_gate=release_gate)
-    manifest = {"run_id": run_id, "config": config, "specs": specs, "servers": {},
+    servers = {role: run.evidence for role, run in zip(("reference", "candidate"), runs) if run.evidence}
+    manifest = {"run_id": run_id, "config": config, "specs": specs, "servers": servers,
                 "import": {"tasks_only_reference": pairing.tasks_only_reference,
                            "tasks_only_candidate": pairing.tasks_only_candidate}}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
@@ -606,7 +1005,8 @@ def import_runs(path_a: str | Path, path_b: str | Path, out_run_dir: str | Path,
 
 
 def _one_sided(pairing: Pairing, labels: tuple[str, str]) -> list[str]:
-    lines = []
+    lines = [f"{label}: {task} not imported: {why}" for label, tasks in pairing.skipped.items()
+             for task, why in tasks.items()]
     for tasks, label in ((pairing.tasks_only_reference, labels[0]), (pairing.tasks_only_candidate, labels[1])):
         if tasks:
             lines.append(f"tasks only in {label} (not compared): {', '.join(tasks)}")

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -22,13 +23,14 @@ from typing import Any, Iterable, Iterator, Optional
 from . import __version__, teacher_forced
 from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
-from .config import COMMAND_LINE, RunConfig
+from .config import COMMAND_LINE, RunConfig, task_rule
 from .errors import ConfigError, UserError
 from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
+from .stats import DecisionRule
 from .report import render_report
 from .runner import Job, Runner
 from .secrets import redact
-from .scoring import score_task
+from .scoring import aggregate_repeats, score_task
 from .servers.engines import build_launch
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
@@ -86,10 +88,14 @@ def select_tasks(config: RunConfig) -> list[Any]:
     return [load_task(t) for t in config.tasks if not is_lmeval_task(t)]
 
 
-def task_params(spec: Any, max_tokens_cap: Optional[int] = None) -> GenParams:
+def task_params(spec: Any, max_tokens_cap: Optional[int] = None,
+                sampling: Optional[dict[str, Any]] = None) -> GenParams:
+    """The task's generation parameters, with the run's cap on max_tokens and its `sampling` overrides."""
     params = spec.generation if isinstance(spec.generation, GenParams) else GenParams(**(spec.generation or {}))
     if max_tokens_cap and params.max_tokens > max_tokens_cap:
         params = dataclasses.replace(params, max_tokens=max_tokens_cap)
+    if sampling:
+        params = dataclasses.replace(params, **sampling)
     return params
 
 
@@ -164,12 +170,20 @@ class Pipeline:
         if judged and not self.config.judge.get("base_url"):
             raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
                             f"in the run config ({self.config.source})")
+        unknown = sorted(set(self.config.task_rules) - {t.name for t in self.tasks})
+        if unknown:
+            raise UserError(f"{self.config.source}: task_rules names {', '.join(unknown)}, not a task of this run")
+        self.rules()
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
         for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
             for one in replica_specs(backend):
                 build_launch(one, role, self.run_dir, port=0)
+
+    def rules(self) -> dict[str, DecisionRule]:
+        """Each task's decision rule (config.task_rule); a contradiction is a ConfigError before anything starts."""
+        return {spec.name: task_rule(self.config, spec.name, spec.decision) for spec in self.tasks}
 
     def items(self, spec: Any) -> Iterator[Item]:
         return iter_items(spec, limit=self.config.limit, data_dir=self.config.data_dir or None,
@@ -189,9 +203,15 @@ class Pipeline:
             return count
         return min(count, self.config.limit)
 
+    def params(self, spec: Any) -> GenParams:
+        return task_params(spec, self.config.max_tokens_cap, self.config.sampling)
+
+    def repeats(self, spec: Any) -> int:
+        return self.config.repeats or spec.repeats
+
     def jobs_for(self, replicas: list[Endpoint]) -> list[Job]:
         return [Job(endpoint=replicas[0], task=spec.name, items=self.items(spec), replicas=tuple(replicas),
-                    params=task_params(spec, self.config.max_tokens_cap), total=self.expected_items(spec))
+                    params=self.params(spec), total=self.expected_items(spec), repeats=self.repeats(spec))
                 for spec in self.tasks]
 
     def run(self) -> RunResult:
@@ -218,14 +238,19 @@ class Pipeline:
         store.set_meta("config", {
             "run_id": self.run_id, "suite": cfg.suite, "tasks": [t.name for t in self.tasks], "limit": cfg.limit,
             "placement": cfg.placement, "margin": cfg.margin, "release_gate": cfg.release_gate,
+            "max_error_rate": cfg.max_error_rate,
+            "rules": {name: dataclasses.asdict(rule) for name, rule in self.rules().items()},
             "concurrency": cfg.concurrency, "noise_floor": cfg.noise_floor, "source": cfg.source,
+            "repeats": cfg.repeats, "sampling": dict(cfg.sampling),
             "flageval_lite": __version__, "host": platform.node(), "python": platform.python_version(),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         })
         store.set_meta("specs", {"reference": cfg.reference.to_dict(), "candidate": cfg.candidate.to_dict()})
         store.set_meta("task_specs", {t.name: {"title": t.title, "scorer": t.scorer,
                                                "scorer_args": dict(t.scorer_args or {}),
-                                               "metric": t.metric, "group_by": t.group_by or ""}
+                                               "metric": t.metric, "group_by": t.group_by or "",
+                                               "repeats": self.repeats(t),
+                                               "repeat_aggregate": t.repeat_aggregate}
                                       for t in self.tasks})
 
     def serve_and_ask(self, store: Store) -> None:
@@ -293,9 +318,10 @@ class Pipeline:
             repeat = [dataclasses.replace(e, role=AA_ROLE) for e in live_replicas(runner, "reference",
                                                                                    endpoints["reference"])]
             # Another order and concurrency: a different batch composition on the same stack.
+            # A task asked at least twice has its A/A sample in the reference's own repeats (see noise_inputs).
             jobs = [Job(endpoint=repeat[0], task=spec.name, items=block_reversed(self.items(spec)),
-                        replicas=tuple(repeat), params=task_params(spec, self.config.max_tokens_cap))
-                    for spec in self.tasks]
+                        replicas=tuple(repeat), params=self.params(spec))
+                    for spec in self.tasks if self.repeats(spec) < 2]
             runner.supervisors[AA_ROLE] = runner.supervisors["reference"]
             asyncio.run(runner.run_jobs(jobs, concurrency=max(1, cfg.concurrency // 2)))
         # Teacher forcing and perf use one replica per role: replicas are identical, and perf then measures
@@ -335,7 +361,7 @@ class Pipeline:
         for spec in self.tasks:
             answered = {r.item_id: r.response_text for r in store.records(self.run_id, role="reference",
                                                                           task=spec.name)
-                        if not r.error and r.response_text}
+                        if not r.error and r.response_text and r.repeat == 0}
             template_kwargs = dict(task_params(spec).extra_body).get("chat_template_kwargs") or {}
             picked = 0
             for item in self.items(spec):
@@ -370,9 +396,14 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
             args["judge"] = judge
         roles = sorted({r.role for r in store.records(run_id, task=name)})
         for role in roles:
-            scores = score_task(store.records(run_id, role=role, task=name), items, spec["scorer"], args,
-                                spec.get("group_by", ""))
-            store.put_scores(run_id, scores)
+            # Repeats beyond the task's count are those of an earlier run of the same id that asked for more.
+            records = [r for r in store.records(run_id, role=role, task=name)
+                       if r.item_id in items and r.repeat < spec.get("repeats", 1)]
+            scored = list(zip((r.repeat for r in records),
+                              score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
+            if any(repeat for repeat, _ in scored):
+                store.put_repeat_scores(run_id, scored)
+            store.put_scores(run_id, aggregate_repeats(scored, spec.get("repeat_aggregate", "avg")))
 
 
 def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
@@ -383,19 +414,58 @@ def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
     return JudgeClient(cache_path=Path(store.path).parent / "judge.sqlite", **judge_config)
 
 
-def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str]) -> list[dict[str, Any]]:
-    """Pair the scores of (store, run_id, role) A as reference with those of B as candidate, per task of A."""
+def stored_rules(store: Store) -> tuple[dict[str, Any], dict[str, DecisionRule]]:
+    """The run's default rule (compare_run's margin, release_gate, max_error_rate) and each task's rule, as stored by
+    the run; a run stored before per-task rules has only the defaults."""
+    config = store.get_meta("config", {})
+    gate = config.get("release_gate", 5.0)
+    defaults = {"margin": config.get("margin", 1.0),
+                # runs stored before non-inferiority was a test switched the old gate off with an infinite one
+                "release_gate": None if gate is not None and math.isinf(gate) else gate,
+                "max_error_rate": config.get("max_error_rate", 0.02)}
+    return defaults, {name: DecisionRule(**rule) for name, rule in (config.get("rules") or {}).items()}
+
+
+def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str],
+                      rules: Optional[dict[str, DecisionRule]] = None) -> list[dict[str, Any]]:
+    """Pair the scores of (store, run_id, role) A as reference with those of B as candidate, per task of A; `rules`
+    gives a task its own decision rule (the others get compare_run's defaults)."""
     store_a, run_a, role_a = side_a
     store_b, run_b, role_b = side_b
     out = []
     for name, spec in store_a.get_meta("task_specs", {}).items():
         items = {it["item_id"]: it for it in store_a.items(run_a, task=name)}
         out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
+                    "rule": (rules or {}).get(name),
                     "reference": store_a.scores(run_a, role=role_a, task=name),
                     "candidate": store_b.scores(run_b, role=role_b, task=name),
-                    "records": {"reference": list(store_a.records(run_a, role=role_a, task=name)),
-                                "candidate": list(store_b.records(run_b, role=role_b, task=name))},
+                    "records": {"reference": first_repeats(store_a, run_a, role_a, name),
+                                "candidate": first_repeats(store_b, run_b, role_b, name)},
                     "items": items})
+    return out
+
+
+def first_repeats(store: Store, run_id: str, role: str, task: str) -> list[Record]:
+    """The records of a task's first repeat: those the Scores take their texts from."""
+    return [r for r in store.records(run_id, role=role, task=task) if r.repeat == 0]
+
+
+def noise_inputs(store: Store, run_id: str, rules: Optional[dict[str, DecisionRule]] = None) -> list[dict[str, Any]]:
+    """Per task, the A/A sample: the reference against its separate second pass (`noise_floor`), or else, for a
+    task asked at least twice, its first repeat against its second (the same stack, another seed: under
+    sampling the floor of seed-to-seed variation).  Tasks with neither are left out."""
+    separate = {}
+    if store.scores(run_id, role=AA_ROLE):
+        separate = {row["task"]: row for row in comparison_inputs((store, run_id, "reference"),
+                                                                  (store, run_id, AA_ROLE), rules) if row["candidate"]}
+    out = []
+    for name, spec in store.get_meta("task_specs", {}).items():
+        repeats = store.repeat_scores(run_id, "reference", task=name)
+        if name in separate:
+            out.append(separate[name])
+        elif len(repeats) >= 2:
+            out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
+                        "rule": (rules or {}).get(name), "reference": repeats[0], "candidate": repeats[1]})
     return out
 
 
@@ -429,29 +499,33 @@ def perf_set_aside(store: Store, run_id: str) -> dict[str, int]:
     return out
 
 
-def build_comparison(store: Store, run_id: str, margin: float, release_gate: float) -> Any:
+def build_comparison(store: Store, run_id: str) -> Any:
+    """The run's comparison under the decision rules stored with it."""
     tasks = list(store.get_meta("task_specs", {}))
+    defaults, rules = stored_rules(store)
     noise = None
-    if store.scores(run_id, role=AA_ROLE):
+    if aa_inputs := noise_inputs(store, run_id, rules):
         tf_noise = {}
         if AA_ROLE in (store.get_meta(teacher_forced.META_KEY) or {}).get("status", {}):
             tf_noise = teacher_forced.stored_comparison(store, run_id, "reference", AA_ROLE, tasks)
-        noise = compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, AA_ROLE)),
-                            margin=margin, release_gate=release_gate, teacher_forced=tf_noise)
-    return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate")),
-                       margin=margin, release_gate=release_gate, perf=perf_samples(store, run_id),
-                       noise_floor=noise,
+        noise = compare_run(aa_inputs, **defaults, teacher_forced=tf_noise)
+    # Infrastructure errors are left out of the paired sample (compare_run's default), never scored 0.
+    return compare_run(comparison_inputs((store, run_id, "reference"), (store, run_id, "candidate"), rules),
+                       **defaults, perf=perf_samples(store, run_id), noise_floor=noise,
                        teacher_forced=teacher_forced.stored_comparison(store, run_id, "reference", "candidate", tasks))
 
 
 def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:
     config = store.get_meta("config", {})
-    comparison = build_comparison(store, run_id, config.get("margin", 1.0), config.get("release_gate", 5.0))
+    comparison = build_comparison(store, run_id)
     manifest = {"run_id": run_id, "config": config, "specs": store.get_meta("specs", {}),
                 "servers": store.get_meta("servers", {}), "replicas": store.get_meta("replicas", {}),
                 "replica_failures": store.get_meta("replica_failures", []),
                 "placement": store.get_meta("placement", {}),
                 "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
+                "faults": store.fault_counts(run_id),
+                "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
+                            for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
                 "perf_set_aside": perf_set_aside(store, run_id)}
     write_manifest_file(run_dir, manifest)
@@ -503,21 +577,31 @@ def rerender(run: str, runs_root: Path = Path("runs"), reports_root: Path = Path
 
 def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_b: str = "candidate",
                         runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
-                        margin: float = 1.0, release_gate: float = 5.0) -> RunResult:
-    """Compare role A of one stored run with role B of another (e.g. two single-stack runs)."""
+                        margin: Optional[float] = None) -> RunResult:
+    """Compare role A of one stored run with role B of another (e.g. two single-stack runs), under the decision rules
+    stored with run A; `margin` replaces every task's equivalence margin."""
     store_a, id_a, dir_a = open_run(run_a, runs_root)
     store_b, id_b, _ = open_run(run_b, runs_root)
     try:
         if not store_b.scores(id_b, role=role_b):
             raise UserError(f"{run_b}: no scores for role {role_b!r}")
-        comparison = compare_run(comparison_inputs((store_a, id_a, role_a), (store_b, id_b, role_b)),
-                                 margin=margin, release_gate=release_gate)
+        defaults, rules = stored_rules(store_a)
+        if margin is not None:
+            defaults["margin"] = margin
+            try:
+                rules = {name: dataclasses.replace(rule, equivalence=margin) for name, rule in rules.items()}
+            except ValueError as exc:
+                raise UserError(f"--margin {margin:g}: {exc}") from None
+        comparison = compare_run(comparison_inputs((store_a, id_a, role_a), (store_b, id_b, role_b), rules),
+                                 **defaults)
         specs_a, specs_b = store_a.get_meta("specs", {}), store_b.get_meta("specs", {})
         servers_a, servers_b = store_a.get_meta("servers", {}), store_b.get_meta("servers", {})
         run_id = f"{id_a}__vs__{id_b}"
         manifest = {"run_id": run_id, "config": {**store_a.get_meta("config", {}), "compared": [run_a, run_b]},
                     "specs": {"reference": specs_a.get(role_a, {}), "candidate": specs_b.get(role_b, {})},
-                    "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})}}
+                    "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})},
+                    "faults": {"reference": store_a.fault_counts(id_a).get(role_a, {}),
+                               "candidate": store_b.fault_counts(id_b).get(role_b, {})}}
         files = render_report(comparison, manifest, reports_root / run_id)
         return RunResult(run_id, dir_a, reports_root / run_id, files, comparison.verdict, comparison.exit_code)
     finally:

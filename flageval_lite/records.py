@@ -105,6 +105,13 @@ class GenParams(_Serialisable):
     stream: bool = True
     extra_body: tuple[tuple[str, Any], ...] = ()  # e.g. (("chat_template_kwargs", {...}),)
 
+    def for_repeat(self, repeat: int) -> "GenParams":
+        """The parameters of repeat `repeat` (0-based): its own seed, `seed + repeat`, so that sampled repeats
+        differ from one another yet each one is reproducible and the same on both backends."""
+        if repeat == 0 or self.seed is None:
+            return self
+        return dataclasses.replace(self, seed=self.seed + repeat)
+
     def request_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `client.chat.completions.create` (model/messages excluded)."""
         kw: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
@@ -188,7 +195,8 @@ class Item(_Serialisable):
 
 # --------------------------------------------------------------------------- runner / store stage
 
-ErrorKind = Literal["", "timeout", "connection", "http_4xx", "http_5xx", "rate_limit", "malformed", "stream_cut"]
+ErrorKind = Literal["", "timeout", "connection", "http_4xx", "http_5xx", "rate_limit", "malformed", "stream_cut",
+                    "wrong_model", "empty_choices"]
 
 
 @dataclass
@@ -215,16 +223,24 @@ class Record(_Serialisable):
     error: str = ""  # non-empty = infrastructure failure, never a model answer
     error_kind: str = ""
     started_at: float = 0.0
+    # The error kind of every failed attempt, in order (the last one is `error_kind` when the item failed for good)
+    attempt_errors: list[str] = field(default_factory=list)
+    repeat: int = 0  # which of the task's `repeats` this is (0-based); its seed is in `params`
 
     @property
     def ok(self) -> bool:
         return not self.error
 
     def cache_key(self) -> str:
-        return stable_hash([self.endpoint_id, self.task, self.item_id, self.prompt_hash, self.params])
+        # Repeat 0 keeps the key of a run without repeats, so such runs resume as they always did.
+        key: list[Any] = [self.endpoint_id, self.task, self.item_id, self.prompt_hash, self.params]
+        return stable_hash(key + [self.repeat] if self.repeat else key)
 
 
 # --------------------------------------------------------------------------- scoring stage
+
+# How an item's repeats make its one Score: avg (avg@k, the mean) or pass (pass@k, any repeat right).
+REPEAT_AGGREGATES = ("avg", "pass")
 
 Outcome = Literal["correct", "wrong", "partial", "unparsed", "error"]
 
@@ -262,6 +278,8 @@ class Score(_Serialisable):
     ttft_s: Optional[float] = None
     error: str = ""
     group: str = ""  # sub-category for per-group breakdowns (subject, LiveBench category, ...)
+    # Repeats of the item that were answered and make up `value` (their mean, or pass@k); 0 when all failed
+    repeats: int = 1
 
 
 # --------------------------------------------------------------------------- comparison stage

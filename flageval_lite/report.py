@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import jinja2
 
-from . import __version__, charts
+from . import __version__, charts, plan
 from .compare import Comparison, PairedTaskComparison
 from .records import ROLES
 from .secrets import redact
@@ -35,11 +35,13 @@ PERF_ROWS = (  # (label, PerfSummary field, section of perf.perf_ratios)
 )
 CHARTED_PERF = ("ttft_ms_p50", "tpot_ms_p50", "itl_ms_p50", "e2el_ms_p50", "output_tok_s", "request_s")
 VERDICT_TEXT = {
-    "consistent": "equivalent within the margin (TOST)",
+    "consistent": "every row meets its decision rule (equivalence ±ε or non-inferiority −δ)",
     "regression": "the candidate is worse",
     "improvement": "the candidate is better",
-    "inconclusive": "neither equivalence nor a difference is shown",
+    "inconclusive": "neither the decision rule nor a difference is shown",
+    "incomplete": "infrastructure errors took answers out of a task's paired sample: rerun to re-ask them",
 }
+EXIT_CODES_TEXT = "0 consistent, 1 regression, 3 inconclusive, 4 incomplete"
 
 
 @dataclass
@@ -178,11 +180,17 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
         ("date", str(config.get("started") or manifest.get("date") or "?")),
         ("suite", str(config.get("suite") or "?")),
         ("items per task", "all" if config.get("limit") is None else f"first {config['limit']}"),
-        ("equivalence margin", f"±{comparison.margin:g} points (TOST, 90 % CI)"),
-        ("release gate", f"drop ≤ {comparison.release_gate:g} points"),
-        ("alpha", f"{comparison.alpha:g} (Holm-adjusted across {len(comparison.tasks)} tasks)"),
+        ("decision rule", _default_rule_text(comparison)),
+        ("alpha", f"{comparison.alpha:g} (regression and improvement Holm-adjusted across {len(comparison.tasks)} "
+                  f"tasks)"),
         ("flageval-lite", str(config.get("flageval_lite") or __version__)),
     ]
+    repeats = _repeat_notation(comparison, manifest)
+    if repeats:
+        sampling = ", ".join(f"{k} {v:g}" for k, v in ((config.get("sampling") or {}).items()))
+        facts.append(("repeats per item", "; ".join(f"{title} {notation}" for title, notation in repeats.items())
+                      + f" (each repeat its own seed{', ' + sampling if sampling else ''}; one score per item is "
+                        f"compared)"))
     for failure in manifest.get("replica_failures") or ():
         facts.append(("replica given up", f"{failure.get('role')} replica {failure.get('replica')} "
                                           f"({failure.get('base_url')}): {failure.get('error')}"))
@@ -190,6 +198,27 @@ def _run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tupl
         facts.append(("stored runs compared", " vs ".join(map(str, config["compared"]))))
     facts += _diagnosis_facts(manifest)
     return facts
+
+
+def _default_rule_text(comparison: Comparison) -> str:
+    """The run's default rule in words, and the tasks whose own rule differs."""
+    parts = []
+    if comparison.margin is not None:
+        parts.append(f"equivalence ±{comparison.margin:g} points (90 % CI inside the margin)")
+    if comparison.release_gate is not None:
+        parts.append(f"non-inferiority −{comparison.release_gate:g} points (90 % CI above −δ: one-sided α = 0.05)")
+    text = ", else ".join(parts) + (f"; incomplete above {100 * comparison.max_error_rate:g} % of items lost to "
+                                    f"errors or with any lost on one side only")
+    own = [f"{t.title}: {', '.join(_row_rules(t))}" for t in comparison.tasks
+           if (t.equivalence_margin, t.non_inferiority_margin, t.max_error_rate)
+           != (comparison.margin, comparison.release_gate, comparison.max_error_rate)]
+    return text + (f" (own rules: {'; '.join(own)})" if own else "")
+
+
+def _row_rules(t: PairedTaskComparison) -> list[str]:
+    rules = [f"±{t.equivalence_margin:g}"] if t.equivalence_margin is not None else []
+    rules += [f"−{t.non_inferiority_margin:g}"] if t.non_inferiority_margin is not None else []
+    return rules + [f"errors ≤ {100 * t.max_error_rate:g} %"]
 
 
 def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -215,6 +244,13 @@ def _diagnosis_facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
     return facts
 
 
+def _repeat_notation(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Row title -> "avg@k" / "pass@k" for the tasks asked more than once."""
+    repeats = manifest.get("repeats") or {}
+    return {t.title: f"{repeats[t.task]['aggregate']}@{repeats[t.task]['k']}" for t in comparison.tasks
+            if t.task in repeats}
+
+
 def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
     rows = []
     for t in comparison.tasks:
@@ -227,14 +263,17 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
             _p(t.p_holm),
             f"{t.flips_ref_only}/{t.flips_cand_only}",
             t.verdict,
+            t.incomplete_reason or t.rule,
         ])
     return Table(
         title="Scores",
-        headers=["Metrics", ref, cand, "Δ", "95 % CI of Δ", "p (Holm)", "flips (−/+)", "verdict"],
+        headers=["Metrics", ref, cand, "Δ", "95 % CI of Δ", "p (Holm)", "flips (−/+)", "verdict", "decided by"],
         rows=rows,
         note="Scores in points with their 95 % CI (Wilson for right/wrong items, bootstrap for graded ones); "
              "Δ = candidate − reference with its paired 95 % CI; flips: items only the reference (−) or only "
-             "the candidate (+) scored higher on.",
+             "the candidate (+) scored higher on.  Decided by: the rule the row was judged against (equivalence "
+             "±ε: the 90 % CI inside ±ε; non-inferiority −δ: the 90 % CI above −δ), or why faults made it "
+             "incomplete.",
         verdict_column=7,
         row_classes=[t.verdict for t in comparison.tasks],
     )
@@ -242,17 +281,35 @@ def _comparison_table(comparison: Comparison, ref: str, cand: str) -> Table:
 
 def _detail_table(comparison: Comparison) -> Table:
     rows = [[t.title, str(t.n), "binary" if t.binary else "graded", t.metric,
-             _interval(t.delta_ci90.low, t.delta_ci90.high), "yes" if t.equivalent else "no", _num(t.mde),
-             _p(t.p_value), "yes" if t.within_release_gate else "no", _pct(t.answer_agreement),
-             _pct(t.output_agreement)]
+             _interval(t.delta_ci90.low, t.delta_ci90.high), _claim(t.equivalent, t.equivalence_margin, "±"),
+             _claim(t.non_inferior, t.non_inferiority_margin, "−"), _num(t.mde), _p(t.p_value),
+             _pct(t.answer_agreement), _pct(t.output_agreement)]
             for t in comparison.tasks]
     return Table(
         title="Equivalence and power",
-        headers=["Metrics", "n paired", "items", "metric", "90 % CI of Δ", f"TOST ±{comparison.margin:g}", "MDE",
-                 "p (raw)", f"drop ≤ {comparison.release_gate:g}", "same answer", "same output"],
+        headers=["Metrics", "n paired", "items", "metric", "90 % CI of Δ", "equivalent ±ε", "non-inferior −δ", "MDE",
+                 "p (raw)", "same answer", "same output"],
         rows=rows,
         note="MDE: the smallest |Δ| (points) this many items detect with 80 % power at α = 0.05; a Δ below it "
              "is not evidence of no difference.",
+    )
+
+
+def _claim(shown: bool, margin: Optional[float], sign: str) -> str:
+    if margin is None:
+        return "not tested"
+    return f"{'yes' if shown else 'no'} ({sign}{margin:g})"
+
+
+def _plan_table(comparison: Comparison) -> Table:
+    return Table(
+        title="What this run certifies, and what it would take",
+        headers=["Metrics"] + plan.RUN_HEADERS[1:],
+        rows=plan.stored_run_table(comparison),
+        note="Certifies now: the tightest margins (points) whose test this run passes, ±ε for equivalence and −δ "
+             "for non-inferiority.  Needs: the paired items that certify each rule with 80 % probability when "
+             "the true Δ is 0 and items flip as often as here (repeats: sampled answers per item on these items, "
+             "when the flips are sampling noise).  `flageval-lite plan` prints the same for a suite before a run.",
     )
 
 
@@ -265,8 +322,36 @@ def _errors_table(comparison: Comparison, ref: str, cand: str) -> Table:
         headers=["Metrics", f"errors {ref}", f"errors {cand}", f"unparsed {ref}", f"unparsed {cand}",
                  f"only {ref}", f"only {cand}"],
         rows=rows,
-        note="Errors are infrastructure failures (no answer), scored 0; unparsed: an answer came back but none "
-             "could be extracted, scored 0; only …: items scored on one side only, left out of the paired numbers.",
+        note="Errors are infrastructure failures (no answer after every retry): never scored, and left out of the "
+             "paired numbers on both sides; unparsed: an answer came back but none could be extracted, scored 0; "
+             "only …: items scored on one side only, left out of the paired numbers.  More than the allowed share "
+             "of such items, or any on one side only, makes the row incomplete.",
+    )
+
+
+def _kinds(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind} ×{n}" for kind, n in sorted(counts.items())) or "none"
+
+
+def _faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
+    """Requests, retries and failures per side and task (the store's fault_counts), when any request failed."""
+    faults = manifest.get("faults") or {}
+    if not any(row["failed_attempts"] for tasks in faults.values() for row in tasks.values()):
+        return None
+    titles = {t.task: t.title for t in comparison.tasks}
+    rows = [[_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["records"]),
+             str(row["requests"]), str(row["retries"]), _kinds(row["failed_attempts"]),
+             str(sum(row["errors"].values())), _kinds(row["errors"])]
+            for role, tasks in faults.items() for task, row in tasks.items()]
+    return Table(
+        title="Faults and retries",
+        headers=["side", "task", "answers", "requests", "retries", "failed requests by kind", "failed for good",
+                 "failed for good by kind"],
+        rows=rows,
+        note="Failed requests are retried up to the run's max_attempts (other 4xx are not retried).  "
+             "Answers: stored records (items × repeats).  Failed for good: items left out of the paired "
+             "statistics on both sides, never scored; rerun the same command to ask exactly those again.  "
+             "wrong_model: the server answered as another model; empty_choices: a body without choices.",
     )
 
 
@@ -467,7 +552,10 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "facts": _run_facts(comparison, manifest),
         "scores": _comparison_table(comparison, ref, cand),
         "details": _detail_table(comparison),
+        "plan": _plan_table(comparison),
+        "exit_codes_text": EXIT_CODES_TEXT,
         "errors": _errors_table(comparison, ref, cand),
+        "faults": _faults_table(comparison, manifest),
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": _divergence_table(comparison),
         "noise": _noise_table(comparison),
@@ -479,7 +567,8 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "titles": {t.task: t.title for t in comparison.tasks},
         "verdicts": {t.task: t.verdict for t in comparison.tasks},
         "disagreements": {t.task: t.answer_disagreements for t in comparison.tasks},
-        "forest": charts.forest_plot(_forest_rows(comparison), comparison.margin, comparison.release_gate),
+        "forest": charts.forest_plot(_forest_rows(comparison), comparison.margin or 0.0,
+                                     comparison.release_gate),
         "flips": charts.flip_bars([charts.FlipRow(t.title, t.flips_ref_only, t.flips_cand_only)
                                    for t in comparison.tasks]),
         "perf_charts": {load: charts.perf_bars(bars, ref, cand) for load, _table, bars in perf},
@@ -527,6 +616,7 @@ def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[st
     return {"verdict": comparison.verdict, "exit_code": comparison.exit_code, "comparison": comparison.to_dict(),
             "divergence_beyond_noise": dict(zip(("status", "detail"), divergence_headline(comparison))),
             "hardware_warnings": hardware_warnings({role: _backend(manifest, role) for role in ROLES}),
+            "faults": manifest.get("faults") or {},
             "manifest": dict(manifest)}
 
 

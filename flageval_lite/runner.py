@@ -64,6 +64,8 @@ class Job:
     # All servers of the backend when it has several (replicas); items are spread over them.  Records name
     # `endpoint` whichever replica answered, so they equal a single server's and resume on any assignment.
     replicas: tuple[Endpoint, ...] = ()
+    # Each item is asked this many times, repeat r with `params.for_repeat(r)` (its own seed); one Record each.
+    repeats: int = 1
 
     @property
     def servers(self) -> tuple[Endpoint, ...]:
@@ -79,14 +81,20 @@ class RunStats:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # error_kind -> items that failed for good
     attempts: int = 0  # HTTP requests made, retries included
+    failed_attempts: dict[str, int] = field(default_factory=dict)  # error_kind -> requests that failed
     wall_s: float = 0.0
 
     def summary(self) -> str:
-        errors = sum(self.errors.values())
-        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.errors.items()))
         rate = self.sent / self.wall_s if self.wall_s > 0 else 0.0
-        return (f"{self.ok} ok, {errors} failed{f' ({kinds})' if kinds else ''}, {self.skipped} resumed; "
-                f"{self.sent} sent with {self.attempts} requests in {self.wall_s:.1f}s ({rate:.1f} items/s)")
+        return (f"{self.ok} ok, {_counted(self.errors, 'failed')}, {self.skipped} resumed; {self.sent} sent with "
+                f"{self.attempts} requests ({_counted(self.failed_attempts, 'failed')}) in {self.wall_s:.1f}s "
+                f"({rate:.1f} items/s)")
+
+
+def _counted(kinds: dict[str, int], what: str) -> str:
+    """e.g. "3 failed (http_5xx 2, timeout 1)"."""
+    detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    return f"{sum(kinds.values())} {what}" + (f" ({detail})" if detail else "")
 
 
 class _Failure(Exception):
@@ -161,6 +169,8 @@ def _reasoning(message: dict[str, Any]) -> str:
 
 
 def _logprob_entries(logprobs: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    if logprobs is not None and not isinstance(logprobs, dict):
+        raise _Failure("malformed", f"logprobs is not an object: {str(logprobs)[:300]}")
     return [{"token": entry.get("token"), "logprob": entry.get("logprob"),
              "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")}
                               for top in entry.get("top_logprobs") or []]}
@@ -259,40 +269,52 @@ class _Pool:
                 waiter.set_result(None)
 
 
-class _JobState:
-    def __init__(self, job: Job, pool: _Pool, progress: TaskProgress, run_id: str):
-        self.job, self.pool, self.progress = job, pool, progress
-        self.stats = RunStats(job.endpoint.role, job.task)
-        self.params = job.params.to_dict()
-        endpoint_id = job.endpoint.identity()
-        self.template = dict(run_id=run_id, role=job.endpoint.role, endpoint_id=endpoint_id, task=job.task,
-                             params=self.params)
-        # Record.cache_key() hashes [endpoint_id, task, item_id, prompt_hash, params]; only the middle varies.
-        self.key_head = _canonical_json([endpoint_id, job.task])[:-1] + ","
-        self.key_tail = "," + _canonical_json(self.params) + "]"
-        # Request body = fixed fields around the messages, which are serialised once per item (below).
-        fields = job.params.request_kwargs()
+class _Variant:
+    """What one repeat of a job sends and stores besides the messages: its params, key tail and body tail."""
+
+    def __init__(self, job: Job, repeat: int):
+        params = job.params.for_repeat(repeat)
+        self.repeat, self.params = repeat, params.to_dict()
+        # Record.cache_key() hashes [endpoint_id, task, item_id, prompt_hash, params(, repeat)]; this is the tail.
+        self.key_tail = "," + _canonical_json(self.params) + (f",{repeat}]" if repeat else "]")
+        fields = params.request_kwargs()
         fields.update(fields.pop("extra_body", {}))
-        if job.params.stream:
+        if params.stream:
             fields.update(stream=True, stream_options={"include_usage": True})
         fields = {k: v for k, v in fields.items() if k not in ("model", "messages")}
-        self.body_head = ('{"model":' + json.dumps(job.endpoint.model, ensure_ascii=False) + ',"messages":').encode()
         self.body_tail = ("," + json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:]).encode()
+
+
+class _JobState:
+    def __init__(self, job: Job, pool: _Pool, progress: TaskProgress, run_id: str):
+        if job.repeats < 1:
+            raise UserError(f"task {job.task}: repeats must be at least 1, got {job.repeats}")
+        self.job, self.pool, self.progress = job, pool, progress
+        self.stats = RunStats(job.endpoint.role, job.task)
+        endpoint_id = job.endpoint.identity()
+        self.template = dict(run_id=run_id, role=job.endpoint.role, endpoint_id=endpoint_id, task=job.task)
+        self.key_head = _canonical_json([endpoint_id, job.task])[:-1] + ","
+        # Request body = fixed fields around the messages, which are serialised once per item (below).
+        self.body_head = ('{"model":' + json.dumps(job.endpoint.model, ensure_ascii=False) + ',"messages":').encode()
+        self.variants = [_Variant(job, repeat) for repeat in range(job.repeats)]
         self.pending = 0
         self.dispatched_all = False
         self.finished = False
         self.started = time.perf_counter()
 
-    def prepare(self, item: Item) -> tuple[Record, str, bytes]:
-        """The item's empty Record, its cache key and its request body."""
+    def prepare(self, item: Item) -> Iterator[tuple[Record, str, bytes]]:
+        """Per repeat: the item's empty Record, its cache key and its request body."""
         if item.task != self.job.task:
             raise UserError(f"task {self.job.task}: item {item.item_id} says it belongs to task {item.task}")
         messages = _canonical_json(item.messages).encode()
         prompt_hash = _short_hash(messages)  # == item.prompt_hash(), without a second serialisation
-        record = Record(item_id=item.item_id, prompt_hash=prompt_hash, **self.template)
         item_id = _json_string(item.item_id) if type(item.item_id) is str else _canonical_json(item.item_id)
-        key = _short_hash(f"{self.key_head}{item_id},\"{prompt_hash}\"{self.key_tail}".encode())
-        return record, key, self.body_head + messages + self.body_tail
+        key_middle = f"{self.key_head}{item_id},\"{prompt_hash}\""
+        for variant in self.variants:
+            record = Record(item_id=item.item_id, prompt_hash=prompt_hash, params=variant.params,
+                            repeat=variant.repeat, **self.template)
+            key = _short_hash(f"{key_middle}{variant.key_tail}".encode())
+            yield record, key, self.body_head + messages + variant.body_tail
 
     def maybe_finish(self) -> None:
         if self.dispatched_all and self.pending == 0 and not self.finished:
@@ -389,6 +411,7 @@ class Runner:
                                         for i, (e, supervisor) in enumerate(self._supervised(job))])
                 total = job.total if job.total is not None else (
                     len(job.items) if hasattr(job.items, "__len__") else None)
+                total = None if total is None else total * job.repeats
                 states.append(_JobState(job, pools[key], self.progress.task(job.endpoint.role, job.task, total),
                                         self.run_id))
             return await self._run_states(states, interleave)
@@ -490,19 +513,20 @@ class Runner:
                 state.maybe_finish()
 
     async def _dispatch(self, state: _JobState, item: Item, finished: set[str]) -> None:
-        record, key, body = state.prepare(item)
-        if key in finished:
-            state.stats.skipped += 1
-            state.progress.advance()
-            return
-        self._commits.join()
-        self.store.put_item(self.run_id, item)
-        replica = await state.pool.acquire()
-        state.pending += 1
-        state.stats.sent += 1
-        task = asyncio.create_task(self._complete(state, replica, body, record))
-        self._inflight.add(task)
-        task.add_done_callback(self._request_done)
+        """Send the item's repeats that are not stored yet (a resume picks up each repeat on its own)."""
+        for record, key, body in state.prepare(item):
+            if key in finished:
+                state.stats.skipped += 1
+                state.progress.advance()
+                continue
+            self._commits.join()
+            self.store.put_item(self.run_id, item)
+            replica = await state.pool.acquire()
+            state.pending += 1
+            state.stats.sent += 1
+            task = asyncio.create_task(self._complete(state, replica, body, record))
+            self._inflight.add(task)
+            task.add_done_callback(self._request_done)
 
     def _request_done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
@@ -531,6 +555,8 @@ class Runner:
         state.pool.release(replica)
         state.pending -= 1
         state.stats.attempts += record.attempts
+        for kind in record.attempt_errors:
+            state.stats.failed_attempts[kind] = state.stats.failed_attempts.get(kind, 0) + 1
         if record.ok:
             state.stats.ok += 1
         else:
@@ -560,6 +586,7 @@ class Runner:
                     failure = _classify(exc)
                     if failure is None:
                         raise
+                record.attempt_errors.append(failure.kind)
                 failed_at = time.monotonic()
                 if failure.kind == "connection":
                     await self._check_server(pool, replica, failed_at)
@@ -653,14 +680,16 @@ class Runner:
                 raise _status_failure(response.status, response.headers, raw)
         end = time.perf_counter()
         answer = _parse_json(raw.decode())
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            raise _Failure("malformed", f"response has no choices[0].message: {raw[:300]!r}")
+        if not isinstance(answer, dict):
+            raise _Failure("malformed", f"response is not a JSON object: {raw[:300]!r}")
+        _check_model(answer, replica.endpoint.model)
+        choices = _choices(answer, raw)
+        if not choices:
+            raise _Failure("empty_choices", f"response has no choices: {raw[:300]!r}")
+        choice = choices[0]
+        text, think = _texts(choice.get("message"), raw)
         logprobs = _logprob_entries(choice.get("logprobs")) if want_logprobs else None
-        _fill(record, message.get("content") or "", _reasoning(message), choice.get("finish_reason"),
-              answer.get("usage"), logprobs, end - start, None, [])
+        _fill(record, text, think, choice.get("finish_reason"), answer.get("usage"), logprobs, end - start, None, [])
 
     @staticmethod
     async def _send_streaming(replica: _Replica, body: bytes, record: Record, want_logprobs: bool) -> None:
@@ -673,6 +702,7 @@ class Runner:
         itl: list[float] = []
         ttft = last_token = None
         finish, usage = "", None
+        answered = False  # some chunk had a choice
         start = time.perf_counter()
         end = start
         async with replica.session.post(replica.completions_url, data=body) as response:
@@ -701,11 +731,12 @@ class Runner:
                         raise _Failure("malformed", f"stream chunk is not an object: {payload[:300]!r}")
                     if "error" in chunk or chunk.get("object") == "error":  # vLLM's mid-stream failure
                         raise _Failure("http_5xx", f"server error in stream: {chunk.get('error', chunk)}"[:500])
+                    _check_model(chunk, replica.endpoint.model)
                     usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
+                    for choice in _choices(chunk, payload):
+                        answered = True
                         end = now
-                        delta = choice.get("delta") or {}
-                        text, think = delta.get("content") or "", _reasoning(delta)
+                        text, think = _texts(choice.get("delta") or {}, payload)
                         if text or think:
                             if ttft is None:
                                 ttft = now - start
@@ -717,15 +748,44 @@ class Runner:
                         if logprobs is not None:
                             logprobs.extend(_logprob_entries(choice.get("logprobs")))
                         finish = choice.get("finish_reason") or finish
+        if not answered:
+            raise _Failure("empty_choices", "stream carried no choices")
         if not finish:
             raise _Failure("stream_cut", "stream ended without a finish_reason")
         _fill(record, "".join(content), "".join(reasoning), finish, usage, logprobs, end - start, ttft, itl)
 
 
+def _choices(body: dict[str, Any], raw: bytes) -> list[dict[str, Any]]:
+    """`choices` of a body or stream chunk ([] when absent); anything but a list of objects is malformed."""
+    choices = body.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise _Failure("malformed", f"choices is not a list of objects: {raw[:300]!r}")
+    return choices
+
+
+def _texts(message: Any, raw: bytes) -> tuple[str, str]:
+    """(content, reasoning) of a message or stream delta; no message, or text that is not a string, is malformed."""
+    if not isinstance(message, dict):
+        raise _Failure("malformed", f"response has no choices[0].message: {raw[:300]!r}")
+    text, think = message.get("content") or "", _reasoning(message)
+    if not isinstance(text, str) or not isinstance(think, str):
+        raise _Failure("malformed", f"message content is not text: {raw[:300]!r}")
+    return text, think
+
+
+def _check_model(body: dict[str, Any], asked: str) -> None:
+    """A body that names another model than the one asked for is no answer of that model (a body without
+    `model` is taken as it is: minimal servers leave it out)."""
+    model = body.get("model")
+    if model is not None and model != asked:
+        raise _Failure("wrong_model", f"response is from model {model!r}, not {asked!r}"[:500])
+
+
 def _fill(record: Record, text: str, reasoning: str, finish: Optional[str], usage: Optional[dict],
           logprobs: Optional[list], latency: float, ttft: Optional[float], itl: list[float]) -> None:
     record.response_text, record.reasoning_content, record.finish_reason = text, reasoning, finish or ""
-    record.prompt_tokens = (usage or {}).get("prompt_tokens") or 0
-    record.completion_tokens = (usage or {}).get("completion_tokens") or 0
+    usage = usage if isinstance(usage, dict) else {}
+    record.prompt_tokens = usage.get("prompt_tokens") or 0
+    record.completion_tokens = usage.get("completion_tokens") or 0
     record.logprobs, record.latency_s, record.ttft_s, record.itl_s = logprobs, latency, ttft, itl
     record.error = record.error_kind = ""

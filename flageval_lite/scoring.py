@@ -1,13 +1,20 @@
 """Scoring stage: stored Records + stored item gold/meta -> Scores.
 
-Infrastructure failures stay errors (value 0, outcome "error"); they are never read as answers.
-Reasoning (`reasoning_content` or a `<think>` block) is removed before the scorer sees the text.
+Infrastructure failures stay errors (outcome "error", value 0 only as a placeholder); they are never read as
+answers, and the compare stage leaves them out of the paired sample.  Reasoning (`reasoning_content` or a
+`<think>` block) is removed before the scorer sees the text.
+
+An item asked several times (`repeats: k`) has one Record and one Score per repeat; `aggregate_repeats` makes
+them ONE Score per item, the unit the paired analysis resamples: the mean over the answered repeats (avg@k), or
+pass@k (1 when any answered repeat is right).  Errored repeats are left out of the mean, never scored 0.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
-from .records import Record, Score, ScoreResult
+from .records import REPEAT_AGGREGATES, Record, Score, ScoreResult
 from .scorers import get_scorer, strip_reasoning
 
 
@@ -35,7 +42,8 @@ def score_record(record: Record, item: dict[str, Any], scorer: Callable[..., Sco
                 completion_tokens=record.completion_tokens, latency_s=record.latency_s, ttft_s=record.ttft_s,
                 group=str(meta.get(group_by, "")) if group_by else "")
     if not record.ok:
-        return Score(value=0.0, outcome="error", error=f"{record.error_kind or 'error'}: {record.error}", **base)
+        return Score(value=0.0, outcome="error", error=f"{record.error_kind or 'error'}: {record.error}", repeats=0,
+                     **base)
     answer, _ = strip_reasoning(record.response_text)
     result = scorer(answer, item.get("gold"), meta, **scorer_args)
     outcome = outcome_of(result)
@@ -50,3 +58,34 @@ def score_task(records: Iterable[Record], items: dict[str, dict[str, Any]], scor
     scorer = get_scorer(scorer_name)
     args = dict(scorer_args or {})
     return [score_record(rec, items[rec.item_id], scorer, args, group_by) for rec in records if rec.item_id in items]
+
+
+def aggregate_repeats(scores: Iterable[tuple[int, Score]], aggregate: str = "avg") -> list[Score]:
+    """(repeat, Score) of one role and task -> one Score per item, in the items' first-seen order.
+
+    value: the mean of the answered repeats (avg) or their best value (pass: pass@k with n = k samples, so the
+    unbiased estimator 1 - C(n-c, k)/C(n, k) is just "any repeat right"); `repeats` says how many were answered.
+    The text fields come from the first answered repeat.  An item none of whose repeats was answered stays an
+    error.  A single repeat comes back as it is.  Of two Scores of one repeat (records of a rerun with other
+    parameters) the later one counts."""
+    if aggregate not in REPEAT_AGGREGATES:
+        raise ValueError(f"unknown repeat aggregate {aggregate!r} (expected one of {', '.join(REPEAT_AGGREGATES)})")
+    by_item: dict[str, dict[int, Score]] = defaultdict(dict)
+    for repeat, score in scores:
+        by_item[score.item_id][repeat] = score
+    out = []
+    for by_repeat in by_item.values():
+        repeats = sorted(by_repeat.items())
+        answered = [score for _, score in repeats if score.outcome != "error"]
+        if not answered:
+            out.append(dataclasses.replace(repeats[0][1], repeats=0))
+            continue
+        if len(repeats) == 1:
+            out.append(answered[0])
+            continue
+        values = [score.value for score in answered]
+        value = max(values) if aggregate == "pass" else sum(values) / len(values)
+        outcome = ("unparsed" if all(s.outcome == "unparsed" for s in answered) else
+                   "correct" if value >= 1.0 else "wrong" if value == 0 else "partial")
+        out.append(dataclasses.replace(answered[0], value=value, outcome=outcome, repeats=len(answered)))
+    return out

@@ -9,14 +9,17 @@ Notation: for binary items, `losses` are items only the reference got right (McN
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-VERDICTS = ("consistent", "regression", "improvement", "inconclusive")
-EXIT_CODES = {"consistent": 0, "regression": 1, "inconclusive": 3}  # 2 is the CLI's bad-input code
+VERDICTS = ("consistent", "regression", "improvement", "inconclusive", "incomplete")
+# 2 is the CLI's bad-input code.
+EXIT_CODES = {"consistent": 0, "regression": 1, "inconclusive": 3, "incomplete": 4}
 
 # Bootstrap and sign-flip draws are made in chunks of at most this many cells, so memory stays
 # bounded (~32 MiB of indices) whatever n x iters is.
@@ -151,33 +154,82 @@ def _tango_interval(gains: int, losses: int, n: int, z: float) -> tuple[float, f
     return max(-1.0, bisect(-1.0, estimate, 1.0)), min(1.0, bisect(estimate, 1.0, -1.0))
 
 
+def zero_difference_band(n: int, confidence: float) -> float:
+    """Half-width z²/(n + z²) of the interval when no item differs: with nothing seen in n items, an
+    unseen difference (at most 1 per item) can still move Δ by about this much."""
+    z = _z(confidence)
+    return z * z / (n + z * z)
+
+
 def paired_difference_ci(
-    reference: Sequence[float],
-    candidate: Sequence[float],
-    confidence: float = 0.95,
-    seed: int = 0,
-    iters: int = 10_000,
+    reference: Sequence[float], candidate: Sequence[float], confidence: float = 0.95
 ) -> tuple[float, float]:
     """Interval for Δ = mean(candidate) - mean(reference) over paired items.
 
     Binary scores: Tango's score interval, which depends only on the discordant counts and n and
     keeps close to nominal coverage with few discordant pairs.  With no discordant pair it is
     ±z²/(n + z²) (about ±3.84/n at 95 %), never the degenerate (0, 0).
-    Graded scores: percentile bootstrap of the mean paired difference (items resampled, pairs kept
-    together).  When every paired difference is 0 the bootstrap would collapse to (0, 0), which at
-    small n would pass any equivalence test; the binary zero-discordance band ±z²/(n + z²) is
-    returned instead (a difference on an unseen item is at most 1 in size).
+    Graded scores: the t-interval on the paired differences, mean ± t_{n-1} s/√n, widened where needed
+    to the zero-difference band ±z²/(n + z²) around the mean.  A few small differences give a tiny
+    s, and a bootstrap or t-interval alone would then be narrower than when no item differs at all
+    (one item off by 0.05 in 30 would certify any margin); the floor keeps that from happening.
     """
     z = _z(confidence)
     ref, cand = _paired(reference, candidate)
+    n = ref.size
     if is_binary(ref) and is_binary(cand):
         losses, gains = _discordant_counts(ref, cand)
-        return _tango_interval(gains, losses, ref.size, z)
-    if not np.any(cand != ref):
-        band = z * z / (ref.size + z * z)
-        return (-band, band)
-    draws = _bootstrap_means(cand - ref, iters, np.random.default_rng(seed))
-    return _percentile_interval(draws, confidence)
+        return _tango_interval(gains, losses, n, z)
+    diffs = cand - ref
+    mean = float(diffs.mean())
+    spread = float(diffs.std(ddof=1)) if n > 1 else 0.0
+    half = max(_t_quantile(confidence, n - 1) * spread / math.sqrt(n), zero_difference_band(n, confidence))
+    return max(-1.0, mean - half), min(1.0, mean + half)
+
+
+def _t_central_probability(t: float, dof: int) -> float:
+    """P(|T| <= t) for Student's t with an integer `dof`: the finite sums of Abramowitz & Stegun 26.7.3-4."""
+    theta = math.atan(t / math.sqrt(dof))
+    cos2 = math.cos(theta) ** 2
+    if dof % 2 == 0:
+        term = total = 1.0
+        for k in range(1, dof // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+    if dof == 1:
+        return 2 * theta / math.pi
+    term = total = 1.0
+    for k in range(1, (dof - 1) // 2):
+        term *= cos2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+
+# Above this many degrees of freedom the Cornish-Fisher series in 1/dof is exact to ~1e-9.
+_T_SERIES_DOF = 200
+
+
+@functools.lru_cache(maxsize=1024)  # a run asks for the same few (confidence, n) pairs over and over
+def _t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student-t quantile: bisection on the exact distribution up to 200 dof, then the
+    Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5); the normal quantile when dof < 1."""
+    z = _z(confidence)
+    if dof < 1:
+        return z
+    if dof > _T_SERIES_DOF:
+        g1 = (z**3 + z) / 4
+        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+        g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+        return z + g1 / dof + g2 / dof**2 + g3 / dof**3 + g4 / dof**4
+    low, high = z, 1.0
+    while _t_central_probability(high, dof) < confidence:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_central_probability(mid, dof) < confidence else (low, mid)
+    return (low + high) / 2
 
 
 def _sign_flip_p(diffs: np.ndarray, iters: int, rng: np.random.Generator) -> float:
@@ -259,50 +311,105 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+@dataclass(frozen=True)
+class DecisionRule:
+    """What a row must show to read "consistent", in the unit of Δ (points in the report).
+
+    equivalence:      ε; the 90 % CI of Δ inside (-ε, +ε) (TOST).  None: not tested.
+    non_inferiority:  δ; the 90 % CI's lower end above -δ, i.e. the one-sided α = 0.05 test of
+                      H0 "Δ <= -δ" rejected (the FlagRelease rule: a drop of at most δ).  None: not tested.
+    max_error_rate:   the share of a task's items that infrastructure errors may take out of the
+                      paired sample before the row reads "incomplete".
+    """
+
+    equivalence: Optional[float] = 1.0
+    non_inferiority: Optional[float] = 5.0
+    max_error_rate: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.equivalence is None and self.non_inferiority is None:
+            raise ValueError("a decision rule needs an equivalence or a non-inferiority margin")
+        for name in ("equivalence", "non_inferiority"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} margin must be a positive number, got {value}")
+        if self.equivalence is not None and self.non_inferiority is not None \
+                and self.equivalence > self.non_inferiority:
+            raise ValueError(f"equivalence margin {self.equivalence:g} exceeds the non-inferiority margin "
+                             f"{self.non_inferiority:g}: equivalence must be the stronger claim")
+        if not 0.0 <= self.max_error_rate < 1.0:
+            raise ValueError(f"max_error_rate must lie in [0, 1), got {self.max_error_rate}")
+
+    def label(self, which: str) -> str:
+        """"equivalence ±ε" or "non-inferiority −δ", in the margins' unit."""
+        if which == "equivalence":
+            return f"equivalence ±{self.equivalence:g}"
+        return f"non-inferiority −{self.non_inferiority:g}"
+
+    @property
+    def weakest(self) -> str:
+        """The rule a row that shows neither claim is judged against: non-inferiority when it is set."""
+        return "non_inferiority" if self.non_inferiority is not None else "equivalence"
+
+
+def non_inferior(ci90: tuple[float, float], margin: float) -> bool:
+    """One-sided non-inferiority test at α = 0.05: the 90 % interval's lower end lies above -margin."""
+    if not margin > 0:
+        raise ValueError(f"non-inferiority margin must be > 0, got {margin}")
+    return ci90[0] > -margin
+
+
+def certified(ci90: tuple[float, float]) -> dict[str, float]:
+    """The tightest margins this interval certifies: equivalence ±max(|low|, |high|) and
+    non-inferiority −max(-low, 0) (a margin just above these passes)."""
+    low, high = ci90
+    return {"equivalence": max(abs(low), abs(high)), "non_inferiority": max(-low, 0.0)}
+
+
 def verdict(
-    delta: float,
     ci95: tuple[float, float],
     ci90: tuple[float, float],
     p_holm: float,
-    margin: float,
-    release_gate: float,
+    rule: DecisionRule,
     alpha: float = 0.05,
-) -> str:
-    """Classify one benchmark row.  All of delta, intervals, margin and gate share one unit.
+) -> tuple[str, str]:
+    """Classify one benchmark row; returns (verdict, the rule that decided it as `DecisionRule.label`).
 
-    First matching rule wins:
-      1. delta < -release_gate and ci95 below 0       -> "regression"  (a shown drop beyond the release gate)
-      2. ci90 strictly inside (-margin, +margin)       -> "consistent"  (TOST equivalence)
-      3. p_holm < alpha and ci95 entirely below 0      -> "regression"
-      4. p_holm < alpha and ci95 entirely above 0      -> "improvement"
-      5. otherwise                                     -> "inconclusive"
-    Rules 3-4 ask the interval to agree with the test, so a row never reads "significant" beside
-    a 95 % interval that contains 0; rule 1 likewise needs the paired interval to show a drop, so a
-    noisy point estimate past the gate on a few items reads "inconclusive" (the report's gate column
-    still says the point estimate failed it).  `release_gate` may be math.inf to switch rule 1 off.
+    Δ, the intervals and the rule's margins share one unit.  First matching rule wins:
+      1. ε set and ci90 strictly inside (-ε, +ε)          -> "consistent"   (equivalence, TOST)
+      2. p_holm < alpha and ci95 entirely above 0          -> "improvement"  (a shown gain beyond ±ε)
+      3. δ set and ci90 lower end above -δ                 -> "consistent"   (non-inferiority)
+      4. p_holm < alpha and ci95 entirely below 0          -> "regression"   (a shown drop not shown to be within δ)
+      5. otherwise                                         -> "inconclusive"
+    "consistent" needs each row's own level-α test (the overall "all consistent" is an intersection-union
+    test, which needs no multiplicity adjustment); "regression" and "improvement" need the Holm-adjusted
+    paired test, so a run of identical backends reads "regression" somewhere with probability <= alpha.
+    The point estimate alone never decides.
     """
-    if release_gate < 0:
-        raise ValueError(f"release gate must be >= 0, got {release_gate}")
-    if delta < -release_gate and ci95[1] < 0:
-        return "regression"
-    if tost_equivalent(ci90, margin):
-        return "consistent"
-    if p_holm < alpha and ci95[1] < 0:
-        return "regression"
+    if rule.equivalence is not None and tost_equivalent(ci90, rule.equivalence):
+        return "consistent", rule.label("equivalence")
     if p_holm < alpha and ci95[0] > 0:
-        return "improvement"
-    return "inconclusive"
+        return "improvement", rule.label("equivalence" if rule.equivalence is not None else "non_inferiority")
+    if rule.non_inferiority is not None and non_inferior(ci90, rule.non_inferiority):
+        return "consistent", rule.label("non_inferiority")
+    if p_holm < alpha and ci95[1] < 0:
+        return "regression", rule.label(rule.weakest)
+    return "inconclusive", rule.label(rule.weakest)
 
 
 def overall_verdict(verdicts: Sequence[str]) -> str:
-    """"regression" if any row regressed; "consistent" only if every row is; else "inconclusive".
+    """"incomplete" if any row is; else "regression" if any row regressed; "consistent" only if every
+    row is; else "inconclusive".
 
-    An improvement is still a difference, so it makes the run inconclusive rather than consistent;
-    an empty list is inconclusive (nothing was shown).
+    An incomplete row comes first: faults took answers out of its sample, so the run must be rerun
+    (which re-asks exactly those items) before any other finding is final.  An improvement is still a
+    difference, so it makes the run inconclusive rather than consistent; an empty list is inconclusive.
     """
     for v in verdicts:
         if v not in VERDICTS:
             raise ValueError(f"unknown verdict {v!r}; expected one of {', '.join(VERDICTS)}")
+    if "incomplete" in verdicts:
+        return "incomplete"
     if "regression" in verdicts:
         return "regression"
     if verdicts and all(v == "consistent" for v in verdicts):
@@ -311,7 +418,7 @@ def overall_verdict(verdicts: Sequence[str]) -> str:
 
 
 def exit_code(overall: str) -> int:
-    """Process exit status for an overall verdict: 0 consistent, 1 regression, 3 inconclusive."""
+    """Process exit status for an overall verdict: 0 consistent, 1 regression, 3 inconclusive, 4 incomplete."""
     if overall not in EXIT_CODES:
         raise ValueError(f"no exit code for overall verdict {overall!r}")
     return EXIT_CODES[overall]

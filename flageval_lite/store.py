@@ -30,11 +30,14 @@ THUMBNAIL_PX = 256
 
 _RECORD_FIELDS = ("run_id", "role", "endpoint_id", "task", "item_id", "prompt_hash", "params", "response_text",
                   "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs",
-                  "latency_s", "ttft_s", "itl_s", "attempts", "error", "error_kind", "started_at")
-_RECORD_JSON = ("params", "logprobs", "itl_s")
+                  "latency_s", "ttft_s", "itl_s", "attempts", "error", "error_kind", "started_at",
+                  "attempt_errors", "repeat")
+_RECORD_JSON = ("params", "logprobs", "itl_s", "attempt_errors")
 _SCORE_FIELDS = ("role", "task", "item_id", "value", "outcome", "extracted", "gold", "response_text",
-                 "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group")
-
+                 "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group", "repeats")
+# Columns added after the first release: files written before them get them with these defaults.
+_ADDED_COLUMNS = {"records": {"attempt_errors": "TEXT NOT NULL DEFAULT '[]'", "repeat": "INTEGER NOT NULL DEFAULT 0"},
+                  "scores": {"repeats": "INTEGER NOT NULL DEFAULT 1"}}
 
 
 def _columns(names: tuple[str, ...]) -> str:
@@ -57,6 +60,11 @@ CREATE TABLE IF NOT EXISTS scores (
     {_columns(_SCORE_FIELDS)},
     PRIMARY KEY (run_id, role, task, item_id)
 );
+CREATE TABLE IF NOT EXISTS repeat_scores (
+    run_id TEXT NOT NULL, repeat INTEGER NOT NULL,
+    {_columns(_SCORE_FIELDS)},
+    PRIMARY KEY (run_id, role, task, item_id, repeat)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS teacher_forced (
     run_id TEXT NOT NULL, role TEXT NOT NULL, task TEXT NOT NULL, item_id TEXT NOT NULL, value TEXT NOT NULL,
@@ -64,12 +72,18 @@ CREATE TABLE IF NOT EXISTS teacher_forced (
 );
 """
 
-# An earlier error is replaced by any later result; a stored success is never overwritten.
+# An earlier error is replaced by any later result; a stored success is never overwritten.  The attempts and
+# the failed attempts' kinds of the replaced error are kept: they are the item's fault history over all reruns.
+_KEPT_HISTORY = {
+    "attempts": "records.attempts + excluded.attempts",
+    "attempt_errors": "(SELECT json_group_array(value) FROM (SELECT value FROM json_each(records.attempt_errors) "
+                      "UNION ALL SELECT value FROM json_each(excluded.attempt_errors)))",
+}
 _UPSERT_RECORD = (
     f"INSERT INTO records (cache_key, {_columns(_RECORD_FIELDS)}) "
     f"VALUES ({', '.join('?' * (len(_RECORD_FIELDS) + 1))}) "
     f"ON CONFLICT (run_id, cache_key) DO UPDATE SET "
-    + ", ".join(f'"{n}" = excluded."{n}"' for n in _RECORD_FIELDS)
+    + ", ".join(f'"{n}" = ' + _KEPT_HISTORY.get(n, f'excluded."{n}"') for n in _RECORD_FIELDS)
     + " WHERE records.error != ''"
 )
 
@@ -176,10 +190,14 @@ class Store:
                     "meta": ("key", "value")}
         for table, columns in expected.items():
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            missing = [c for c in columns if c not in have]
+            added = _ADDED_COLUMNS.get(table, {})
+            missing = [c for c in columns if c not in have and c not in added]
             if missing:
                 raise UserError(f"{self.path}: table {table} lacks columns {', '.join(missing)}; "
                                 f"not a flageval-lite results file")
+            for name, declaration in added.items():
+                if name not in have:
+                    self._db.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {declaration}')
 
     def close(self) -> None:
         self._db.close()
@@ -231,6 +249,26 @@ class Store:
                                 "error != '' GROUP BY role, task, error_kind", (run_id,))
         return {(role, task, kind): n for role, task, kind, n in rows}
 
+    def fault_counts(self, run_id: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """role -> task -> {records, requests, retries, failed_attempts: {kind: n}, errors: {kind: n}}.
+
+        records: stored answers (items × repeats); requests: HTTP requests they took over all reruns;
+        retries: requests beyond each record's first; failed_attempts: every failed request by kind (retried
+        or not); errors: records that failed for good (left out of the comparison) by kind."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        rows = self._db.execute("SELECT role, task, COUNT(*), SUM(attempts) FROM records WHERE run_id = ? "
+                                "GROUP BY role, task ORDER BY MIN(rowid)", (run_id,))
+        for role, task, records, requests in rows:
+            out.setdefault(role, {})[task] = {"records": records, "requests": requests, "retries": requests - records,
+                                              "failed_attempts": {}, "errors": {}}
+        rows = self._db.execute("SELECT r.role, r.task, a.value, COUNT(*) FROM records r, json_each(r.attempt_errors) a "
+                                "WHERE r.run_id = ? GROUP BY r.role, r.task, a.value ORDER BY a.value", (run_id,))
+        for role, task, kind, n in rows:
+            out[role][task]["failed_attempts"][kind] = n
+        for (role, task, kind), n in sorted(self.error_counts(run_id).items()):
+            out[role][task]["errors"][kind] = n
+        return out
+
     # ------------------------------------------------------------------ items
 
     def has_item(self, run_id: str, task: str, item_id: str) -> bool:
@@ -259,9 +297,33 @@ class Store:
     # ------------------------------------------------------------------ scores
 
     def put_scores(self, run_id: str, scores: list[Score]) -> None:
+        """One Score per item (repeats already aggregated), replaced per (run, role, task, item)."""
         sql = (f"INSERT OR REPLACE INTO scores (run_id, {_columns(_SCORE_FIELDS)}) "
                f"VALUES ({', '.join('?' * (len(_SCORE_FIELDS) + 1))})")
-        rows = [[run_id] + [getattr(score, name) for name in _SCORE_FIELDS] for score in scores]
+        self._write_many(sql, [[run_id] + [getattr(score, name) for name in _SCORE_FIELDS] for score in scores])
+
+    def scores(self, run_id: str, role: Optional[str] = None, task: Optional[str] = None) -> list[Score]:
+        sql, args = self._filtered(f"SELECT {_columns(_SCORE_FIELDS)} FROM scores "
+                                   f"WHERE run_id = ?", run_id, role=role, task=task)
+        return [Score(**dict(zip(_SCORE_FIELDS, row))) for row in self._db.execute(sql + " ORDER BY rowid", args)]
+
+    def put_repeat_scores(self, run_id: str, scores: Iterable[tuple[int, Score]]) -> None:
+        """The Score of every repeat of a task asked several times, as (repeat, Score)."""
+        sql = (f"INSERT OR REPLACE INTO repeat_scores (run_id, repeat, {_columns(_SCORE_FIELDS)}) "
+               f"VALUES ({', '.join('?' * (len(_SCORE_FIELDS) + 2))})")
+        self._write_many(sql, [[run_id, repeat] + [getattr(score, name) for name in _SCORE_FIELDS]
+                               for repeat, score in scores])
+
+    def repeat_scores(self, run_id: str, role: str, task: Optional[str] = None) -> dict[int, list[Score]]:
+        """repeat -> that repeat's Scores of one role, in stored order ({} when no task had repeats)."""
+        sql, args = self._filtered(f"SELECT repeat, {_columns(_SCORE_FIELDS)} FROM repeat_scores WHERE run_id = ?",
+                                   run_id, role=role, task=task)
+        out: dict[int, list[Score]] = {}
+        for repeat, *row in self._db.execute(sql + " ORDER BY repeat, rowid", args):
+            out.setdefault(repeat, []).append(Score(**dict(zip(_SCORE_FIELDS, row))))
+        return out
+
+    def _write_many(self, sql: str, rows: list[list[Any]]) -> None:
         self._db.execute("BEGIN")  # one commit for the batch (the connection autocommits otherwise)
         try:
             self._db.executemany(sql, rows)
@@ -270,24 +332,13 @@ class Store:
             raise
         self._db.execute("COMMIT")
 
-    def scores(self, run_id: str, role: Optional[str] = None, task: Optional[str] = None) -> list[Score]:
-        sql, args = self._filtered(f"SELECT {_columns(_SCORE_FIELDS)} FROM scores "
-                                   f"WHERE run_id = ?", run_id, role=role, task=task)
-        return [Score(**dict(zip(_SCORE_FIELDS, row))) for row in self._db.execute(sql + " ORDER BY rowid", args)]
-
     # ------------------------------------------------------------------ teacher forcing
 
     def put_teacher_forced(self, run_id: str, role: str, rows: Iterable[tuple[str, str, Any]]) -> None:
         """(task, item_id, JSON value) rows of one role -- the token sequences or one server's scores (see
         teacher_forced.py) -- in one commit; a row replaces the stored one of the same key."""
-        data = [(run_id, role, task, item_id, _dumps(value)) for task, item_id, value in rows]
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany("INSERT OR REPLACE INTO teacher_forced VALUES (?, ?, ?, ?, ?)", data)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        self._write_many("INSERT OR REPLACE INTO teacher_forced VALUES (?, ?, ?, ?, ?)",
+                         [[run_id, role, task, item_id, _dumps(value)] for task, item_id, value in rows])
 
     def teacher_forced(self, run_id: str, role: str) -> dict[tuple[str, str], Any]:
         """(task, item_id) -> value of one role, in the order stored."""

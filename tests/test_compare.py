@@ -52,7 +52,8 @@ def hand_built():
 
 def test_hand_built_task_fields(hand_built):
     ref, cand = hand_built
-    tc = compare_task("t", "Task T", ref, cand, margin=1.0, release_gate=5.0)
+    # The legacy switch scores errors 0, so the numbers below are over all 10 paired items.
+    tc = compare_task("t", "Task T", ref, cand, rule=stats.DecisionRule(1.0, 5.0), errors_as_zero=True)
     ref_vals = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     cand_vals = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
 
@@ -74,15 +75,16 @@ def test_hand_built_task_fields(hand_built):
     assert tc.output_agreement == pytest.approx(3 / 10)  # i1 differs in text only
     assert tc.mde == pytest.approx(100 * stats.minimum_detectable_effect(ref_vals, cand_vals))
     assert tc.equivalent is False
-    assert tc.within_release_gate is False  # a 10-point drop
-    assert tc.verdict == "inconclusive"  # past the release gate, but 2 vs 1 flips show no drop
-    assert not tc.within_release_gate
+    assert tc.within_release_gate is False  # non-inferiority at -5 is not shown
+    # i7, i8 errored and r-only, c-only are scored on one side: 4 of 12 items lost, incomplete whatever the
+    # statistics say.
+    assert tc.verdict == "incomplete" and tc.incomplete_reason.startswith("4 of 12 items (33.3 %)")
     assert (tc.errors_reference, tc.errors_candidate) == (1, 1)
     assert (tc.unparsed_reference, tc.unparsed_candidate) == (0, 1)
     assert (tc.only_reference, tc.only_candidate) == (["r-only"], ["c-only"])
     assert tc.excluded_errors == 0
     assert tc.answer_disagreements == 6
-    assert len(tc.warnings) == 1 and "left out of the paired statistics" in tc.warnings[0]
+    assert len(tc.warnings) == 2 and "left out of the paired statistics" in tc.warnings[0]
     assert tc.divergence["n"] == 10 and tc.divergence["exact_output_agreement"] == pytest.approx(0.3)
     assert tc.divergence["logprobs"] is None
     assert tc.groups == {
@@ -93,12 +95,13 @@ def test_hand_built_task_fields(hand_built):
     }
 
 
-def test_errors_can_be_left_out_instead_of_scored_zero(hand_built):
+def test_errors_are_left_out_not_scored_zero(hand_built):
     ref, cand = hand_built
-    tc = compare_task("t", "Task T", ref, cand, errors_as_zero=False)
+    tc = compare_task("t", "Task T", ref, cand)
     assert tc.n == 8 and tc.excluded_errors == 2  # i7 and i8
     assert (tc.errors_reference, tc.errors_candidate) == (1, 1)  # still counted
     assert any("infrastructure error" in w for w in tc.warnings)
+    assert tc.verdict == "incomplete"
 
 
 def test_logprob_divergence_from_records():
@@ -129,7 +132,7 @@ def test_identical_runs(n, expected):
     ±1.34 points at n = 200 (not).
     """
     ref = [score("reference", f"i{i}", float(i % 3 == 0)) for i in range(n)]
-    tc = compare_task("t", "T", ref, identical(ref, "candidate"), margin=1.0)
+    tc = compare_task("t", "T", ref, identical(ref, "candidate"), rule=stats.DecisionRule(1.0, None))
     assert tc.delta == 0.0 and tc.flips_ref_only == tc.flips_cand_only == 0
     assert tc.answer_agreement == 1.0 and tc.output_agreement == 1.0
     assert tc.p_value == 1.0
@@ -217,7 +220,8 @@ def test_outputs_beyond_the_noise_floor_need_more_ab_than_aa_differences():
     assert x.noise_test["beyond_noise"] is True
     assert (y.noise_test["ab_only"], y.noise_test["aa_only"], y.noise_test["p"]) == (0, 0, 1.0)
     assert y.noise_test["beyond_noise"] is False
-    assert x.delta == 0 and run.verdict == "inconclusive"  # same answers: accuracy alone cannot see it
+    # Same answers: accuracy alone cannot see it; 60 identical outcomes certify non-inferiority at −5.
+    assert x.delta == 0 and run.verdict == "consistent" and x.rule == "non-inferiority −5"
     data = run.to_dict()["tasks"][0]
     assert data["noise_test"]["beyond_noise"] is True and "differing_outputs" not in data
     assert compare_run([{"task": "x", "title": "X", "reference": ref["x"], "candidate": cand["x"]}]).tasks[0] \
@@ -283,3 +287,79 @@ def test_bad_input_is_one_clear_error(hand_built, mutate, message):
 def test_unknown_metric_is_rejected(hand_built):
     with pytest.raises(UserError, match="unknown metric 'median'"):
         compare_task("t", "T", *hand_built, metric="median")
+
+
+@pytest.mark.parametrize("n", [49, 98, 103])
+def test_livebench_rescaling_keeps_binary_values_binary(n):
+    """One category, one task: n × weight is exactly 1, so right/wrong items keep the binary test and interval."""
+    ref = [score("reference", f"i{k}", float(k % 2), group="math/amps") for k in range(n)]
+    cand = [score("candidate", f"i{k}", float(k % 2 if k else 1 - k % 2), group="math/amps") for k in range(n)]
+    tc = compare_task("t", "LiveBench", ref, cand, metric="livebench")
+    assert tc.binary is True
+    assert tc.p_value == pytest.approx(stats.mcnemar_exact(0, 1))
+    assert sum(livebench_weights(["math/amps"] * n)) == 1
+
+
+def _errored(scores, ids):
+    out = identical(scores, scores[0].role)
+    for s in out:
+        if s.item_id in ids:
+            s.value, s.outcome, s.extracted, s.response_text = 0.0, "error", "", ""
+    return out
+
+
+@pytest.mark.parametrize("ref_errors, cand_errors, incomplete", [
+    ((), (), False),
+    (("i0",), ("i0",), False),  # lost on both sides: 1 of 100 items, under 2 %
+    (("i0", "i1", "i2"), ("i0", "i1", "i2"), True),  # 3 % of the items
+    ((), ("i7",), True),  # one side only
+    (("i3",), ("i4",), True),  # each on one side only
+])
+def test_incomplete_when_faults_take_too_much_or_one_side_only(ref_errors, cand_errors, incomplete):
+    ref = [score("reference", f"i{k}", float(k % 2)) for k in range(100)]
+    cand = identical(ref, "candidate")
+    tc = compare_task("t", "T", _errored(ref, ref_errors), _errored(cand, cand_errors))
+    assert (tc.verdict == "incomplete") is incomplete
+    assert tc.n == 100 - len(set(ref_errors) | set(cand_errors))
+    assert tc.delta == 0.0  # identical answers: the faults move nothing
+    run = compare_run([{"task": "t", "title": "T", "reference": _errored(ref, ref_errors),
+                        "candidate": _errored(cand, cand_errors)}])
+    assert (run.verdict == "incomplete", run.exit_code == 4) == (incomplete, incomplete)
+
+
+def test_a_task_whose_every_pair_errored_is_incomplete_not_an_error():
+    ref = [score("reference", f"i{k}", 1.0) for k in range(5)]
+    cand = _errored(identical(ref, "candidate"), {f"i{k}" for k in range(5)})
+    run = compare_run([{"task": "t", "title": "T", "reference": ref, "candidate": cand},
+                       _task("c", 400, lost=0)])
+    assert [t.verdict for t in run.tasks] == ["incomplete", "consistent"] and run.verdict == "incomplete"
+    assert run.tasks[0].n == 0 and run.tasks[0].excluded_errors == 5
+    assert Comparison.from_dict(run.to_dict()).tasks[0].verdict == "incomplete"
+
+
+def test_per_task_rules_and_the_row_plan():
+    same = _task("c", 100, lost=0)  # 100 identical items: ±2.6 points at 90 %
+    run = compare_run([same, {**_task("d", 100, lost=0), "rule": stats.DecisionRule(equivalence=3.0)}])
+    c, d = run.tasks
+    assert (c.verdict, c.rule) == ("consistent", "non-inferiority −5")
+    assert (d.verdict, d.rule) == ("consistent", "equivalence ±3")
+    assert c.certified["non_inferiority"] == pytest.approx(100 * 2.706 / 102.706, rel=1e-3)
+    assert c.plan["needs"]["equivalence"]["items"] == 268 and c.plan["needs"]["non_inferiority"]["items"] == 52
+    assert c.plan["needs"]["equivalence"]["repeats"] is None  # 100 items' band is wider than ±1 at any k
+    with pytest.raises(UserError, match="stronger claim"):
+        compare_run([same], margin=6.0, release_gate=5.0)
+
+
+def test_one_sided_faults_move_no_row_and_never_read_regression():
+    """Six tasks, identical answers, 20 % of the candidate's items errored: Δ stays 0 everywhere, the run is
+    incomplete (exit 4), not a regression as when errors were scored 0."""
+    tasks = []
+    for name in "abcdef":
+        ref = [score("reference", f"{name}{i}", float(i % 2), task=name) for i in range(100)]
+        cand = _errored(identical(ref, "candidate"), {f"{name}{i}" for i in range(0, 100, 5)})
+        tasks.append({"task": name, "title": name.upper(), "reference": ref, "candidate": cand})
+    run = compare_run(tasks)
+    assert all(t.delta == 0.0 and t.n == 80 and t.errors_candidate == 20 for t in run.tasks)
+    assert {t.verdict for t in run.tasks} == {"incomplete"} and (run.verdict, run.exit_code) == ("incomplete", 4)
+    legacy = compare_run(tasks, errors_as_zero=True)
+    assert legacy.tasks[0].delta == pytest.approx(-10.0)  # the 10 right answers among the errored 20, scored 0

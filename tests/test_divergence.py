@@ -122,6 +122,16 @@ def test_summarize_divergence():
     assert tokens["kl_positions"] == 3 and tokens["kl_max"] > tokens["kl_mean"] > 0
 
 
+def test_length_shift_is_unknown_without_token_counts():
+    """Imported runs carry no token counts (0 for a non-empty reply): n/a, not a shift of 0."""
+    imported = [dict(item_id="q1", text_ref="A long answer", text_cand="Short", finish_ref="", finish_cand="",
+                     tokens_ref=0, tokens_cand=0)]
+    assert summarize_divergence(imported)["length_shift_mean"] is None
+    counted = [*imported, dict(item_id="q2", text_ref="a", text_cand="", finish_ref="stop", finish_cand="stop",
+                               tokens_ref=3, tokens_cand=0)]
+    assert summarize_divergence(counted)["length_shift_mean"] == -3  # an empty reply may well have 0 tokens
+
+
 def test_summarize_divergence_edges():
     empty = summarize_divergence([])
     assert empty["n"] == 0 and empty["exact_output_agreement"] is None and empty["logprobs"] is None

@@ -145,7 +145,6 @@ def test_completions_legacy_logprobs(client):
 @pytest.mark.parametrize(
     "change, param",
     [
-        ({"model": "no-such-model"}, "model"),
         ({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
@@ -153,6 +152,9 @@ def test_completions_legacy_logprobs(client):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"max_tokens": 2048}, "max_tokens"),
         ({"max_completion_tokens": 4096}, "max_completion_tokens"),
+        ({"n": 2}, "n"),
+        ({"extra_body": {"echo": True}}, "echo"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
 def test_bad_requests_get_400(client, change, param):
@@ -218,13 +220,7 @@ def test_bfloat16_concurrent_greedy_equals_sequential(tmp_path):
 
 
 def post(server, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+    return request(server, "POST", path, body)
 
 
 def tokenize(server, **body) -> dict:
@@ -306,3 +302,191 @@ def test_chat_prompt_logprobs_sit_at_the_top_level(client):
 def test_bad_token_requests_get_400(server, change, param):
     status, error = post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1, **change})
     assert status == 400 and error["error"]["param"] == param and error["error"]["message"]
+
+
+# --------------------------------------------------------------------------- API fidelity: errors, echo, shapes
+
+# vLLM's response models (vllm/entrypoints/openai/protocol.py and serve/tokenize/protocol.py): field -> JSON types,
+# a leading "!" marking the fields without a default. Our responses may leave optional fields out, never add any.
+NULL = type(None)
+VLLM_SHAPES = {
+    "completion": {"!id": str, "!object": str, "!created": int, "!model": str, "!choices": list, "usage": dict,
+                   "service_tier": (str, NULL), "system_fingerprint": (str, NULL), "kv_transfer_params": (dict, NULL)},
+    "completion_choice": {"!index": int, "!text": str, "logprobs": (dict, NULL), "finish_reason": (str, NULL),
+                          "stop_reason": (int, str, NULL), "prompt_logprobs": (list, NULL),
+                          "prompt_token_ids": (list, NULL), "token_ids": (list, NULL)},
+    "completion_logprobs": {"text_offset": list, "token_logprobs": list, "tokens": list, "top_logprobs": list},
+    "chat": {"!id": str, "!object": str, "!created": int, "!model": str, "!choices": list, "!usage": dict,
+             "prompt_logprobs": (list, NULL), "prompt_token_ids": (list, NULL), "service_tier": (str, NULL),
+             "system_fingerprint": (str, NULL), "kv_transfer_params": (dict, NULL)},
+    "chat_choice": {"!index": int, "!message": dict, "logprobs": (dict, NULL), "finish_reason": (str, NULL),
+                    "stop_reason": (int, str, NULL), "token_ids": (list, NULL)},
+    "chat_message": {"!role": str, "content": (str, NULL), "refusal": (str, NULL), "annotations": (list, NULL),
+                     "audio": (dict, NULL), "function_call": (dict, NULL), "tool_calls": list,
+                     "reasoning_content": (str, NULL)},
+    "usage": {"prompt_tokens": int, "total_tokens": int, "completion_tokens": (int, NULL),
+              "prompt_tokens_details": (dict, NULL)},
+    "model_card": {"!id": str, "object": str, "created": int, "owned_by": str, "root": (str, NULL),
+                   "parent": (str, NULL), "max_model_len": (int, NULL), "permission": list},
+    "tokenize": {"!count": int, "!max_model_len": int, "!tokens": list, "token_strs": (list, NULL)},
+    "detokenize": {"!prompt": str},
+    "error": {"!message": str, "!type": str, "param": (str, NULL), "!code": (str, int, NULL)},  # code: OpenAI's str
+}
+
+
+def assert_vllm_shape(payload: dict, shape_name: str) -> None:
+    shape = {name.lstrip("!"): types for name, types in VLLM_SHAPES[shape_name].items()}
+    required = {name[1:] for name in VLLM_SHAPES[shape_name] if name.startswith("!")}
+    assert required <= set(payload), (shape_name, required - set(payload))
+    assert set(payload) <= set(shape), (shape_name, set(payload) - set(shape))
+    for name, value in payload.items():
+        assert isinstance(value, shape[name]) and not (isinstance(value, bool) and shape[name] is int), (name, value)
+
+
+def request(server, method: str, path: str, body=None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_responses_have_vllms_shapes(server, client):
+    status, completion = post(server, "/v1/completions", {
+        "model": MODEL, "prompt": "Hello", "max_tokens": 2, "logprobs": 1, "echo": True, "return_token_ids": True})
+    assert status == 200
+    assert_vllm_shape(completion, "completion")
+    assert_vllm_shape(completion["usage"], "usage")
+    assert_vllm_shape(completion["choices"][0], "completion_choice")
+    assert_vllm_shape(completion["choices"][0]["logprobs"], "completion_logprobs")
+    status, chat = post(server, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0})
+    assert status == 200
+    assert_vllm_shape(chat, "chat")
+    assert_vllm_shape(chat["choices"][0], "chat_choice")
+    assert_vllm_shape(chat["choices"][0]["message"], "chat_message")
+    assert_vllm_shape(server.get(f"/v1/models/{MODEL}"), "model_card")
+    assert [card for card in server.get("/v1/models")["data"]] == [server.get(f"/v1/models/{MODEL}")]
+    assert_vllm_shape(tokenize(server, prompt="Hello"), "tokenize")
+    assert_vllm_shape(post(server, "/detokenize", {"tokens": [1, 2]})[1], "detokenize")
+    assert_vllm_shape(post(server, "/v1/completions", {"model": "nope", "prompt": "x"})[1]["error"], "error")
+    # The openai SDK parses every one of them into its own types.
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, code, param",
+    [
+        ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
+        ("POST", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404,
+         "model_not_found", "model"),
+        ("GET", "/v1/models/nope", None, 404, "model_not_found", "model"),
+        ("POST", "/tokenize", {"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
+        ("GET", "/v1/no-such-route", None, 404, None, None),
+        ("GET", "/v1/completions", None, 405, None, None),
+        ("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400,
+         "unsupported_parameter", "frequency_penalty"),
+        ("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "!"}, 400, "unsupported_parameter",
+         "suffix"),
+        ("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400,
+         "unsupported_parameter", "echo"),
+        ("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, None, "max_tokens"),
+        ("POST", "/detokenize", {"tokens": [10**9]}, 400, None, "tokens"),
+        ("POST", "/detokenize", {"tokens": "1 2"}, 400, None, "tokens"),
+    ],
+)
+def test_every_error_has_openais_shape(server, method, path, body, status, code, param):
+    got_status, answer = request(server, method, path, body)
+    assert got_status == status
+    assert set(answer) == {"error"}
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("frequency_penalty", 0.4), ("presence_penalty", -1.0), ("top_k", 5), ("logit_bias", {"1": 5}), ("n", 2),
+    ("min_p", 0.1), ("repetition_penalty", 1.2), ("response_format", {"type": "json_object"}),
+    ("stop_token_ids", [2]), ("best_of", 2),
+])
+def test_unsupported_fields_raise_bad_request_in_the_sdk(client, field, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={field: value})
+    assert caught.value.body["param"] == field and caught.value.code == "unsupported_parameter"
+    assert field in caught.value.message
+
+
+def test_neutral_and_irrelevant_fields_are_accepted(client):
+    """What clients commonly send at its no-effect value, and fields with no bearing on the answer, still work."""
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "top_k": -1, "logit_bias": {}, "n": 1,
+               "best_of": None, "repetition_penalty": 1.0, "user": "someone", "metadata": {"k": "v"}, "store": False,
+               "parallel_tool_calls": True, "priority": 0, "some_future_field": [1]}
+    chat = ask(client, "Hi", max_tokens=2, extra_body={**neutral, "tool_choice": "none", "modalities": ["text"]})
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    completion = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=neutral)
+    assert completion.usage.completion_tokens <= 2
+
+
+def test_sdk_errors_are_the_right_exception_classes(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    assert caught.value.status_code == 404 and caught.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, frequency_penalty=1.0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.get("/no-such-route", cast_to=object)
+    assert caught.value.body["message"].startswith("Invalid URL")
+
+
+def test_echo_returns_the_prompts_logprobs(server, client):
+    text = "The capital of France is Paris."
+    ids = tokenize(server, prompt=text)["tokens"]
+    scored = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0,
+                                       extra_body={"prompt_logprobs": 1})
+    entries = scored.choices[0].model_extra["prompt_logprobs"]
+    echoed = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    choice = echoed.choices[0]
+    assert choice.text == text + scored.choices[0].text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) + 1  # the prompt's tokens, then the generated one
+    assert (logprobs.token_logprobs[0], logprobs.top_logprobs[0]) == (None, None)
+    expected = [entry[str(token)]["logprob"] for entry, token in zip(entries[1:], ids[1:])]
+    assert logprobs.token_logprobs[1:len(ids)] == expected
+    assert "".join(logprobs.tokens[:len(ids)]) == text
+    assert logprobs.text_offset[: len(ids)] == [len("".join(logprobs.tokens[:i])) for i in range(len(ids))]
+    for position, top in enumerate(logprobs.top_logprobs[1:len(ids)], start=1):
+        # the prompt token and the most likely one (one key when they coincide)
+        assert top[logprobs.tokens[position]] == logprobs.token_logprobs[position] and len(top) in (1, 2)
+        assert max(top.values()) == max(value["logprob"] for value in entries[position].values())
+    # As vLLM, echo with logprobs also fills the choice's prompt_logprobs.
+    assert choice.model_extra["prompt_logprobs"] == entries
+
+    # max_tokens 0: the prompt alone, scored the same; nothing generated.
+    only = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert only.choices[0].text == server_decode(server, ids) and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs == logprobs.token_logprobs[: len(ids)]
+    assert all(top is None or len(top) == 1 for top in only.choices[0].logprobs.top_logprobs)
+    # echo without logprobs: the text only.
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True)
+    assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
+
+
+def server_decode(server, ids: list[int]) -> str:
+    status, answer = post(server, "/detokenize", {"model": MODEL, "tokens": ids})
+    assert status == 200, answer
+    return answer["prompt"]
+
+
+def test_detokenize_and_tokenizer_info(server):
+    text = "Hello world, again."
+    assert server_decode(server, tokenize(server, prompt=text)["tokens"]) == text
+    info = server.get("/tokenizer_info")
+    assert info["tokenizer_class"] and info["eos_token"] == "<|im_end|>"
+    assert "{% for message in messages %}" in info["chat_template"]
+    assert "vocab_file" not in info and "merges_file" not in info

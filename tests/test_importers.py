@@ -48,10 +48,12 @@ def test_vlmevalkit_work_dirs_mcq_scored_by_our_choice_scorer_and_judged_vqa(tmp
                         labels="native,flaggems")
     mcq, vqa = result.comparison.task("MMMU_DEV_VAL"), result.comparison.task("MathVista_MINI")
     # MCQ file without scores: our choice scorer; "I am not sure" is unparsed on both sides, and B's
-    # "Failed to obtain answer via API." is an infrastructure error, not a wrong answer.
-    assert (mcq.n, mcq.reference_score, mcq.candidate_score) == (8, 87.5, 62.5)
-    assert (mcq.flips_ref_only, mcq.flips_cand_only) == (2, 0)
+    # "Failed to obtain answer via API." is an infrastructure error, not a wrong answer: it leaves the paired sample
+    # (7 of 8 items) and, lost on one side only, makes the row incomplete.
+    assert (mcq.n, mcq.reference_score, mcq.candidate_score) == (7, pytest.approx(600 / 7), pytest.approx(500 / 7))
+    assert (mcq.flips_ref_only, mcq.flips_cand_only) == (1, 0)
     assert (mcq.unparsed_reference, mcq.unparsed_candidate, mcq.errors_candidate) == (1, 1, 1)
+    assert mcq.verdict == "incomplete" and result.comparison.verdict == "incomplete"
     # The judged `_gpt-4o-mini_result.tsv` wins over the plain prediction file: its `hit` column counts.
     assert (vqa.n, vqa.reference_score, vqa.candidate_score) == (6, pytest.approx(500 / 6), pytest.approx(400 / 6))
     assert result.files["md"].is_file() and "native" in result.files["md"].read_text()
@@ -71,11 +73,6 @@ def test_vlmevalkit_graded_json_files_of_two_models_pair_up(tmp_path):
     (row,) = summary["comparison"]["tasks"]
     assert run_id == "mmvet" and row["n"] == 5 and row["binary"] is False
     assert (row["reference_score"], row["candidate_score"]) == (pytest.approx(66.0), pytest.approx(62.0))
-
-
-def test_vlmevalkit_file_without_scores_that_is_not_mcq_is_refused():
-    with pytest.raises(UserError, match=r"native_OCRBench\.csv: no score column .* not a multiple-choice file"):
-        load_samples(VK / "graded" / "native_OCRBench.csv")
 
 
 def test_vlmevalkit_runs_over_edited_questions_are_refused(tmp_path):
@@ -98,8 +95,10 @@ def test_flagevalmm_output_dirs(tmp_path, capsys):
     summary = json.loads((tmp_path / "reports" / run_dir.name / "summary.json").read_text())
     rows = {row["task"]: row for row in summary["comparison"]["tasks"]}
     mmmu, vet = rows["mmmu_val"], rows["mmvet_v2"]
-    assert (mmmu["n"], mmmu["errors_candidate"], mmmu["only_reference"]) == (5, 1, ["validation_Economics_6"])
-    assert (mmmu["flips_ref_only"], mmmu["flips_cand_only"]) == (2, 0)  # a wrong letter and an "Error code"
+    # The candidate's "Error code" reply is an infrastructure error: out of the paired sample, and the row incomplete.
+    assert (mmmu["n"], mmmu["errors_candidate"], mmmu["only_reference"]) == (4, 1, ["validation_Economics_6"])
+    assert (mmmu["flips_ref_only"], mmmu["flips_cand_only"]) == (1, 0)  # a wrong letter
+    assert mmmu["verdict"] == "incomplete"
     assert (vet["reference_score"], vet["candidate_score"]) == (pytest.approx(50.0), pytest.approx(200 / 3))
     with Store(run_dir / "results.sqlite") as store:
         scores = {s.item_id: s for s in store.scores(run_dir.name, role="candidate", task="mmvet_v2")}
@@ -187,3 +186,204 @@ def test_labels_and_existing_run_dir(tmp_path):
     import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")
     with pytest.raises(UserError, match="already holds a stored run"):
         import_runs(FM / "native", FM / "gems", tmp_path / "run", tmp_path / "reports")
+
+
+LMMS = FIX / "lmms_eval"
+
+
+def test_lmms_eval_samples_files(tmp_path):
+    """lmms-eval's `<date>_samples_<task>.jsonl` (no `arguments`, `resps` dropped where they equal the filtered
+    reply, metrics as plain fields; MME logs a dict per item whose `score` counts)."""
+    assert detect_format(LMMS / "native") == "lmms-eval"
+    assert detect_format(next((LMMS / "native").rglob("*_samples_mme.jsonl"))) == "lmms-eval"
+    result = run_import(LMMS / "native", LMMS / "gems", tmp_path / "runs" / "lmms", tmp_path / "reports")
+    ocr, mme = result.comparison.task("lmms-eval:ocr_mini"), result.comparison.task("lmms-eval:mme")
+    assert (ocr.n, ocr.reference_score, ocr.candidate_score, ocr.flips_ref_only) == (4, 75.0, 50.0, 1)
+    assert (mme.n, mme.reference_score, mme.candidate_score) == (3, pytest.approx(200 / 3), pytest.approx(100 / 3))
+    with Store(tmp_path / "runs" / "lmms" / "results.sqlite") as store:
+        scores = {s.item_id.split("-")[0]: s for s in store.scores("lmms", role="candidate",
+                                                                     task="lmms-eval:ocr_mini")}
+        assert (scores["1"].response_text, scores["1"].extracted) == ("The brand is HP.", "hp")
+        item = next(it for it in store.items("lmms", task="lmms-eval:ocr_mini") if it["item_id"].startswith("0-"))
+        assert item["prompt_text"].startswith("What is written on the sign?")
+
+
+def test_lmms_eval_files_without_a_per_item_number_are_refused(tmp_path):
+    line = {"doc_id": 0, "target": "A", "filtered_resps": ["A"], "mmmu_acc": {"id": "x", "answer": "A"}}
+    path = tmp_path / "20250101_000000_samples_mmmu.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(UserError, match="no metric with a per-item number"):
+        load_samples(path)
+    path.write_text(json.dumps({"doc_id": 0, "target": "0", "filtered_resps": [[-1.5, False], [-2.0, False]],
+                                "acc": 1.0}) + "\n")
+    with pytest.raises(UserError, match="a log-likelihood task"):
+        load_samples(path)
+
+
+def test_harness_results_files_fill_what_was_compared(tmp_path):
+    """lm-eval's results_<date>.json (and lmms-eval's <date>_results.json) beside the samples say what ran; what no
+    file says reads n/a, and so does the length shift of records without token counts."""
+    lm = load_samples(LMEVAL / "reference")
+    assert lm.spec["engine"] == "lm-eval 0.4.13: LocalChatCompletion" and lm.spec["model"] == "qdpv68r5"
+    assert lm.evidence == {"packages": {"lm-eval": "0.4.13", "transformers": "5.24.0"},
+                           "version": {"lm-eval": "0.4.13", "git": "4a683ba"}}
+    lmms = load_samples(LMMS / "native")
+    assert (lmms.spec["engine"], lmms.spec["model"], lmms.spec["device"]) == (
+        "lmms-eval: qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct", "cuda:0")
+    assert load_samples(LMMS / "gems").spec == {}  # no results file beside these samples
+
+    result = run_import(LMMS / "native", LMMS / "gems", tmp_path / "runs" / "cfg", tmp_path / "reports")
+    report = result.files["md"].read_text()
+    compared = report[report.index("## What was compared"):report.index("## Results")]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
+            for line in compared.splitlines() if line.startswith("| ") and line.count("|") == 4}
+    assert rows["engine"] == ["lmms-eval: qwen2_vl", "import (lmms-eval)"]
+    assert rows["device"] == ["cuda:0", "n/a"] and rows["dtype"] == ["n/a", "n/a"]
+    assert rows["packages"][0] == "transformers 4.49.0" and rows["server version"][0] == "git 1a2b3c4"
+    assert all("?" not in cells for cells in rows.values())
+    assert result.comparison.task("lmms-eval:ocr_mini").divergence["length_shift_mean"] is None
+
+
+def test_vlmevalkit_work_dir_rescores_ocrbench_and_mathvision_and_skips_the_rest(tmp_path, capsys):
+    """VLMEvalKit writes only aggregates for OCRBench (`_score.json`) and MathVision (`_score.csv`, per-item `res`
+    from its judge): re-scored with our scorers; a dataset nothing can score (TextVQA here) is skipped, named."""
+    native, gems = VK / "workdir_native", VK / "workdir_gems"
+    run = load_samples(native)
+    assert sorted(run.tasks) == ["MathVision_MINI", "OCRBench"]
+    assert "TextVQA_VAL" in run.skipped and "no scorer of ours" in run.skipped["TextVQA_VAL"]
+    # Our OCRBench scorer reproduces VLMEvalKit's own total, which the title records.
+    assert run.titles["OCRBench"].endswith("InternVL2-native_OCRBench_score.json: Final Score 3, ours 3)")
+    ocr = {item.key: item for item in run.tasks["OCRBench"]}
+    assert [ocr[k].value for k in "0123"] == [1.0, 1.0, 1.0, 0.0]  # "x ^ { 2 } + 1": handwritten math, spaces out
+    mathv = {item.key: item for item in run.tasks["MathVision_MINI"]}
+    assert [(mathv[k].extracted, mathv[k].value) for k in ("10", "11", "12")] == [("6", 1.0), ("B", 1.0), ("8", 0.0)]
+
+    code = import_command(str(native), str(gems), None, "native,gems", tmp_path / "runs", tmp_path / "reports")
+    out = capsys.readouterr().out
+    assert code == 0 and "note: native: TextVQA_VAL not imported: " in out and "note: gems: TextVQA_VAL" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    with Store(run_dir / "results.sqlite") as store:
+        assert set(store.get_meta("import")["skipped"]) == {"native", "gems"}
+        assert {s.task for s in store.scores(run_dir.name)} == {"OCRBench", "MathVision_MINI"}
+
+
+def test_one_unscorable_vlmevalkit_file_is_still_refused():
+    with pytest.raises(UserError, match="TextVQA_VAL.tsv: no score column .* no scorer of ours"):
+        load_samples(VK / "workdir_native" / "InternVL2-native_TextVQA_VAL.tsv")
+
+
+# --------------------------------------------------------------------------- EvalScope and inspect-ai
+# Both are written here in the tools' own layouts (EvalScope >= 1.0 cache files, inspect-ai's .eval zip).
+
+EVALSCOPE_ITEMS = {  # (benchmark, subset) -> [(question, target, native reply, native extracted, gems reply/extracted)]
+    ("mmlu", "abstract_algebra"): [("Find the order of Z_4.", "B", "The answer is B", "B", "B"),
+                                   ("Is Z_2 a field?", "A", "A", "A", "C")],
+    ("mmlu", "anatomy"): [("Which bone is in the arm?", "C", "C", "C", "C")],
+    ("gsm8k", "main"): [("Tom has 3 apples and buys 2. How many?", "5", "3 + 2 = 5", "5", "6")],
+}
+
+
+def write_evalscope(root: Path, side: str, model: str = "Qwen2.5-0.5B-Instruct") -> Path:
+    out = root / side / "20250601_120000"
+    for (benchmark, subset), rows in EVALSCOPE_ITEMS.items():
+        for kind in ("reviews", "predictions", "reports"):
+            (out / kind / model).mkdir(parents=True, exist_ok=True)
+        reviews, predictions = [], []
+        for index, (question, target, reply, extracted, gems) in enumerate(rows):
+            answer = (reply, extracted) if side == "native" else (gems, gems)
+            messages = [{"role": "user", "content": question, "id": f"m{index}", "source": "input"}]
+            reviews.append({"index": index, "input": question, "target": target, "sample_score": {
+                "score": {"value": {"acc": float(answer[1] == target)}, "extracted_prediction": answer[1],
+                          "prediction": answer[0], "explanation": None, "metadata": {}, "main_score_name": "acc"},
+                "sample_id": index, "group_id": index, "sample_metadata": {"subject": subset}}})
+            predictions.append({"index": index, "model": model, "messages": messages, "model_output": {
+                "model": model, "choices": [{"message": {"role": "assistant", "content": answer[0]},
+                                             "stop_reason": "stop"}],
+                "usage": {"input_tokens": 20, "output_tokens": len(answer[0].split()) + (side == "gems"),
+                          "total_tokens": 25}}})
+        name = f"{benchmark}_{subset}.jsonl"
+        (out / "reviews" / model / name).write_text("".join(json.dumps(r) + "\n" for r in reviews))
+        (out / "predictions" / model / name).write_text("".join(json.dumps(r) + "\n" for r in predictions))
+        (out / "reports" / model / f"{benchmark}.json").write_text(json.dumps(
+            {"name": f"{model}@{benchmark}", "dataset_name": benchmark, "model_name": model, "score": 0.5}))
+    return out
+
+
+def test_evalscope_output_dirs(tmp_path):
+    native, gems = write_evalscope(tmp_path, "native"), write_evalscope(tmp_path, "gems")
+    assert detect_format(native) == "evalscope" and detect_format(next(native.rglob("gsm8k_main.jsonl"))) == "evalscope"
+    run = load_samples(native)
+    assert sorted(run.tasks) == ["gsm8k", "mmlu"]  # the report names the benchmark; subsets become groups
+    mmlu = {item.key: item for item in run.tasks["mmlu"]}
+    assert set(mmlu) == {"abstract_algebra/0", "abstract_algebra/1", "anatomy/0"}
+    first = mmlu["abstract_algebra/0"]
+    assert (first.response, first.extracted, first.gold, first.group, first.value) == (
+        "The answer is B", "B", "B", "abstract_algebra", 1.0)
+    assert first.completion_tokens == 4  # from predictions/<model>/mmlu_abstract_algebra.jsonl
+    result = run_import(native, gems, tmp_path / "runs" / "es", tmp_path / "reports")
+    row = result.comparison.task("mmlu")
+    assert (row.n, row.reference_score, row.candidate_score, row.flips_ref_only) == (3, 100.0, pytest.approx(200 / 3), 1)
+    # token counts known here, so the length shift is a number: "6" logged 2 tokens, "3 + 2 = 5" 5
+    assert result.comparison.task("gsm8k").divergence["length_shift_mean"] == pytest.approx(1 - 4)
+
+
+def test_evalscope_predictions_alone_are_refused(tmp_path):
+    native = write_evalscope(tmp_path, "native")
+    shutil.rmtree(native / "reviews")
+    with pytest.raises(UserError, match="predictions alone carry no correctness"):
+        load_samples(native, fmt="evalscope")
+
+
+def write_inspect_log(path: Path, replies: list[str], values: list, error_on: int = -1) -> Path:
+    """An inspect-ai .eval log: a zip of header.json, samples/<id>_epoch_<n>.json, summaries.json."""
+    import zipfile
+
+    questions = [("What is 2+2?", "4"), ("Capital of Italy?", "Rome"), ("Colour of the sky?", "blue")]
+    header = {"version": 2, "status": "success", "eval": {
+        "eval_id": "e1", "run_id": "r1", "created": "2025-06-01T12:00:00+00:00", "task": "tiny_qa",
+        "task_version": 0, "dataset": {"name": "tiny_qa", "samples": 3, "sample_ids": [1, 2, 3]},
+        "model": "openai/smollm2", "model_base_url": "http://127.0.0.1:8000/v1", "config": {"epochs": 1},
+        "packages": {"inspect_ai": "0.3.99"}},
+        "results": {"total_samples": 3, "completed_samples": 3, "scores": [
+            {"name": "match", "scorer": "match", "metrics": {"accuracy": {"name": "accuracy", "value": 0.5}}}]}}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("header.json", json.dumps(header))
+        summaries = []
+        for number, ((question, target), reply, value) in enumerate(zip(questions, replies, values), start=1):
+            sample = {"id": number, "epoch": 1, "input": [{"role": "user", "content": question, "source": "input"}],
+                      "target": target, "messages": [], "metadata": {},
+                      "output": {"model": "smollm2", "completion": reply, "choices": [
+                          {"message": {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+                           "stop_reason": "stop"}], "usage": {"input_tokens": 9, "output_tokens": 2, "total_tokens": 11}},
+                      "scores": {"match": {"value": value, "answer": reply.split()[-1], "explanation": reply}},
+                      "error": {"message": "RateLimitError: 429", "traceback": ""} if number - 1 == error_on else None}
+            archive.writestr(f"samples/{number}_epoch_1.json", json.dumps(sample))
+            summaries.append({"id": number, "epoch": 1, "input": question, "target": target})
+        archive.writestr("summaries.json", json.dumps(summaries))
+        archive.writestr("reductions.json", json.dumps([]))
+    return path
+
+
+def test_inspect_eval_logs(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = write_inspect_log(tmp_path / "a" / "2025-06-01T12-00-00_tiny-qa_e1.eval", ["It is 4", "Rome", "green"],
+                          ["C", "C", "I"])
+    b = write_inspect_log(tmp_path / "b" / "2025-06-01T13-00-00_tiny-qa_e2.eval", ["It is 5", "Rome", "blue"],
+                          ["I", 1, "C"], error_on=1)
+    assert detect_format(a) == "inspect" and detect_format(tmp_path / "a") == "inspect"
+    run = load_samples(tmp_path / "a")
+    items = {item.key: item for item in run.tasks["tiny_qa"]}
+    assert (items["1"].value, items["1"].extracted, items["1"].response, items["1"].gold) == (1.0, "4", "It is 4", "4")
+    assert items["1"].messages == [{"role": "user", "content": "What is 2+2?"}] and items["1"].completion_tokens == 2
+    assert run.spec == {"engine": "inspect-ai 0.3.99", "model": "openai/smollm2"}
+    result = run_import(tmp_path / "a", tmp_path / "b", tmp_path / "runs" / "in", tmp_path / "reports")
+    row = result.comparison.task("tiny_qa")
+    # sample 2 failed on B's side (an API error): an infrastructure error, not a wrong answer
+    assert (row.errors_candidate, row.n, row.reference_score) == (1, 3, pytest.approx(200 / 3))
+    assert "inspect-ai 0.3.99" in result.files["md"].read_text()
+
+
+def test_inspect_scores_with_several_values_are_refused(tmp_path):
+    log = write_inspect_log(tmp_path / "x.eval", ["4", "Rome", "blue"], [{"a": 1, "b": 0}, "C", "C"])
+    with pytest.raises(UserError, match="a score with several values"):
+        load_samples(log)

@@ -109,24 +109,28 @@ def test_markdown_table_columns_and_card_order(tmp_path):
     md = paths["md"].read_text()
 
     lines = _md_table(md, "Scores")
-    assert lines[0] == "| Metrics | native-cuda | flaggems | Δ | 95 % CI of Δ | p (Holm) | flips (−/+) | verdict |"
+    assert lines[0] == ("| Metrics | native-cuda | flaggems | Δ | 95 % CI of Δ | p (Holm) | flips (−/+) | verdict "
+                        "| decided by |")
     rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines[2:]]
     assert [r[0].strip().replace("\\|", "|") for r in rows] == TITLES
-    gpqa = dict(zip(["title", "ref", "cand", "delta", "ci", "p", "flips", "verdict"], [c.strip() for c in rows[1]]))
+    gpqa = dict(zip(["title", "ref", "cand", "delta", "ci", "p", "flips", "verdict", "rule"],
+                    [c.strip() for c in rows[1]]))
     assert re.fullmatch(r"50\.00 \[\d+\.\d\d, \d+\.\d\d\]", gpqa["ref"])
     assert gpqa["delta"] == "-15.15" and gpqa["flips"] == "30/0" and gpqa["verdict"] == "regression"
-    assert gpqa["p"] == "<0.001"
+    assert gpqa["p"] == "<0.001" and gpqa["rule"] == "non-inferiority −5"
 
     for fact in ("vllm", "Qwen/Qwen3-Omni-30B-A3B-Instruct", "bfloat16", "flaggems", "NVIDIA H200", "0.11.0",
                  "flag_gems 5.0.2", "USE_FLAGGEMS=1", "demo-20260101-120000", "2026-01-01T12:00:00",
-                 "qwen3-omni", "first 300", "±1 points"):
+                 "qwen3-omni", "first 300", "equivalence ±1 points", "non-inferiority −5 points"):
         assert fact in md, fact
     assert "| FlagGems ops registered / called | 0 / 0 | 4 / 2 |" in md
     assert _md_table(md, "Performance, concurrency 1")[0] == \
         "| metric | native-cuda | flaggems | candidate / reference | gate |"
     assert _md_table(md, "Noise floor: A/B beside A/A")[2].startswith("| MMMU (val) |")
     assert "candidate/gpqa/timeout ×1" in md
-    assert md.rstrip().endswith("exit code 1 (0 consistent, 1 regression, 3 inconclusive)")
+    assert md.rstrip().endswith("exit code 1 (0 consistent, 1 regression, 3 inconclusive, 4 incomplete)")
+    plan_rows = _md_table(md, "What this run certifies, and what it would take")[2:]
+    assert len(plan_rows) == len(TITLES) and "non-inferiority −5:" in plan_rows[0]
 
 
 def test_html_is_self_contained_and_escapes_model_text(tmp_path):

@@ -81,7 +81,8 @@ def test_faults_are_counted_and_never_become_answers(pool, store, stream):
 
 def test_each_fault_gets_its_error_kind(pool, tmp_path):
     expected = {"500": "http_5xx", "429": "rate_limit", "hang": "timeout", "reset": "connection",
-                "malformed": "malformed", "truncated": "stream_cut", "404": "http_4xx"}
+                "malformed": "malformed", "truncated": "stream_cut", "404": "http_4xx", "wrong_model": "wrong_model",
+                "empty_choices": "empty_choices"}
     for fault, kind in expected.items():
         server = pool.stub("--fail-first", "1", "--faults", fault)
         for stream in (True, False):  # distinct prompts: each one's first request fails
@@ -90,6 +91,22 @@ def test_each_fault_gets_its_error_kind(pool, tmp_path):
                 stats = run_jobs(store, [job], max_attempts=1, request_timeout_s=0.5)[("reference", "f")]
                 [rec] = store.records(RUN)
             assert stats.errors == {kind: 1} and rec.error_kind == kind and rec.response_text == "", (fault, rec)
+            assert rec.attempt_errors == [kind] and stats.failed_attempts == {kind: 1}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_wrong_model_and_empty_choices_are_retried_and_never_answers(pool, store, stream):
+    server = pool.stub("--fail-first", "2", "--faults", "wrong_model,empty_choices", "--seed", "3")
+    items = make_items("odd", 20, prefix=f"stream={stream}")
+    stats = run_jobs(store, [Job(endpoint(server), "odd", items, GenParams(stream=stream))])[("reference", "odd")]
+    served = server.get("/stats")["faults"]
+    assert stats.ok == 20 and stats.attempts == 60  # two bad answers per prompt, each retried
+    assert stats.failed_attempts == {"wrong_model": served["wrong_model"], "empty_choices": served["empty_choices"]}
+    records = {r.item_id: r for r in store.records(RUN)}
+    for item in items:
+        rec = records[item.item_id]
+        assert rec.response_text == item.messages[0]["content"] and len(rec.attempt_errors) == 2
+        assert set(rec.attempt_errors) <= {"wrong_model", "empty_choices"}
 
 
 def test_http_4xx_is_recorded_and_not_retried(pool, store):
@@ -473,3 +490,37 @@ def test_nothing_is_reported_done_before_it_is_committed(pool, store):
     assert max(behind) <= concurrency and stats[("reference", "durable")].ok == 200
     assert reader.execute("SELECT COUNT(*) FROM records WHERE error = ''").fetchone()[0] == 200
     reader.close()
+
+
+def test_odd_bodies_are_classified_and_never_end_the_run(store):
+    whole = {"o-0": {"choices": "x"}, "o-1": {"choices": [{"message": {"content": 5}}]}, "o-2": {"choices": [5]},
+             "o-3": {"choices": []}, "o-4": {"model": "other", "choices": [{"message": {"content": "hi"}}]},
+             "o-5": [1, 2], "o-6": {"choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+                                    "usage": [1]}}
+    streams = {"o-7": [_chunk({"content": 5}, "stop")], "o-8": [b'data: {"choices": []}'],
+               "o-9": [b'data: {"model": "other", "choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}']}
+    expected = {"o-0": "malformed", "o-1": "malformed", "o-2": "malformed", "o-3": "empty_choices",
+                "o-4": "wrong_model", "o-5": "malformed", "o-6": "", "o-7": "malformed", "o-8": "empty_choices",
+                "o-9": "wrong_model"}
+
+    def answer(request):
+        item_id = "o-" + request["messages"][0]["content"].split()[1]
+        if item_id in streams:
+            return 200, "Content-Type: text/event-stream\r\n", _sse(*streams[item_id], b"data: [DONE]"), True
+        return 200, "Content-Type: application/json\r\n", [json.dumps(whole[item_id]).encode()], False
+
+    async def main():
+        async with RawServer(answer) as server:
+            ep = Endpoint("reference", "raw", server.base_url, "m")
+            items = make_items("o", 10)
+            runner = Runner(store, RUN, max_attempts=2, backoff_base_s=0.001, progress=False)
+            return await runner.run_jobs([Job(ep, "o", items[:7], GenParams(stream=False)),
+                                          Job(ep, "o2", [Item("o2", i.item_id, i.messages, i.gold) for i in items[7:]],
+                                              GenParams())])
+
+    asyncio.run(main())
+    kinds = {r.item_id: r.error_kind for r in store.records(RUN)}
+    assert kinds == expected
+    for r in store.records(RUN):
+        assert r.attempt_errors == ([r.error_kind] * 2 if r.error_kind else [])
+    assert next(r for r in store.records(RUN) if r.item_id == "o-6").response_text == "fine"

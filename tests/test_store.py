@@ -19,8 +19,9 @@ def store(tmp_path):
         yield s
 
 
-def record(item_id: str = "1", error: str = "", text: str = "answer", role: str = "reference", **kw) -> Record:
-    return Record(run_id="r1", role=role, endpoint_id="ep", task="t", item_id=item_id, prompt_hash="ph",
+def record(item_id: str = "1", error: str = "", text: str = "answer", role: str = "reference",
+           endpoint_id: str = "ep", **kw) -> Record:
+    return Record(run_id="r1", role=role, endpoint_id=endpoint_id, task="t", item_id=item_id, prompt_hash="ph",
                   params={"temperature": 0.0, "stop": []}, response_text="" if error else text, error=error,
                   error_kind="http_5xx" if error else "", **kw)
 
@@ -136,3 +137,52 @@ def test_foreign_sqlite_file_is_refused(tmp_path):
     db.close()
     with pytest.raises(UserError, match=r"table records lacks columns"):
         Store(path)
+
+
+def test_a_rerun_keeps_the_fault_history_of_the_error_it_replaces(store):
+    store.put_record(record(error="HTTP 500: boom", attempts=2, attempt_errors=["rate_limit", "http_5xx"]))
+    store.put_record(record(text="late answer", attempts=3, attempt_errors=["connection", "wrong_model"]))
+    [rec] = store.records("r1")
+    assert rec.ok and rec.response_text == "late answer"
+    assert rec.attempts == 5 and rec.attempt_errors == ["rate_limit", "http_5xx", "connection", "wrong_model"]
+    store.put_record(record(error="HTTP 500: never stored", attempts=1, attempt_errors=["http_5xx"]))
+    assert [r.attempts for r in store.records("r1")] == [5]
+
+
+def test_fault_counts_per_side_and_task(store):
+    store.put_record(record("1", attempts=3, attempt_errors=["http_5xx", "wrong_model"]))
+    store.put_record(record("2", error="x", attempts=2, attempt_errors=["http_5xx", "http_5xx"]))
+    store.put_record(record("3"))
+    store.put_record(record("1", role="candidate", endpoint_id="ep-candidate"))
+    assert store.fault_counts("r1") == {
+        "reference": {"t": {"records": 3, "requests": 6, "retries": 3,
+                            "failed_attempts": {"http_5xx": 3, "wrong_model": 1}, "errors": {"http_5xx": 1}}},
+        "candidate": {"t": {"records": 1, "requests": 1, "retries": 0, "failed_attempts": {}, "errors": {}}}}
+
+
+def test_repeats_have_their_own_keys_and_scores(store):
+    store.put_record(record("1"))
+    store.put_record(record("1", repeat=1, text="again"))
+    assert len(store.finished_keys("r1")) == 2
+    assert record("1").cache_key() == record("1", repeat=0).cache_key() != record("1", repeat=1).cache_key()
+    scores = [(r, Score(role="reference", task="t", item_id="1", value=float(r), outcome="correct")) for r in (0, 1)]
+    store.put_repeat_scores("r1", scores)
+    assert store.repeat_scores("r1", "reference") == {0: [scores[0][1]], 1: [scores[1][1]]}
+    assert store.repeat_scores("r1", "candidate") == {}
+
+
+def test_a_file_from_before_repeats_and_fault_history_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with Store(path) as s:
+        s.put_record(record("1", attempts=2))
+        s.put_scores("r1", [Score(role="reference", task="t", item_id="1", value=1.0, outcome="correct")])
+    db = sqlite3.connect(path)  # take the newer columns away again, as an older release wrote the file
+    for table, column in (("records", "attempt_errors"), ("records", "repeat"), ("scores", "repeats")):
+        db.execute(f'ALTER TABLE {table} DROP COLUMN "{column}"')
+    db.commit()
+    db.close()
+    with Store(path) as s:
+        [rec] = s.records("r1")
+        assert (rec.attempts, rec.attempt_errors, rec.repeat) == (2, [], 0)
+        assert s.finished_keys("r1") == {record("1").cache_key()}
+        assert s.scores("r1")[0].repeats == 1

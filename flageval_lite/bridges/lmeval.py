@@ -70,8 +70,10 @@ class LmevalSample:
 
     @property
     def key(self) -> str:
-        """What pairs this sample across runs: the doc id, qualified by the subtask inside a group."""
-        return str(self.doc_id) if self.subtask == lmeval_name(self.task) else f"{self.subtask}/{self.doc_id}"
+        """What pairs this sample across runs: the doc id, qualified by the subtask inside a group
+        (`lmeval:<group>`; an imported lmms-eval task is `lmms-eval:<task>`)."""
+        alone = self.subtask in (lmeval_name(self.task), self.task.partition(":")[2])
+        return str(self.doc_id) if alone else f"{self.subtask}/{self.doc_id}"
 
     @property
     def item_id(self) -> str:

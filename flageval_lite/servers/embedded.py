@@ -2,7 +2,8 @@
 
     python -m flageval_lite.servers.embedded --model smollm2 --port 8000 --served-model-name smollm2
 
-Endpoints: GET /health, /v1/models, /version; POST /v1/chat/completions, /v1/completions, /tokenize. The port is
+Endpoints: GET /health, /v1/models, /v1/models/{id}, /version, /tokenizer_info; POST /v1/chat/completions,
+/v1/completions, /tokenize, /detokenize. Every error, whatever its status, has OpenAI's body shape. The port is
 bound only after the model is loaded and a warm-up generation ran, so a 200 from /health means ready. Batching and its
 determinism are described in `embedded_engine` and docs/embedded-server.md.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import resource
@@ -19,11 +21,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, ClassVar, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 import flageval_lite
 from flageval_lite.errors import UserError
@@ -69,8 +72,39 @@ class _Message(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
 
 
+# Fields of OpenAI's and vLLM's generation requests that this server does not implement, each with the values that
+# change nothing (null always counts as unset). Any other value is a 400 naming the field, so that no answer is
+# silently computed without what the client asked for. Fields outside every list are ignored, as vLLM does.
+_NOT_IMPLEMENTED: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "use_beam_search": (False,), "frequency_penalty": (0,), "presence_penalty": (0,),
+    "repetition_penalty": (1,), "length_penalty": (1,), "top_k": (0, -1), "min_p": (0,), "min_tokens": (0,),
+    "logit_bias": ({},), "stop_token_ids": ([],), "bad_words": ([],), "allowed_token_ids": (),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
+    "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (), "structural_tag": (), "structured_outputs": (), "prompt_embeds": (), "prediction": (),
+}
+_CHAT_NOT_IMPLEMENTED = {
+    **_NOT_IMPLEMENTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "echo": (False,), "audio": (), "modalities": (["text"],), "documents": ([],), "chat_template": (),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "web_search_options": (),
+}
+_COMPLETION_NOT_IMPLEMENTED = {**_NOT_IMPLEMENTED, "suffix": ("",)}
+
+
+def _reject_not_implemented(body: dict, fields: dict[str, tuple]) -> None:
+    for name, neutral in fields.items():
+        value = body.get(name)
+        if value is None or any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in neutral):
+            continue
+        accepted = ", ".join(["null", *(json.dumps(ok) for ok in neutral)])
+        raise ApiError(f"{name}: not supported by this server (accepted, having no effect: {accepted}); got "
+                       f"{json.dumps(value)[:80]}", param=name, code="unsupported_parameter")
+
+
 class _GenerationBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI/vLLM fields are accepted and have no effect
+    model_config = ConfigDict(extra="ignore")  # unknown fields are accepted and have no effect, as vLLM's
+    not_implemented: ClassVar[dict[str, tuple]] = _NOT_IMPLEMENTED
     model: str
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -79,7 +113,6 @@ class _GenerationBody(BaseModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[_StreamOptions] = None
-    n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
     # vLLM extensions: the distribution at every prompt position (teacher forcing), and the token ids.
     prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -87,6 +120,7 @@ class _GenerationBody(BaseModel):
 
 
 class ChatBody(_GenerationBody):
+    not_implemented: ClassVar[dict[str, tuple]] = _CHAT_NOT_IMPLEMENTED
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
@@ -95,8 +129,11 @@ class ChatBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
+    not_implemented: ClassVar[dict[str, tuple]] = _COMPLETION_NOT_IMPLEMENTED
     prompt: Union[str, list[Any]]  # text, token ids used as they are, or a list of either (see _one_prompt)
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing (as vLLM)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False  # the prompt precedes the text, and with `logprobs` its tokens' log-probabilities (as vLLM)
     add_special_tokens: bool = True  # text prompts only, as vLLM
 
 
@@ -112,6 +149,14 @@ class TokenizeBody(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     return_token_strs: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    """vLLM's POST /detokenize."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    tokens: list[int]
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -137,6 +182,7 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise ApiError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise ApiError("request body must be a JSON object")
+    _reject_not_implemented(body, getattr(schema, "not_implemented", {}))
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
@@ -181,14 +227,19 @@ class EmbeddedServer:
         }
 
     def app(self) -> FastAPI:
-        app = FastAPI(title="flageval-lite embedded server", docs_url=None, redoc_url=None)
+        app = FastAPI(title="flageval-lite embedded server", docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(ApiError, lambda request, exc: exc.response())
+        app.add_exception_handler(HTTPException, _http_error)
+        app.add_exception_handler(Exception, _internal_error)
         app.get("/health")(self.health)
         app.get("/version")(lambda: self.version)
         app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model_id:path}")(self.model)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/completions")(self.completions)
         app.post("/tokenize")(self.tokenize)
+        app.post("/detokenize")(self.detokenize)
+        app.get("/tokenizer_info")(self.tokenizer_info)
         return app
 
     def health(self) -> JSONResponse:
@@ -197,10 +248,16 @@ class EmbeddedServer:
         return JSONResponse(_error_body("the generation thread has stopped", "server_error"), status_code=503)
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "flageval-lite",
-            "root": self.loaded.label, "max_model_len": self.max_model_len,
-        }]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, model_id: str) -> dict:
+        self._check_model(model_id)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        """vLLM's ModelCard, less `permission` (a list of placeholder grants)."""
+        return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "flageval-lite",
+                "root": self.loaded.label, "parent": None, "max_model_len": self.max_model_len}
 
     # -- generation endpoints
 
@@ -215,13 +272,20 @@ class EmbeddedServer:
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = self._sampling(body, prompt, body.max_completion_tokens or body.max_tokens, max_tokens_field,
                                 "messages", logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-        response = _ChatResponse(self.served_model_name, body.logprobs, self._token_fields(body, prompt))
+        response = _ChatResponse(self.served_model_name, body.logprobs,
+                                 self._token_fields(body, prompt, body.prompt_logprobs is not None))
         return await self._respond(GenerationRequest(response.id, prompt.ids, params, prompt.model_inputs), response,
                                    body.stream, body.stream_options)
 
     async def completions(self, request: Request):
         body: CompletionBody = await _parse(request, CompletionBody)
         self._check_model(body.model)
+        if body.echo and body.stream:
+            raise ApiError("echo: not supported with `stream=True` by this server; send the request unstreamed",
+                           param="echo", code="unsupported_parameter")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError("max_tokens: 0 is accepted only with `echo` (the prompt is scored, nothing generated)",
+                           param="max_tokens")
         text_or_ids = _one_prompt(body.prompt)
         try:
             if isinstance(text_or_ids, str):
@@ -230,10 +294,19 @@ class EmbeddedServer:
                 prompt = token_prompt(self.loaded, text_or_ids)
         except PromptError as exc:
             raise ApiError(str(exc), param=exc.param) from exc
-        params = self._sampling(body, prompt, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens",
-                                "prompt", logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
-        response = _CompletionResponse(self.served_model_name, body.logprobs is not None,
-                                       self._token_fields(body, prompt))
+        # max_tokens 0 generates one token, which the response leaves out: the prompt's scores do not depend on it.
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else max(body.max_tokens, 1)
+        params = self._sampling(body, prompt, max_tokens, "max_tokens", "prompt",
+                                logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
+        echo = None
+        if body.echo:
+            # As vLLM: echo with `logprobs: k` scores the prompt with k alternatives unless prompt_logprobs says more.
+            if body.logprobs is not None and body.prompt_logprobs is None:
+                params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+            text = text_or_ids if isinstance(text_or_ids, str) else self.loaded.tokenizer.decode(prompt.ids)
+            echo = _Echo(text, generated=body.max_tokens != 0)
+        tokens = self._token_fields(body, prompt, params.prompt_logprobs is not None)
+        response = _CompletionResponse(self.served_model_name, body.logprobs, tokens, echo)
         return await self._respond(GenerationRequest(response.id, prompt.ids, params), response,
                                    body.stream, body.stream_options)
 
@@ -261,18 +334,37 @@ class EmbeddedServer:
         return {"count": len(prompt.ids), "max_model_len": self.max_model_len, "tokens": prompt.ids,
                 "token_strs": strings}
 
-    def _token_fields(self, body: _GenerationBody, prompt: Prompt) -> "_TokenFields":
+    def _token_fields(self, body: _GenerationBody, prompt: Prompt, scored: bool) -> "_TokenFields":
         if body.prompt_logprobs is not None and body.stream:
             raise ApiError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
         if not prompt.ids:
             raise ApiError("prompt: the prompt has no tokens", param="prompt")
-        return _TokenFields(prompt.ids, body.prompt_logprobs is not None, body.return_token_ids,
-                            self.engine.decode_token)
+        return _TokenFields(prompt.ids, scored, body.return_token_ids, self.engine.decode_token)
+
+    async def detokenize(self, request: Request) -> dict:
+        body: DetokenizeBody = await _parse(request, DetokenizeBody)
+        if body.model is not None:
+            self._check_model(body.model)
+        try:
+            ids = token_prompt(self.loaded, body.tokens).ids
+        except PromptError as exc:
+            raise ApiError(str(exc).replace("prompt[", "tokens[", 1), param="tokens") from exc
+        return {"prompt": self.loaded.tokenizer.decode(ids)}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the tokenizer's init arguments without file paths, its class and chat template."""
+        tokenizer = self.loaded.tokenizer
+        info = {name: _json_value(value) for name, value in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+                if name not in ("vocab_file", "merges_file")}
+        info["tokenizer_class"] = type(tokenizer).__name__
+        if getattr(tokenizer, "chat_template", None):
+            info["chat_template"] = tokenizer.chat_template
+        return info
 
     def _check_model(self, model: str) -> None:
         if model != self.served_model_name:
-            raise ApiError(f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(f"The model `{model}` does not exist; this server serves `{self.served_model_name}`.",
+                           param="model", code="model_not_found", status=404)
 
     def _sampling(self, body: _GenerationBody, prompt: Prompt, max_tokens: Optional[int], max_tokens_field: str,
                   prompt_field: str, logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -309,6 +401,34 @@ class EmbeddedServer:
         if collected[-1].error:
             raise ApiError(collected[-1].error, status=500, kind="server_error")
         return response.whole(collected)
+
+
+def _json_value(value: Any) -> Any:
+    """Tokenizer settings as JSON: special tokens (AddedToken) by their text, anything else unknown as a string."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route 404, wrong method 405) in OpenAI's shape, as OpenAI words them."""
+    message = f"{exc.detail} ({request.method} {request.url.path})"
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    return JSONResponse(_error_body(message, "invalid_request_error"), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return JSONResponse(_error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error"),
+                        status_code=500)
 
 
 async def _events(engine: Engine, request: GenerationRequest) -> AsyncIterator[GenEvent]:
@@ -466,33 +586,81 @@ class _ChatResponse(_Response):
                 "logprobs": self.chat_logprobs(entries) if entries else None, "finish_reason": finish_reason}
 
 
+@dataclass(frozen=True)
+class _Echo:
+    """`echo` on /v1/completions: the prompt's text goes before the generated one (which max_tokens 0 drops)."""
+
+    text: str
+    generated: bool
+
+
+_LegacyRow = tuple[str, Optional[float], Optional[dict[str, float]]]  # token, its logprob, the top alternatives
+
+
 class _CompletionResponse(_Response):
     prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
     prompt_extras_in_choice = True
 
-    def __init__(self, model: str, logprobs: bool, tokens: _TokenFields):
-        super().__init__(model, logprobs, tokens)
+    def __init__(self, model: str, top_logprobs: Optional[int], tokens: _TokenFields, echo: Optional[_Echo] = None):
+        super().__init__(model, top_logprobs is not None, tokens)
+        self.top_logprobs, self.echo = top_logprobs, echo
         self.offset = 0  # characters of token text before the next entry, for text_offset
+        self.echo_rows: list[_LegacyRow] = []
 
-    def legacy_logprobs(self, entries: list[TokenLogprob]) -> Optional[dict]:
+    def whole(self, events: list[GenEvent]) -> dict:
+        if self.echo is not None:
+            if self.logprobs:
+                self.echo_rows = self.prompt_rows(events[0].prompt_logprobs)
+            if not self.echo.generated:
+                events = [dataclasses.replace(events[-1], text="", logprobs=[], token_ids=[], completion_tokens=0,
+                                              prompt_logprobs=events[0].prompt_logprobs)]
+        return super().whole(events)
+
+    def prompt_rows(self, scored: Optional[list[Optional[PromptLogprob]]]) -> list[_LegacyRow]:
+        """vLLM's echoed rows: the first prompt token has no log-probability; the others list the prompt token
+        and then the most likely ones, `logprobs` + 1 at most."""
+        decode = self.tokens.decode
+        rows: list[_LegacyRow] = []
+        for token_id, entry in zip(self.tokens.prompt_ids, scored or ()):
+            if entry is None:
+                rows.append((decode(token_id), None, None))
+                continue
+            by_id = {entry.token_id: entry.logprob}
+            for alternative, logprob in entry.top:
+                by_id.setdefault(alternative, logprob)
+            top: dict[str, float] = {}
+            for alternative, logprob in list(by_id.items())[: self.top_logprobs + 1]:
+                top.setdefault(decode(alternative), max(logprob, LOGPROB_FLOOR))
+            rows.append((decode(entry.token_id), max(entry.logprob, LOGPROB_FLOOR), top))
+        return rows
+
+    def legacy_logprobs(self, rows: list[_LegacyRow]) -> Optional[dict]:
         if not self.logprobs:
             return None
         offsets = []
-        for entry in entries:
+        for token, _, _ in rows:
             offsets.append(self.offset)
-            self.offset += len(entry.token)
+            self.offset += len(token)
         return {
-            "tokens": [entry.token for entry in entries],
-            "token_logprobs": [entry.logprob for entry in entries],
-            "top_logprobs": [dict(entry.top) | {entry.token: entry.logprob} for entry in entries],
+            "tokens": [token for token, _, _ in rows],
+            "token_logprobs": [logprob for _, logprob, _ in rows],
+            "top_logprobs": [top for _, _, top in rows],
             "text_offset": offsets,
         }
 
+    @staticmethod
+    def generated_rows(entries: list[TokenLogprob]) -> list[_LegacyRow]:
+        return [(entry.token, entry.logprob, dict(entry.top) | {entry.token: entry.logprob}) for entry in entries]
+
     def whole_choice(self, text, entries, finish_reason):
-        return {"index": 0, "text": text, "logprobs": self.legacy_logprobs(entries), "finish_reason": finish_reason}
+        rows = self.generated_rows(entries)
+        if self.echo is not None:
+            text, rows = self.echo.text + text, self.echo_rows + rows
+        return {"index": 0, "text": text, "logprobs": self.legacy_logprobs(rows), "finish_reason": finish_reason}
 
     def delta_choice(self, text, entries, finish_reason):
-        return {"index": 0, "text": text, "logprobs": self.legacy_logprobs(entries) if entries else None,
+        return {"index": 0, "text": text,
+                "logprobs": self.legacy_logprobs(self.generated_rows(entries)) if entries else None,
                 "finish_reason": finish_reason}
 
 

@@ -36,7 +36,7 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not
                411: "Length Required", 408: "Request Timeout", 413: "Payload Too Large", 422: "Unprocessable Entity",
                429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
                503: "Service Unavailable", 504: "Gateway Timeout"}
-NAMED_FAULTS = ("hang", "reset", "malformed", "truncated")
+NAMED_FAULTS = ("hang", "reset", "malformed", "truncated", "wrong_model", "empty_choices")
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 OPTION_LINE = re.compile(r"^\s*\(?([A-J])[\.\):]\s", re.MULTILINE)
 
@@ -87,14 +87,23 @@ class StubServer:
             return self.faults[pick % len(self.faults)]
         return ""
 
-    def answer_text(self, digest: str, text: str) -> str:
+    def answer_text(self, digest: str, text: str, request: dict[str, Any]) -> str:
         mode = self.args.answer_mode
         if mode == "echo":
             return text
         if mode == "fixed":
             return self.args.fixed_text
         letters = sorted(set(OPTION_LINE.findall(text))) or ["A", "B", "C", "D"]
-        return f"The answer is ({letters[int(digest, 16) % len(letters)]})."
+        return f"The answer is ({letters[self.pick(digest, request) % len(letters)]})."
+
+    def pick(self, digest: str, request: dict[str, Any]) -> int:
+        """The prompt hash when greedy; sampled (temperature > 0) also the request's seed, top_p and temperature,
+        so that repeats with their own seeds differ while each stays reproducible on any stub."""
+        temperature = request.get("temperature")
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            return int(digest, 16)
+        key = repr((digest, request.get("seed"), request.get("top_p"), temperature)).encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
     # ------------------------------------------------------------------ HTTP plumbing
 
@@ -212,7 +221,7 @@ class StubServer:
                 await self.send_json(writer, status, {"object": "error", "message": f"injected fault {status}",
                                                       "type": "stub_fault", "code": status}, keep_alive, headers)
                 return True
-            answer = self.answer_text(digest, text)
+            answer = self.answer_text(digest, text, request)
             tokens = [(" " if i else "") + word for i, word in enumerate(answer.split())]
             max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or len(tokens)
             finish = "length" if len(tokens) > max_tokens else "stop"
@@ -245,6 +254,9 @@ class StubServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
+    def model_name(self, fault: str) -> str:
+        return f"{self.args.model}-impostor" if fault == "wrong_model" else self.args.model
+
     def logprobs_for(self, tokens: list[str], top_n: int) -> list[dict[str, Any]]:
         out = []
         for i, token in enumerate(tokens):
@@ -260,7 +272,7 @@ class StubServer:
     async def whole(self, writer, request, chat: bool, digest: str, tokens: list[str], finish: str,
                     usage: dict, fault: str, keep_alive: bool) -> bool:
         text = "".join(tokens)
-        base = {"id": f"stub-{digest}", "created": int(time.time()), "model": self.args.model, "usage": usage}
+        base = {"id": f"stub-{digest}", "created": int(time.time()), "model": self.model_name(fault), "usage": usage}
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if self.args.reasoning:
@@ -268,7 +280,7 @@ class StubServer:
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             if request.get("logprobs"):
                 choice["logprobs"] = {"content": self.logprobs_for(tokens, request.get("top_logprobs") or 1)}
-            payload = dict(base, object="chat.completion", choices=[choice])
+            payload = dict(base, object="chat.completion", choices=[] if fault == "empty_choices" else [choice])
         else:
             payload = dict(base, object="text_completion",
                            choices=[{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}])
@@ -289,7 +301,7 @@ class StubServer:
                      usage: dict, fault: str) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                      b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
-        base = {"id": f"stub-{digest}", "created": int(time.time()), "model": self.args.model}
+        base = {"id": f"stub-{digest}", "created": int(time.time()), "model": self.model_name(fault)}
         want_logprobs = chat and request.get("logprobs")
         logprobs = self.logprobs_for(tokens, request.get("top_logprobs") or 1) if want_logprobs else []
 
@@ -306,14 +318,17 @@ class StubServer:
             return dict(base, object="text_completion",
                         choices=[{"index": 0, "text": delta.get("content", ""), "finish_reason": finish_reason}])
 
-        events = []
-        if chat:
+        events: list[Any] = []
+        if fault == "empty_choices":  # a stream of nothing but the usage chunk
+            tokens = []
+        elif chat:
             events.append(chunk({"role": "assistant", "content": ""}, None))
             if self.args.reasoning:
                 events.append(chunk({"reasoning_content": self.reasoning_for(digest)}, None))
         for i, token in enumerate(tokens):
             events.append(chunk({"content": token}, None, logprobs[i:i + 1] if want_logprobs else None))
-        events.append(chunk({}, finish))
+        if fault != "empty_choices":
+            events.append(chunk({}, finish))
         if (request.get("stream_options") or {}).get("include_usage"):
             events.append(dict(base, object="chat.completion.chunk" if chat else "text_completion",
                                choices=[], usage=usage))
@@ -369,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of completion requests that fail")
     p.add_argument("--fail-first", type=int, default=0, help="the first N requests of every prompt fail")
     p.add_argument("--faults", default="500,429,hang,reset,malformed,truncated",
-                   help="comma list of HTTP statuses and hang|reset|malformed|truncated")
+                   help="comma list of HTTP statuses and " + "|".join(NAMED_FAULTS))
     p.add_argument("--hang-s", type=float, default=30.0)
     p.add_argument("--retry-after", type=float, default=-1.0, help="Retry-After seconds sent with 429/503 (<0: none)")
     p.add_argument("--seed", type=int, default=0)

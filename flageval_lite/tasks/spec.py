@@ -17,7 +17,7 @@ import jinja2
 import yaml
 
 from ..errors import ConfigError, UserError
-from ..records import GenParams
+from ..records import REPEAT_AGGREGATES, GenParams
 from ..schema import build
 from . import templating
 
@@ -28,11 +28,13 @@ SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",
              "system", "fewshot", "gold", "meta", "group_by", "generation", "scorer", "scorer_args", "metric",
-             "compat", "suites"}
+             "compat", "suites", "decision", "repeats", "repeat_aggregate"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
 SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
 FEWSHOT_KEYS = {"split", "n", "by"}
 IMAGE_KEYS = {"pattern", "expr"}
+# `decision:` margins in points (null switches one off) and the error share before a row reads "incomplete".
+DECISION_KEYS = ("equivalence", "non_inferiority", "max_error_rate")
 
 
 def tasks_dir() -> Path:
@@ -98,6 +100,10 @@ class TaskSpec:
     metric: str = "accuracy"
     compat: bool = False
     suites: tuple[str, ...] = ()
+    # The fields of `decision:` this task sets (DECISION_KEYS); the run config fills in the rest (config.task_rule).
+    decision: dict[str, Optional[float]] = field(default_factory=dict)
+    repeats: int = 1  # times each item is asked per side, unless the run config sets `repeats`
+    repeat_aggregate: str = "avg"  # one of REPEAT_AGGREGATES
     source: str = ""  # the YAML file, for error messages
 
 
@@ -207,6 +213,30 @@ def _parse_generation(path: Path, raw: Any) -> GenParams:
     return GenParams(**values)
 
 
+def parse_decision(path: Path | str, name: str, raw: Any) -> dict[str, Optional[float]]:
+    """A `decision:` mapping (task spec or run config): known keys, margins in points or null, an error share in
+    [0, 1).  Whether the margins fit together is checked once the run config's defaults are in (config.task_rule)."""
+    path = Path(path)
+    _expect(path, name, raw, dict, f"a mapping with {', '.join(DECISION_KEYS)}")
+    _check_keys(path, f"{name}.", raw, set(DECISION_KEYS))
+    out: dict[str, Optional[float]] = {}
+    for key, value in raw.items():
+        where = f"{name}.{key}"
+        if key == "max_error_rate":
+            share = _expect(path, where, value, (int, float), "a share such as 0.02")
+            if not 0 <= share < 1:
+                raise ConfigError(path, where, f"must lie in [0, 1), got {share}")
+            out[key] = float(share)
+        elif value is None:
+            out[key] = None  # this margin is not tested
+        else:
+            points = _expect(path, where, value, (int, float), "a margin in points or null")
+            if not 0 < points < 100:
+                raise ConfigError(path, where, f"a margin in points must lie in (0, 100), got {points}")
+            out[key] = float(points)
+    return out
+
+
 def _check_scorer(path: Path, scorer: str, args: dict[str, Any]) -> None:
     """Scorer name and arguments against the registry (skipped when the scorers package cannot be imported)."""
     try:
@@ -291,6 +321,14 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
     if metric not in METRICS:
         raise ConfigError(path, "metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
 
+    repeats = _expect(path, "repeats", raw.get("repeats", 1), int, "a whole number of repeats")
+    if repeats < 1:
+        raise ConfigError(path, "repeats", f"must be at least 1, got {repeats}")
+    repeat_aggregate = raw.get("repeat_aggregate", "avg")
+    if repeat_aggregate not in REPEAT_AGGREGATES:
+        raise ConfigError(path, "repeat_aggregate",
+                          f"expected one of {', '.join(REPEAT_AGGREGATES)}, got {repeat_aggregate!r}")
+
     return TaskSpec(
         name=name,
         title=str(_expect(path, "title", raw["title"], str, "a string")),
@@ -313,6 +351,9 @@ def parse_task(raw: Any, path: Path) -> TaskSpec:
         metric=metric,
         compat=compat,
         suites=_str_list(path, "suites", raw.get("suites") or []),
+        decision=parse_decision(path, "decision", raw["decision"]) if raw.get("decision") is not None else {},
+        repeats=repeats,
+        repeat_aggregate=repeat_aggregate,
         source=str(path),
     )
 
