@@ -121,17 +121,18 @@ def _check_rule(rule: Rule, value: Any, source: str, where: str) -> None:
     if rule.nonempty and not value:
         raise ConfigError(source, where, "must not be empty")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        low, high = rule.low, rule.high
-        if low is not None and high is not None and not low <= value <= high:
-            raise ConfigError(source, where, f"must be between {_num(low)} and {_num(high)}, got {value!r}")
-        if low is not None and value < low:
-            raise ConfigError(source, where, f"must be at least {_num(low)}, got {value!r}")
-        if high is not None and value > high:
-            raise ConfigError(source, where, f"must be at most {_num(high)}, got {value!r}")
-        if rule.above is not None and value <= rule.above:
-            raise ConfigError(source, where, f"must be greater than {_num(rule.above)}, got {value!r}")
-        if rule.below is not None and value >= rule.below:
-            raise ConfigError(source, where, f"must be less than {_num(rule.below)}, got {value!r}")
+        lower = (f"[{_num(rule.low)}", value >= rule.low) if rule.low is not None else \
+            (f"({_num(rule.above)}", value > rule.above) if rule.above is not None else None
+        upper = (f"{_num(rule.high)}]", value <= rule.high) if rule.high is not None else \
+            (f"{_num(rule.below)})", value < rule.below) if rule.below is not None else None
+        if lower and upper and not (lower[1] and upper[1]):
+            raise ConfigError(source, where, f"must lie in {lower[0]}, {upper[0]}, got {value!r}")
+        if lower and not lower[1]:
+            bound = f"at least {_num(rule.low)}" if rule.low is not None else f"greater than {_num(rule.above)}"
+            raise ConfigError(source, where, f"must be {bound}, got {value!r}")
+        if upper and not upper[1]:
+            bound = f"at most {_num(rule.high)}" if rule.high is not None else f"less than {_num(rule.below)}"
+            raise ConfigError(source, where, f"must be {bound}, got {value!r}")
 
 
 def _num(bound: float) -> str:

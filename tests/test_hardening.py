@@ -88,7 +88,7 @@ class Top:
 
 
 @pytest.mark.parametrize("raw, where, words", [
-    ({"section": {"share": 1}}, "section.share", "must be less than 1, got 1"),
+    ({"section": {"share": 1}}, "section.share", "must lie in [0, 1), got 1"),
     ({"section": {"share": "half"}}, "section.share", "expected a number, got 'half'"),
     ({"section": {"levels": [2, 0]}}, "section.levels[1]", "must be at least 1, got 0"),
     ({"section": {"levels": []}}, "section.levels", "must not be empty"),
