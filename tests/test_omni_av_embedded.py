@@ -182,6 +182,10 @@ def test_media_items_are_teacher_forced_through_the_chat_route(server, tmp_path)
     stored = asyncio.run(tf.score_sequences(_tf_endpoint(server, "candidate"), [
         dataclasses.replace(sequences["audio"], source=sources[0])], 3))[0][("av", "audio")]
     assert rescored.forced != stored.forced
+    with pytest.raises(openai.BadRequestError, match="Cannot set both `continue_final_message`"):
+        # add_generation_prompt defaults to true
+        server.chat.completions.create(model="tiny-omni", max_tokens=1, messages=item(tone),
+                                       extra_body={"continue_final_message": True})
 
 
 @pytest.mark.slow
