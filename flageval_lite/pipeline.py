@@ -23,11 +23,11 @@ from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
 from .config import RunConfig, task_rule
 from .errors import UserError
-from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
+from .records import BAD_ITEM, ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
 from .stats import DecisionRule
 from .report import render_report
 from .runner import Job, Runner
-from .scoring import aggregate_repeats, score_task
+from .scoring import aggregate_repeats, bad_item_ids, mark_bad, score_task
 from .servers.engines import build_launch
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
@@ -392,12 +392,16 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
             judge = judge or make_judge(judge_config, store)
             args["judge"] = judge
         roles = sorted({r.role for r in store.records(run_id, task=name)})
+        by_role = {}
         for role in roles:
             # Repeats beyond the task's count are those of an earlier run of the same id that asked for more.
             records = [r for r in store.records(run_id, role=role, task=name)
                        if r.item_id in items and r.repeat < spec.get("repeats", 1)]
-            scored = list(zip((r.repeat for r in records),
-                              score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
+            by_role[role] = list(zip((r.repeat for r in records),
+                                     score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
+        bad = bad_item_ids(score for scored in by_role.values() for _, score in scored)
+        for role, scored in by_role.items():
+            scored = [(repeat, mark_bad(score, bad)) for repeat, score in scored]
             if any(repeat for repeat, _ in scored):
                 store.put_repeat_scores(run_id, scored)
             store.put_scores(run_id, aggregate_repeats(scored, spec.get("repeat_aggregate", "avg")))
@@ -512,6 +516,17 @@ def build_comparison(store: Store, run_id: str) -> Any:
                        teacher_forced=teacher_forced.stored_comparison(store, run_id, "reference", "candidate", tasks))
 
 
+def error_kinds(store: Store, run_id: str) -> dict[tuple[str, str, str], int]:
+    """(role, task, error kind) -> records that failed for good; `bad_item` counts items instead, those the runner
+    stored as such and those whose gold the scorer could not read (their records are answers)."""
+    counts = {key: n for key, n in store.error_counts(run_id).items() if key[2] != BAD_ITEM}
+    for score in store.scores(run_id):
+        if score.error.startswith(BAD_ITEM + ":"):
+            key = (score.role, score.task, BAD_ITEM)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:
     config = store.get_meta("config", {})
     comparison = build_comparison(store, run_id)
@@ -519,7 +534,7 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "servers": store.get_meta("servers", {}), "replicas": store.get_meta("replicas", {}),
                 "replica_failures": store.get_meta("replica_failures", []),
                 "placement": store.get_meta("placement", {}),
-                "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
+                "errors": {"/".join(map(str, k)): v for k, v in error_kinds(store, run_id).items()},
                 "faults": store.fault_counts(run_id),
                 "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
                             for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},

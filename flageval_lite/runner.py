@@ -34,7 +34,7 @@ import yarl
 
 from flageval_lite.errors import UserError
 from flageval_lite.progress import Progress, TaskProgress
-from flageval_lite.records import Endpoint, GenParams, Item, Record
+from flageval_lite.records import BAD_ITEM, Endpoint, GenParams, Item, Record
 from flageval_lite.store import Store
 
 log = logging.getLogger(__name__)
@@ -521,6 +521,12 @@ class Runner:
                 continue
             self._commits.join()
             self.store.put_item(self.run_id, item)
+            if item.error:  # the row could not become a request: its error, stored like an answer, never sent
+                record.error, record.error_kind, record.attempts = item.error, BAD_ITEM, 0
+                state.pending += 1
+                self.store.put_record(record)
+                self._commits.then(lambda record=record: self._report(state, None, record))
+                continue
             replica = await state.pool.acquire()
             state.pending += 1
             state.stats.sent += 1
@@ -550,9 +556,10 @@ class Runner:
         self.store.put_record(record)
         self._commits.then(lambda: self._report(state, replica, record))
 
-    def _report(self, state: _JobState, replica: _Replica, record: Record) -> None:
-        """Count a committed record as done and hand its request slot on."""
-        state.pool.release(replica)
+    def _report(self, state: _JobState, replica: Optional[_Replica], record: Record) -> None:
+        """Count a committed record as done and hand its request slot (if it took one) on."""
+        if replica is not None:
+            state.pool.release(replica)
         state.pending -= 1
         state.stats.attempts += record.attempts
         for kind in record.attempt_errors:

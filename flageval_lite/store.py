@@ -247,10 +247,11 @@ class Store:
         retries: requests beyond each record's first; failed_attempts: every failed request by kind (retried
         or not); errors: records that failed for good (left out of the comparison) by kind."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        rows = self._db.execute("SELECT role, task, COUNT(*), SUM(attempts) FROM records WHERE run_id = ? "
-                                "GROUP BY role, task ORDER BY MIN(rowid)", (run_id,))
-        for role, task, records, requests in rows:
-            out.setdefault(role, {})[task] = {"records": records, "requests": requests, "retries": requests - records,
+        # A bad item's record took no request (attempts 0): it adds no retry either.
+        rows = self._db.execute("SELECT role, task, COUNT(*), SUM(attempts), SUM(MAX(attempts - 1, 0)) FROM records "
+                                "WHERE run_id = ? GROUP BY role, task ORDER BY MIN(rowid)", (run_id,))
+        for role, task, records, requests, retries in rows:
+            out.setdefault(role, {})[task] = {"records": records, "requests": requests, "retries": retries,
                                               "failed_attempts": {}, "errors": {}}
         rows = self._db.execute("SELECT r.role, r.task, a.value, COUNT(*) FROM records r, json_each(r.attempt_errors) a "
                                 "WHERE r.run_id = ? GROUP BY r.role, r.task, a.value ORDER BY a.value", (run_id,))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flageval_lite.errors import ConfigError, UserError
+from flageval_lite.errors import UserError
 from flageval_lite.tasks import iter_items, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,16 +362,16 @@ def test_local_jsonl_with_image_paths(tmp_path):
     assert pieces(item) == ["Look: ", "[red]", " now"]
 
 
-def test_out_of_range_placeholder_names_task_and_item(tmp_path):
-    with pytest.raises(UserError) as info:
-        next(iter_items(load_task(_local_task(tmp_path, "<image 1> and <image 2>"))))
-    assert str(info.value) == "local: item q1: prompt refers to <image 2> but the item has 1 image(s)"
+def test_out_of_range_placeholder_is_an_error_of_that_item(tmp_path):
+    """Issue 18: an item-level problem no longer ends the task; the item carries its one-line error."""
+    item = next(iter_items(load_task(_local_task(tmp_path, "<image 1> and <image 2>"))))
+    assert item.item_id == "q1" and item.messages == []
+    assert item.error == "local: item q1: prompt refers to <image 2> but the item has 1 image(s)"
 
 
-def test_undefined_field_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError) as info:
-        next(iter_items(load_task(_local_task(tmp_path, "{{ questoin }}"))))
-    assert str(info.value) == f"{tmp_path / 'local.yaml'}: prompt: item q1: 'questoin' is undefined"
+def test_undefined_field_is_an_error_of_that_item_naming_file_and_field(tmp_path):
+    item = next(iter_items(load_task(_local_task(tmp_path, "{{ questoin }}"))))
+    assert item.error == f"{tmp_path / 'local.yaml'}: prompt: item q1: 'questoin' is undefined"
 
 
 def test_a_local_dataset_edited_in_place_is_read_again(tmp_path) -> None:

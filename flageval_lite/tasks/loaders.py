@@ -464,7 +464,17 @@ def iter_items(spec: TaskSpec, limit: Optional[int] = None, data_dir: Optional[s
             if item_id in seen:
                 raise UserError(f"{spec.source}: id_field: duplicate item id {item_id!r}")
             seen.add(item_id)
-            yield _build_item(spec, ev, part, index, item_id, ctx, max_image_pixels)
+            yield _item_or_bad(spec, ev, part, index, item_id, ctx, max_image_pixels)
+
+
+def _item_or_bad(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id: str, ctx: dict[str, Any],
+                 max_image_pixels: Optional[int]) -> Item:
+    """The item, or (a row the spec cannot render: a missing image, a failing expression) an Item carrying only
+    the one-line error, which the runner stores as that item's `bad_item` error instead of ending the task."""
+    try:
+        return _build_item(spec, ev, part, index, item_id, ctx, max_image_pixels)
+    except UserError as exc:  # ConfigError included
+        return Item(task=spec.name, item_id=item_id, messages=[], gold=None, error=str(exc))
 
 
 # --------------------------------------------------------------------------- counting without loading
