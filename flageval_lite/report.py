@@ -525,8 +525,13 @@ def _group_tables(comparison: Comparison) -> list[Table]:
             continue
         rows = [[name, str(int(g["n"])), _num(g["reference"]), _num(g["candidate"]), _signed(g["delta"]),
                  f"{int(g['flips_ref_only'])}/{int(g['flips_cand_only'])}"] for name, g in t.groups.items()]
+        note = ""
+        if t.micro:  # a macro headline: the micro accuracy beside it
+            note = (f"Headline: macro average, the mean of these {len(t.groups)} group scores.  Micro (mean over all "
+                    f"{t.n} items): {_num(t.micro['reference'])} vs {_num(t.micro['candidate'])}, "
+                    f"Δ {_signed(t.micro['delta'])}.")
         out.append(Table(title=f"{t.title} by group", headers=["group", "n", "reference", "candidate", "Δ",
-                                                                "flips (−/+)"], rows=rows))
+                                                                "flips (−/+)"], rows=rows, note=note))
     return out
 
 
