@@ -232,6 +232,6 @@ def test_a_macro_row_shows_micro_beside_it_in_its_group_table(tmp_path):
     md = render_report(comparison, {"run_id": "r", "config": {}}, tmp_path)["md"].read_text()
     micro = "Micro (mean over all 30 items): 50.00 vs 40.00, Δ -10.00."  # 15/30 vs 12/30: three right items lost
     assert "Headline: macro average, the mean of these 3 group scores." in md and micro in md
-    assert row.reference_score != pytest.approx(row.micro["reference"])  # unequal groups: macro is not micro
+    assert row.candidate_score == pytest.approx((75 + 0 + 100 * 6 / 14) / 3)  # macro, not the micro 40
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["comparison"]["tasks"][0]["micro"] == pytest.approx(row.micro)
