@@ -34,7 +34,7 @@ from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
 from .store import Store, has_media
-from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task
+from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task, provenance
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,17 @@ class Pipeline:
         if unknown:
             raise UserError(f"{self.config.source}: task_rules names {', '.join(unknown)}, not a task of this run")
         self.rules()
+        self.provenance()  # a local copy of another revision than the pinned one is refused here
         for spec in self.tasks:
             next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
                                  max_image_pixels=self.config.max_image_pixels)), None)
         for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
             for one in replica_specs(backend):
                 build_launch(one, role, self.run_dir, port=0)
+
+    def provenance(self) -> dict[str, list[dict[str, Any]]]:
+        """Each task's sources: dataset, configs, splits and revision (tasks/provenance.py)."""
+        return {spec.name: provenance.task_provenance(spec, self.config.data_dir or None) for spec in self.tasks}
 
     def rules(self) -> dict[str, DecisionRule]:
         """Each task's decision rule (config.task_rule); a contradiction is a ConfigError before anything starts."""
@@ -240,6 +245,7 @@ class Pipeline:
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         })
         store.set_meta("specs", {"reference": cfg.reference.to_dict(), "candidate": cfg.candidate.to_dict()})
+        store.set_meta("provenance", self.provenance())
         store.set_meta("task_specs", {t.name: {"title": t.title, "scorer": t.scorer,
                                                "scorer_args": dict(t.scorer_args or {}),
                                                "metric": t.metric, "group_by": t.group_by or "",
@@ -500,8 +506,38 @@ def perf_set_aside(store: Store, run_id: str) -> dict[str, int]:
     return out
 
 
+def asked_items(store: Store, run_id: str, role: str, task: str) -> dict[str, set[str]]:
+    return provenance.asked(store.records(run_id, role=role, task=task))
+
+
+def run_provenance(store: Store, run_id: str, roles: Iterable[str] = ROLES) -> dict[str, Any]:
+    """task -> its sources (as stored when the run started) and, per role, how many items were asked and their
+    items_hash (tasks/provenance.py)."""
+    sources = store.get_meta("provenance") or {}
+    out = {}
+    for task in store.get_meta("task_specs", {}):
+        asked = {role: asked_items(store, run_id, role, task) for role in roles}
+        out[task] = {"sources": sources.get(task, []),
+                     "items": {role: len(prompts) for role, prompts in asked.items()},
+                     "items_hash": {role: provenance.items_hash((item, h) for item, hashes in prompts.items()
+                                                               for h in hashes)
+                                    for role, prompts in asked.items()}}
+    return out
+
+
+def check_asked_alike(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str], names: tuple[str, str],
+                      every_item: bool) -> None:
+    """Refuse (UserError naming the task) to pair two sides that were asked different questions."""
+    (store_a, run_a, role_a), (store_b, run_b, role_b) = side_a, side_b
+    for task in store_a.get_meta("task_specs", {}):
+        provenance.check_same_items(task, (names[0], asked_items(store_a, run_a, role_a, task)),
+                                    (names[1], asked_items(store_b, run_b, role_b, task)), every_item)
+
+
 def build_comparison(store: Store, run_id: str) -> Any:
     """The run's comparison under the decision rules stored with it."""
+    check_asked_alike((store, run_id, "reference"), (store, run_id, "candidate"), ("the reference", "the candidate"),
+                      every_item=False)
     tasks = list(store.get_meta("task_specs", {}))
     defaults, rules = stored_rules(store)
     noise = None
@@ -539,7 +575,7 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
                             for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
-                "perf_set_aside": perf_set_aside(store, run_id)}
+                "perf_set_aside": perf_set_aside(store, run_id), "provenance": run_provenance(store, run_id)}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     files = render_report(comparison, manifest, report_dir)
     return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)
@@ -561,6 +597,15 @@ def rerender(run: str, runs_root: Path = Path("runs"), reports_root: Path = Path
         store.close()
 
 
+def _sides_provenance(a: dict[str, Any], b: dict[str, Any], role_a: str, role_b: str) -> dict[str, Any]:
+    """Two runs' provenance as one, run A's side as the reference and run B's as the candidate."""
+    return {task: {"sources": row["sources"],
+                   "items": {"reference": row["items"][role_a], "candidate": b.get(task, {}).get("items", {}).get(role_b)},
+                   "items_hash": {"reference": row["items_hash"][role_a],
+                                  "candidate": b.get(task, {}).get("items_hash", {}).get(role_b)}}
+            for task, row in a.items()}
+
+
 def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_b: str = "candidate",
                         runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
                         margin: Optional[float] = None) -> RunResult:
@@ -571,6 +616,8 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
     try:
         if not store_b.scores(id_b, role=role_b):
             raise UserError(f"{run_b}: no scores for role {role_b!r}")
+        check_asked_alike((store_a, id_a, role_a), (store_b, id_b, role_b), (f"{run_a} ({role_a})", f"{run_b} ({role_b})"),
+                          every_item=True)
         defaults, rules = stored_rules(store_a)
         if margin is not None:
             defaults["margin"] = margin
@@ -587,7 +634,9 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
                     "specs": {"reference": specs_a.get(role_a, {}), "candidate": specs_b.get(role_b, {})},
                     "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})},
                     "faults": {"reference": store_a.fault_counts(id_a).get(role_a, {}),
-                               "candidate": store_b.fault_counts(id_b).get(role_b, {})}}
+                               "candidate": store_b.fault_counts(id_b).get(role_b, {})},
+                    "provenance": _sides_provenance(run_provenance(store_a, id_a, [role_a]),
+                                                    run_provenance(store_b, id_b, [role_b]), role_a, role_b)}
         files = render_report(comparison, manifest, reports_root / run_id)
         return RunResult(run_id, dir_a, reports_root / run_id, files, comparison.verdict, comparison.exit_code)
     finally:
