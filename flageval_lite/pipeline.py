@@ -171,6 +171,8 @@ class Pipeline:
         if judged and not self.config.judge.get("base_url"):
             raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
                             f"in the run config ({self.config.source})")
+        if judged:
+            judge_prompt_of(self.config.judge)  # an unreadable prompt file stops the run before any server starts
         unknown = sorted(set(self.config.task_rules) - {t.name for t in self.tasks})
         if unknown:
             raise UserError(f"{self.config.source}: task_rules names {', '.join(unknown)}, not a task of this run")
@@ -241,6 +243,7 @@ class Pipeline:
             "rules": {name: dataclasses.asdict(rule) for name, rule in self.rules().items()},
             "concurrency": cfg.concurrency, "noise_floor": cfg.noise_floor, "source": cfg.source,
             "repeats": cfg.repeats, "sampling": dict(cfg.sampling),
+            "judge_prompt": judge_prompt_of(cfg.judge) if any(t.scorer == "mmvet_judge" for t in self.tasks) else "",
             "flageval_lite": __version__, "host": platform.node(), "python": platform.python_version(),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         })
@@ -411,6 +414,18 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
             if any(repeat for repeat, _ in scored):
                 store.put_repeat_scores(run_id, scored)
             store.put_scores(run_id, aggregate_repeats(scored, spec.get("repeat_aggregate", "avg")))
+
+
+def judge_prompt_of(judge_config: dict[str, Any]) -> str:
+    """Which MM-Vet judge prompt a run uses, for the manifest: the user's prompt file (path and content hash) or
+    our own wording (its version)."""
+    from .scorers.judge import PROMPT_VERSION, read_prompt_file
+
+    path = judge_config.get("prompt_file")
+    if not path:
+        return f"own prompt ({PROMPT_VERSION}); the card's MM-Vet v2 row needs the official one (judge.prompt_file)"
+    digest = stable_hash(read_prompt_file(path))
+    return f"prompt file {path} (sha256 {digest})"
 
 
 def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
