@@ -175,6 +175,26 @@ def perf_media_items(config: RunConfig, concurrency: int, images: list[Any], aud
         yield dataclasses.replace(item, task=item.task + MEDIA_LOAD_SUFFIX, messages=messages)
 
 
+# Items preflight builds per task, at most, looking for one that is not a bad item.
+PREFLIGHT_ITEMS = 20
+
+
+def check_not_all_bad(spec: Any, items: Iterable[Item]) -> None:
+    """A bad item is that item's error and the run goes on (docs/report.md), but a task whose first items are all
+    bad (every one, when it has fewer than PREFLIGHT_ITEMS) has a broken spec or data, not a broken row: refused
+    before any server starts, with the first item's one-line error."""
+    first = ""
+    for count, item in enumerate(items, start=1):
+        if not item.error:
+            return
+        first = first or item.error
+        if count == PREFLIGHT_ITEMS:
+            break
+    if first:
+        raise UserError(f"{first} (and every one of the first {count} item(s) of {spec.name} fails: the task spec "
+                        f"or its data is at fault, not one row)")
+
+
 class Pipeline:
     def __init__(self, config: RunConfig, run_id: Optional[str] = None, runs_root: Path = Path("runs"),
                  reports_root: Path = Path("reports"), quiet: bool = False):
@@ -208,8 +228,7 @@ class Pipeline:
         self.rules()
         self.provenance()  # a local copy of another revision than the pinned one is refused here
         for spec in self.tasks:
-            next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
-                                 max_image_pixels=self.config.max_image_pixels)), None)
+            check_not_all_bad(spec, self.items(spec))
         for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
             for one in replica_specs(backend):
                 build_launch(one, role, self.run_dir, port=0)

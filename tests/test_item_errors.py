@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -96,3 +97,16 @@ def test_a_run_with_bad_items_completes_counts_and_shows_them(tmp_path):
     assert "bad_item" in report
     faults = manifest["faults"]["reference"]["gappy"]
     assert faults["records"] == 6 and faults["requests"] == 4 and faults["retries"] == 0
+
+
+def test_a_task_whose_first_items_are_all_bad_is_refused_before_any_server_starts(tmp_path):
+    from flageval_lite.errors import UserError
+    from flageval_lite.pipeline import check_not_all_bad
+
+    spec = load_task(write_task(tmp_path))
+    check_not_all_bad(spec, iter_items(spec))  # one good item among them is enough
+    bad_only = [item for item in iter_items(spec) if item.error]
+    with pytest.raises(UserError) as info:
+        check_not_all_bad(spec, bad_only)
+    assert str(info.value) == (f"{bad_only[0].error} (and every one of the first 2 item(s) of gappy fails: the task "
+                               f"spec or its data is at fault, not one row)")
