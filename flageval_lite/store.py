@@ -18,7 +18,7 @@ import io
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
@@ -33,6 +33,8 @@ _RECORD_FIELDS = ("run_id", "role", "endpoint_id", "task", "item_id", "prompt_ha
                   "latency_s", "ttft_s", "itl_s", "attempts", "error", "error_kind", "started_at",
                   "attempt_errors", "repeat")
 _RECORD_JSON = ("params", "logprobs", "itl_s", "attempt_errors")
+_ITEM_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, images"
+_ITEM_TEXT_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, '[]'"
 _SCORE_FIELDS = ("role", "task", "item_id", "value", "outcome", "extracted", "gold", "response_text",
                  "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group", "repeats")
 # Columns added after the first release: files written before them get them with these defaults.
@@ -86,6 +88,12 @@ _UPSERT_RECORD = (
     + ", ".join(f'"{n}" = ' + _KEPT_HISTORY.get(n, f'excluded."{n}"') for n in _RECORD_FIELDS)
     + " WHERE records.error != ''"
 )
+
+
+def _item_dict(row: tuple) -> dict[str, Any]:
+    task, item_id, digest, gold, meta, text, images = row
+    return {"task": task, "item_id": item_id, "prompt_hash": digest, "gold": json.loads(gold),
+            "meta": json.loads(meta), "prompt_text": text, "images": json.loads(images)}
 
 
 def _dumps(value: Any) -> str:
@@ -279,13 +287,20 @@ class Store:
                          (run_id, item.task, item.item_id, item.prompt_hash(), _dumps(item.gold), _dumps(item.meta),
                           prompt_text(item.messages), _dumps(images)))
 
-    def items(self, run_id: str, task: Optional[str] = None) -> Iterator[dict[str, Any]]:
-        """Stored items in insertion order: {task, item_id, prompt_hash, gold, meta, prompt_text, images}."""
-        sql, args = self._filtered("SELECT task, item_id, prompt_hash, gold, meta, prompt_text, images FROM items "
+    def items(self, run_id: str, task: Optional[str] = None, media: bool = True) -> Iterator[dict[str, Any]]:
+        """Stored items in insertion order: {task, item_id, prompt_hash, gold, meta, prompt_text, images}.
+        `media=False` leaves `images` empty: scoring needs none, and a task's thumbnails together run to
+        hundreds of MB."""
+        sql, args = self._filtered(f"SELECT {_ITEM_COLUMNS if media else _ITEM_TEXT_COLUMNS} FROM items "
                                    "WHERE run_id = ?", run_id, task=task)
-        for task_name, item_id, digest, gold, meta, text, images in self._db.execute(sql + " ORDER BY rowid", args):
-            yield {"task": task_name, "item_id": item_id, "prompt_hash": digest, "gold": json.loads(gold),
-                   "meta": json.loads(meta), "prompt_text": text, "images": json.loads(images)}
+        for row in self._db.execute(sql + " ORDER BY rowid", args):
+            yield _item_dict(row)
+
+    def item(self, run_id: str, task: str, item_id: str) -> Optional[dict[str, Any]]:
+        """One stored item, as `items` gives it (media included); None when absent."""
+        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE run_id = ? AND task = ? AND item_id = ?",
+                               (run_id, task, item_id)).fetchone()
+        return _item_dict(row) if row else None
 
     # ------------------------------------------------------------------ scores
 
@@ -358,3 +373,24 @@ class Store:
                 sql += f" AND {column} = ?"
                 args.append(value)
         return sql, args
+
+
+class StoredItems(Mapping[str, dict[str, Any]]):
+    """One task's stored items by id, each read (media included) only when looked up: the report shows a few
+    items' images, and reading every item's would hold a whole task's thumbnails in memory."""
+
+    def __init__(self, store: Store, run_id: str, task: str):
+        self.store, self.run_id, self.task = store, run_id, task
+        self._ids = [it["item_id"] for it in store.items(run_id, task=task, media=False)]
+
+    def __getitem__(self, item_id: str) -> dict[str, Any]:
+        found = self.store.item(self.run_id, self.task, item_id)
+        if found is None:
+            raise KeyError(item_id)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
