@@ -38,10 +38,15 @@ def noise_jpeg_b64(side: int, rng: random.Random) -> str:
 
 def write_tsv(path: Path, n: int, side: int, refs: float, seed: int = 0) -> None:
     rng = random.Random(seed)
+    own: list[int] = []  # rows holding their own image: VLMEvalKit's references point at one of those
     with path.open("w", encoding="utf-8") as out:
         out.write("index\tquestion\tA\tB\tC\tD\tanswer\tcategory\tsplit\timage\n")
         for i in range(1, n + 1):
-            image = str(rng.randrange(1, i)) if i > 1 and rng.random() < refs else noise_jpeg_b64(side, rng)
+            if own and rng.random() < refs:
+                image = str(rng.choice(own))
+            else:
+                image = noise_jpeg_b64(side, rng)
+                own.append(i)
             answer = "ABCD"[rng.randrange(4)]
             out.write(f"{i}\t<image 1> Item {i}: which option fits?\tred\tgreen\tblue\tgrey\t{answer}\t"
                       f"Subject_{i % 30}\tvalidation\t{image}\n")
