@@ -710,7 +710,8 @@ class Runner:
             pending = b""  # an incomplete event
             asked = replica.endpoint.model
             # Read to the end even after [DONE]: a response read to its end keeps its connection alive.
-            async for block in response.content.iter_any():
+            read = response.content.readany  # what iter_any() calls, without its iterator wrapper per block
+            while block := await read():
                 now = time.perf_counter()
                 pending += block
                 if b"\r" in pending:  # CRLF line ends (a CR whose LF is still to come stays for the next block)
@@ -728,10 +729,22 @@ class Runner:
                     if chunk.get("model", asked) != asked:
                         _check_model(chunk, asked)
                     usage = chunk.get("usage") or usage
-                    for choice in _choices(chunk, payload):
+                    choices = chunk.get("choices")
+                    if type(choices) is not list:  # the usage chunk has [], a broken one anything else
+                        choices = _choices(chunk, payload)
+                    for choice in choices:
+                        if type(choice) is not dict:
+                            _choices(chunk, payload)  # raises: malformed
                         answered = True
                         end = now
-                        text, think = _texts(choice.get("delta") or {}, payload)
+                        # _texts inlined (a call per chunk counts at thousands of chunks a second)
+                        delta = choice.get("delta") or {}
+                        if type(delta) is not dict:
+                            _texts(delta, payload)  # raises: malformed
+                        text = delta.get("content") or ""
+                        think = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                        if type(text) is not str or type(think) is not str:
+                            _texts(delta, payload)  # raises: malformed
                         if text or think:
                             if ttft is None:
                                 ttft = now - start
