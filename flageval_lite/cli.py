@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import UserError
+from .secrets import scrub, scrub_logging
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -142,10 +143,17 @@ def cmd_import(args: argparse.Namespace) -> int:
                           gate=args.gate, margin=args.margin)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags as one line naming the flag (argparse would print its usage block first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: command line: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flageval-lite", description=__doc__)
+    parser = _Parser(prog="flageval-lite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     p = sub.add_parser("report", help="re-render the report of a stored run without re-running it")
     p.add_argument("run", help="run id or run directory")
@@ -223,10 +231,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    scrub_logging()
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = "rerun with --resume" if args.command == "bisect" else "rerun with the same --run-id"

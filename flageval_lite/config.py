@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +16,9 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
-from .records import ServeSpec
+from .records import ROLES, ServeSpec
+from .schema import build, checked, convert
+from .secrets import remember
 from .servers.spec import device_ids, load_serve_spec, replica_specs
 from .stats import DecisionRule
 from .tasks.spec import parse_decision
@@ -34,10 +37,10 @@ class PerfConfig:
     """A fixed synthetic load (vLLM `bench serve` style) run against each backend, one at a time."""
 
     enabled: bool = True
-    concurrency: tuple[int, ...] = (1, 8)
-    requests: int = 16
-    prompt_words: int = 64
-    output_tokens: int = 32
+    concurrency: tuple[int, ...] = checked((1, 8), low=1, high=4096, nonempty=True)
+    requests: int = checked(16, low=1)
+    prompt_words: int = checked(64, low=1)
+    output_tokens: int = checked(32, low=1)
 
 
 @dataclass
@@ -46,45 +49,90 @@ class TeacherForcedConfig:
     flageval_lite/teacher_forced.py."""
 
     enabled: bool = True
-    items: int = 20  # per task: the first items the reference answered
-    top_k: int = 5  # prompt_logprobs per position (vLLM allows at most --max-logprobs, 20 by default)
+    items: int = checked(20, low=1)  # per task: the first items the reference answered
+    top_k: int = checked(5, low=1, high=20)  # prompt_logprobs per position (vLLM's --max-logprobs, 20 by default)
+
+
+@dataclass
+class JudgeConfig:
+    """The LLM judge of MM-Vet v2 (`scorers/judge.JudgeClient`'s arguments, less its cache)."""
+
+    base_url: str = ""
+    model: str = ""
+    api_key: str = "EMPTY"
+    max_retries: int = checked(3, low=1)
+    timeout_s: float = checked(120.0, above=0)
+    max_tokens: int = checked(256, low=1)
+    retry_backoff_s: float = checked(0.5, low=0)
+
+
+def _judge(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """The judge keys given, checked against JudgeConfig; its key is scrubbed from whatever is written."""
+    judge = build(JudgeConfig, value, source, f"{where}.")
+    remember([judge.get("api_key")])
+    return judge
+
+
+@dataclass
+class SamplingConfig:
+    """`sampling:`: the GenParams fields of these names, set for every task (only the keys given are kept)."""
+
+    temperature: float = checked(0.0, low=0)
+    top_p: Optional[float] = checked(None, above=0, high=1)
+    seed: Optional[int] = 0
+
+
+def _sampling(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    return build(SamplingConfig, value, source, f"{where}.")
+
+
+def _task_rules(value: dict[str, Any], source: str, where: str) -> dict[str, dict[str, Optional[float]]]:
+    """`task_rules: {task: {equivalence, non_inferiority, max_error_rate}}`, each checked as a task's `decision:`."""
+    return {task: parse_decision(source, f"{where}.{task}", rule) for task, rule in value.items()}
 
 
 @dataclass
 class RunConfig:
+    # Serve specs: names, paths, mappings or lists of alternatives, resolved by `resolve_backend`.
     reference: ServeSpec
     candidate: ServeSpec
-    suite: str = "demo"
+    suite: str = checked("demo", nonempty=True)
     tasks: tuple[str, ...] = ()
-    limit: Optional[int] = None
-    placement: str = "sequential"
+    limit: Optional[int] = checked(None, low=1)
+    placement: str = checked("sequential", choices=PLACEMENTS)
     allow_fallback: bool = True
-    concurrency: int = 8
-    request_timeout_s: float = 600.0
-    max_attempts: int = 4
+    concurrency: int = checked(8, low=1, high=4096)
+    request_timeout_s: float = checked(600.0, above=0)
+    max_attempts: int = checked(4, low=1, high=100)
     interleave: bool = True
     # The decision rule's defaults (docs/statistics.md, "Decision rules"): equivalence margin ε and non-inferiority
     # margin δ in points (null: not tested), and the error share before a row reads "incomplete".  A task spec's
     # `decision:` overrides them for its task, `task_rules: {task: {...}}` overrides both.
-    margin: Optional[float] = 1.0
-    release_gate: Optional[float] = 5.0
-    max_error_rate: float = 0.02
-    task_rules: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+    margin: Optional[float] = checked(1.0, above=0, below=100)
+    release_gate: Optional[float] = checked(5.0, above=0, below=100)
+    max_error_rate: float = checked(0.02, low=0, below=1)
+    task_rules: dict[str, dict[str, Optional[float]]] = checked(default_factory=dict, parse=_task_rules)
     data_dir: str = ""
     lmeval_include_path: str = ""  # folder of extra lm-eval task YAMLs for `lmeval:<task>` entries
-    max_image_pixels: Optional[int] = None
+    max_image_pixels: Optional[int] = checked(None, low=1)
     # Caps every task's max_tokens (both backends alike): a small test model's context cannot hold the
     # 8k-token answers that AIME or GPQA allow a real one.
-    max_tokens_cap: Optional[int] = None
-    judge: dict[str, Any] = field(default_factory=dict)
+    max_tokens_cap: Optional[int] = checked(None, low=1)
+    # Only the keys given (JudgeConfig checks them): `judge.get("base_url")` says whether one is set.
+    judge: dict[str, Any] = checked(default_factory=dict, parse=_judge)
     perf: PerfConfig = field(default_factory=PerfConfig)
     noise_floor: bool = False  # also run reference against itself (A/A) and show it beside A/B
     # Ask every item this many times per side (None: each task's own `repeats`, default 1); compared as avg@k.
-    repeats: Optional[int] = None
+    repeats: Optional[int] = checked(None, low=1)
     # Sampled decoding for every task, e.g. {temperature: 0.6, top_p: 0.95}; each repeat gets seed + its index.
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = checked(default_factory=dict, parse=_sampling)
     teacher_forced: TeacherForcedConfig = field(default_factory=TeacherForcedConfig)
-    source: str = ""
+    source: str = field(default="", metadata={"internal": True})
+    # field -> where the user set it ("run.yaml: tasks", "command line: --tasks"), for errors found later
+    origins: dict[str, str] = field(default_factory=dict, repr=False, metadata={"internal": True})
+
+    def origin(self, name: str) -> str:
+        return self.origins.get(name, f"{self.source}: {name}")
 
 
 def cuda_with_flaggems() -> bool:
@@ -136,92 +184,95 @@ def _gpu_sets(value: Any, source: str) -> dict[str, str]:
     return sets
 
 
-def _check_type(path: str, name: str, value: Any, expected: type | tuple[type, ...]) -> None:
-    if not isinstance(value, expected) or isinstance(value, bool) and expected in (int, float, (int, float)):
-        want = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
-        raise ConfigError(path, name, f"expected {want}, got {value!r}")
+COMMAND_LINE = "command line"
+
+
+def _read_config_file(path: str | Path) -> dict[str, Any]:
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(source, "", "no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "", f"cannot read: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "expected a mapping at the top level")
+    return raw
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _task_names(value: Any, source: str, where: str) -> Any:
+    """`tasks` as a comma-separated string or a list; given but naming no task is refused (it would silently
+    run the whole suite)."""
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+        if not value:
+            raise ConfigError(source, where, "no task names given (comma-separated names, or leave it out "
+                                             "for the suite)")
+    return value
+
+
+def _validated(raw: dict[str, Any], source: str, name_of: Any) -> dict[str, Any]:
+    """Type- and range-checked values of one layer (the file, or the command line); `name_of` turns a field
+    name into what the user wrote (the field itself, or its flag)."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(RunConfig) if not f.metadata.get("internal")} | {"gpus"}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(source, name_of(key), f"unknown field (known: {', '.join(sorted(known))})")
+        if key in ("reference", "candidate", "gpus"):
+            values[key] = value  # resolved below, where the other role is known
+            continue
+        if key == "tasks":
+            value = _task_names(value, source, name_of(key))
+        hint = typing.get_type_hints(RunConfig)[key]
+        rule = next(f for f in fields(RunConfig) if f.name == key).metadata.get("rule")
+        values[key] = convert(value, hint, rule, source, name_of(key))
+    return values
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Read a run config file (or the defaults) and apply command-line overrides (None = keep)."""
-    raw: dict[str, Any] = {}
+    """Read a run config file (or the defaults) and apply command-line overrides (None = keep).  Everything
+    is checked here, before any server starts; an error names the file and field, or the flag."""
     source = str(path) if path else "<defaults>"
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(source, "", "no such config file")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else ""
-            raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(source, "", "expected a mapping at the top level")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    layers = [(_validated(_read_config_file(path), source, str) if path else {}, source, str)]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    layers.append((_validated(given, COMMAND_LINE, _flag), COMMAND_LINE, _flag))
+    values: dict[str, Any] = {}
+    where: dict[str, tuple[str, str]] = {}  # field -> (source, name) of the layer that set it
+    for layer, layer_source, name_of in layers:
+        values.update(layer)
+        where.update({key: (layer_source, name_of(key)) for key in layer})
 
-    known = {f.name for f in fields(RunConfig)} - {"source"} | {"gpus"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(source, key, f"unknown field (known: {', '.join(sorted(known))})")
-
-    default_reference, default_candidate = SUITE_DEFAULT_BACKENDS.get(raw.get("suite") or "",
-                                                                      (DEFAULT_REFERENCE, DEFAULT_CANDIDATE))
-    reference = resolve_backend(raw.pop("reference", default_reference), source, "reference")
-    candidate = resolve_backend(raw.pop("candidate", list(default_candidate)), source, "candidate")
+    suite_defaults = SUITE_DEFAULT_BACKENDS.get(values.get("suite") or "", (DEFAULT_REFERENCE, DEFAULT_CANDIDATE))
+    role_defaults = {"reference": suite_defaults[0], "candidate": list(suite_defaults[1])}
+    backends = {role: resolve_backend(values.pop(role, role_defaults[role]),
+                                      *where.get(role, (source, role))) for role in ROLES}
     # `gpus: {reference: "0", candidate: "1"}`: each role's CUDA_VISIBLE_DEVICES, overriding its serve spec's.
-    gpus = _gpu_sets(raw.pop("gpus", None), source)
-    reference, candidate = (dataclasses.replace(spec, cuda_visible_devices=gpus[role]) if role in gpus else spec
-                            for role, spec in (("reference", reference), ("candidate", candidate)))
-    for role, spec in (("reference", reference), ("candidate", candidate)):
+    gpus = _gpu_sets(values.pop("gpus", None), source)
+    for role in ROLES:
         if role in gpus:
-            replica_specs(spec, source, f"gpus.{role}")  # split over the replicas, enough for TP × PP
+            backends[role] = dataclasses.replace(backends[role], cuda_visible_devices=gpus[role])
+            replica_specs(backends[role], source, f"gpus.{role}")  # split over the replicas, enough for TP × PP
+    reference, candidate = backends["reference"], backends["candidate"]
     for key in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(reference, key) != getattr(candidate, key):
-            raise ConfigError(source, "candidate", f"{key} {getattr(candidate, key)} differs from the reference's "
+            raise ConfigError(*where.get("candidate", (source, "candidate")),
+                              f"{key} {getattr(candidate, key)} differs from the reference's "
                               f"{getattr(reference, key)}: a comparison needs the same parallelism on both sides")
-
-    perf_raw = raw.pop("perf", {}) or {}
-    if not isinstance(perf_raw, dict):
-        raise ConfigError(source, "perf", "expected a mapping")
-    perf_known = {f.name for f in fields(PerfConfig)}
-    for key in perf_raw:
-        if key not in perf_known:
-            raise ConfigError(source, f"perf.{key}", f"unknown field (known: {', '.join(sorted(perf_known))})")
-    if "concurrency" in perf_raw:
-        perf_raw["concurrency"] = tuple(int(c) for c in perf_raw["concurrency"])
-    perf = PerfConfig(**perf_raw)
-
-    teacher_forced = _teacher_forced_config(raw.pop("teacher_forced", {}) or {}, source)
-
-    if isinstance(raw.get("tasks"), str):
-        raw["tasks"] = tuple(t for t in raw["tasks"].split(",") if t)
-    if "tasks" in raw:
-        raw["tasks"] = tuple(raw["tasks"])
-    types = {"suite": str, "limit": int, "placement": str, "allow_fallback": bool, "concurrency": int,
-             "request_timeout_s": (int, float), "max_attempts": int, "interleave": bool,
-             "margin": (int, float), "release_gate": (int, float), "data_dir": str, "lmeval_include_path": str,
-             "max_image_pixels": int, "max_tokens_cap": int, "judge": dict, "noise_floor": bool,
-             "max_error_rate": (int, float), "task_rules": dict, "repeats": int, "sampling": dict}
-    for key, expected in types.items():
-        if raw.get(key) is not None:
-            _check_type(source, key, raw[key], expected)
-    if raw.get("placement", "sequential") not in PLACEMENTS:
-        raise ConfigError(source, "placement", f"must be one of {', '.join(PLACEMENTS)}")
-    if raw.get("limit") is not None and raw["limit"] < 1:
-        raise ConfigError(source, "limit", "must be at least 1")
-    for key in ("margin", "release_gate"):
-        if raw.get(key) is not None and not 0 < raw[key] < 100:
-            raise ConfigError(source, key, f"a margin in points must lie in (0, 100) or be null, got {raw[key]}")
-    if not 0 <= raw.get("max_error_rate", 0.0) < 1:
-        raise ConfigError(source, "max_error_rate", f"must lie in [0, 1), got {raw['max_error_rate']}")
-    raw["task_rules"] = {task: parse_decision(source, f"task_rules.{task}", rule)
-                         for task, rule in (raw.get("task_rules") or {}).items()}
-    if raw.get("repeats") is not None and raw["repeats"] < 1:
-        raise ConfigError(source, "repeats", "must be at least 1")
-    _check_sampling(raw.get("sampling") or {}, source)
-    return RunConfig(reference=reference, candidate=candidate, perf=perf, teacher_forced=teacher_forced,
-                     source=source, **raw)
+    for key in ("data_dir", "lmeval_include_path"):
+        if values.get(key) and not Path(values[key]).expanduser().is_dir():
+            raise ConfigError(*where[key], f"no such directory: {values[key]}")
+    return RunConfig(reference=reference, candidate=candidate, source=source, **values,
+                     origins={key: f"{layer_source}: {name}" for key, (layer_source, name) in where.items()})
 
 
 def task_rule(config: RunConfig, task: str, task_decision: Optional[dict[str, Optional[float]]] = None) -> DecisionRule:
@@ -236,33 +287,3 @@ def task_rule(config: RunConfig, task: str, task_decision: Optional[dict[str, Op
     except ValueError as exc:
         where = f"task_rules.{task}" if task in config.task_rules else f"margin/release_gate (task {task})"
         raise ConfigError(config.source, where, str(exc)) from None
-
-
-def _teacher_forced_config(raw: Any, source: str) -> TeacherForcedConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(source, "teacher_forced", "expected a mapping")
-    types = {"enabled": bool, "items": int, "top_k": int}
-    for key, value in raw.items():
-        if key not in types:
-            raise ConfigError(source, f"teacher_forced.{key}", f"unknown field (known: {', '.join(types)})")
-        _check_type(source, f"teacher_forced.{key}", value, types[key])
-    config = TeacherForcedConfig(**raw)
-    if config.items < 1:
-        raise ConfigError(source, "teacher_forced.items", "must be at least 1")
-    if not 1 <= config.top_k <= 20:
-        raise ConfigError(source, "teacher_forced.top_k", "must be between 1 and 20")
-    return config
-
-
-SAMPLING_TYPES = {"temperature": (int, float), "top_p": (int, float), "seed": int}
-
-
-def _check_sampling(raw: dict[str, Any], source: str) -> None:
-    for key, value in raw.items():
-        if key not in SAMPLING_TYPES:
-            raise ConfigError(source, f"sampling.{key}", f"unknown field (known: {', '.join(SAMPLING_TYPES)})")
-        _check_type(source, f"sampling.{key}", value, SAMPLING_TYPES[key])
-    if raw.get("temperature", 0) < 0:
-        raise ConfigError(source, "sampling.temperature", "must be at least 0")
-    if "top_p" in raw and not 0 < raw["top_p"] <= 1:
-        raise ConfigError(source, "sampling.top_p", "must be within (0, 1]")

@@ -12,7 +12,9 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,19 +23,20 @@ from typing import Any, Iterable, Iterator, Optional
 from . import __version__, teacher_forced
 from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
-from .config import RunConfig, task_rule
-from .errors import UserError
+from .config import COMMAND_LINE, RunConfig, task_rule
+from .errors import ConfigError, UserError
 from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
 from .stats import DecisionRule
 from .report import render_report
 from .runner import Job, Runner
+from .secrets import redact
 from .scoring import aggregate_repeats, score_task
 from .servers.engines import build_launch
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import Store, StoredItems, has_media
+from .store import RunLock, Store, StoredItems, has_media
 from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,27 @@ class RunResult:
     files: dict[str, Path]
     verdict: str
     exit_code: int
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+HISTORY_KEYS = ("config", "specs", "task_specs", "placement", "servers", "replicas")
+
+
+def check_run_id(run_id: str, flag: str = "--run-id") -> str:
+    """One path segment of a safe character set: a run id names a folder under --runs-dir and --reports-dir."""
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ConfigError(COMMAND_LINE, flag, f"{run_id!r} is not a run id: up to 128 letters, digits, '.', '_' "
+                                              "or '-', starting with a letter or digit (no '/', no '..')")
+    return run_id
+
+
+def inside(root: Path, run_id: str, flag: str) -> Path:
+    """root/run_id, resolved, refused unless it stays inside root (a symlinked run folder pointing out)."""
+    base = Path(root).expanduser().resolve()
+    path = (base / check_run_id(run_id, flag)).resolve()
+    if path.parent != base:
+        raise ConfigError(COMMAND_LINE, flag, f"{run_id!r} resolves to {path}, outside {base}")
+    return path
 
 
 def new_run_id(suite: str) -> str:
@@ -78,7 +102,7 @@ def task_params(spec: Any, max_tokens_cap: Optional[int] = None,
 def spec_identity(spec: ServeSpec) -> str:
     """What was started, minus where, how many and how patiently: stable across restarts on new ports, across
     replica counts (any replica's answer is the backend's) and across placements (which set the memory share)."""
-    keep = spec.to_dict()
+    keep = redact(spec.to_dict())  # a key is not part of what runs (and its hash is not stored either)
     for volatile in ("port", "base_url", "replicas", "gpu_memory_utilization", "startup_timeout_s", "warmup",
                      "max_restarts", "source", "name"):
         keep.pop(volatile, None)
@@ -155,11 +179,16 @@ class Pipeline:
     def __init__(self, config: RunConfig, run_id: Optional[str] = None, runs_root: Path = Path("runs"),
                  reports_root: Path = Path("reports"), quiet: bool = False):
         self.config = config
-        self.tasks = select_tasks(config)
+        try:
+            self.tasks = select_tasks(config)
+        except ConfigError:
+            raise  # names its task file already
+        except UserError as exc:  # an unknown task or suite: blame the flag or field that named it
+            raise UserError(f"{config.origin('tasks' if config.tasks else 'suite')}: {exc}") from None
         self.lmeval_tasks = [t for t in config.tasks if is_lmeval_task(t)]
         self.run_id = run_id or new_run_id(config.suite if not config.tasks else "tasks")
-        self.run_dir = runs_root / self.run_id
-        self.report_dir = reports_root / self.run_id
+        self.run_dir = inside(runs_root, self.run_id, "--run-id")
+        self.report_dir = inside(reports_root, self.run_id, "--run-id")
         self.quiet = quiet
 
     # ----------------------------------------------------------------- stages
@@ -218,17 +247,24 @@ class Pipeline:
     def run(self) -> RunResult:
         self.preflight()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(self.run_dir / "results.sqlite")
-        try:
-            self.write_manifest(store)
-            self.serve_and_ask(store)
-            self.score(store)
-            return self.report(store)
-        finally:
-            store.close()
+        with RunLock(self.run_dir, self.run_id):
+            store = Store(self.run_dir / "results.sqlite")
+            try:
+                self.serve_and_ask(store)
+                self.score(store)
+                return self.report(store)
+            finally:
+                store.close()
 
-    def write_manifest(self, store: Store) -> None:
+    def write_manifest(self, store: Store, placement: Any) -> None:
+        """The new run's config and specs replace the stored ones only once its servers are up: a rerun that fails
+        to start (port taken, endpoint down, bad option) leaves the stored run and `report RUN` as they were.
+        The replaced ones are kept in the `history` meta key."""
         cfg = self.config
+        if store.get_meta("config") is not None:
+            previous = {key: store.get_meta(key) for key in HISTORY_KEYS}
+            store.set_meta("history", store.get_meta("history", []) + [previous])
+        store.set_meta("placement", dataclasses.asdict(placement))
         store.set_meta("config", {
             "run_id": self.run_id, "suite": cfg.suite, "tasks": [t.name for t in self.tasks], "limit": cfg.limit,
             "placement": cfg.placement, "margin": cfg.margin, "release_gate": cfg.release_gate,
@@ -251,7 +287,6 @@ class Pipeline:
         cfg = self.config
         placement = plan_placement(cfg.reference, cfg.candidate, cfg.placement,
                                    allow_fallback=cfg.allow_fallback)
-        store.set_meta("placement", dataclasses.asdict(placement))
         runner = Runner(store, self.run_id, concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
                         max_attempts=cfg.max_attempts, progress=not self.quiet and sys.stderr.isatty())
         evidence: dict[str, list[Any]] = {}  # role -> evidence of each replica
@@ -261,11 +296,14 @@ class Pipeline:
         with ServerGroup(self.run_dir) as group:
             if placement.mode == "concurrent":
                 servers = {role: group.start_all(specs[role], role) for role in ROLES}
+                self.write_manifest(store, placement)
                 self.ask(runner, servers, specs, store)
                 evidence = {role: [s.evidence for s in replicas] for role, replicas in servers.items()}
             else:
                 for role in ROLES:
                     servers = {role: group.start_all(specs[role], role)}
+                    if role == ROLES[0]:
+                        self.write_manifest(store, placement)
                     self.ask(runner, servers, specs, store)
                     evidence[role] = [s.evidence for s in servers[role]]
                     for server in servers[role]:
@@ -525,13 +563,39 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                             for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
                 "perf_set_aside": perf_set_aside(store, run_id)}
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_manifest_file(run_dir, manifest)
     files = render_report(comparison, manifest, report_dir)
     return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)
 
 
+def write_manifest_file(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """manifest.json replaced atomically (a kill leaves the old or the new one, whole); a manifest of an earlier
+    config is moved to manifests/ first, named after the run start it records."""
+    path = run_dir / "manifest.json"
+    text = json.dumps(redact(manifest), indent=2, default=str)
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        try:
+            old_config = json.loads(old).get("config") or {}
+        except json.JSONDecodeError:
+            old_config = {}
+        if old_config != (manifest.get("config") or {}):
+            started = str(old_config.get("started") or int(path.stat().st_mtime)).replace(":", "")
+            (run_dir / "manifests").mkdir(exist_ok=True)
+            atomic_write(run_dir / "manifests" / f"manifest-{started}.json", old)
+    atomic_write(path, text)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def open_run(run: str, runs_root: Path = Path("runs")) -> tuple[Store, str, Path]:
-    run_dir = Path(run) if Path(run).is_dir() else runs_root / run
+    """A stored run by id (under runs_root) or by the path of its folder."""
+    run_dir = Path(run) if Path(run).is_dir() else inside(runs_root, run, "RUN")
+    check_run_id(run_dir.resolve().name, "RUN")
     db = run_dir / "results.sqlite"
     if not db.is_file():
         raise UserError(f"{run}: no stored run (looked for {db})")

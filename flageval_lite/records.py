@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from .schema import checked
+
 ROLES = ("reference", "candidate")
 Role = Literal["reference", "candidate"]
 
@@ -96,13 +98,13 @@ class ServeSpec(_Serialisable):
 class GenParams(_Serialisable):
     """Sampling parameters sent with every request of a task (identical for both backends)."""
 
-    temperature: float = 0.0
-    top_p: Optional[float] = None
-    max_tokens: int = 512
+    temperature: float = checked(0.0, low=0)
+    top_p: Optional[float] = checked(None, above=0, high=1)
+    max_tokens: int = checked(512, low=1)
     seed: Optional[int] = 0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = checked(None, low=0, high=20)  # OpenAI's and vLLM's default upper bound
     stream: bool = True
     extra_body: tuple[tuple[str, Any], ...] = ()  # e.g. (("chat_template_kwargs", {...}),)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -18,6 +19,7 @@ import jinja2
 from . import __version__, charts, plan
 from .compare import Comparison, PairedTaskComparison
 from .records import ROLES
+from .secrets import redact
 
 PERF_ROWS = (  # (label, PerfSummary field, section of perf.perf_ratios)
     ("TTFT p50 (ms)", "ttft_ms_p50", "latency"),
@@ -93,6 +95,9 @@ def _small(value: Optional[float]) -> str:
 # --------------------------------------------------------------------------- context
 
 
+NOT_CHECKED = "not checked (external)"
+
+
 def _label(manifest: Mapping[str, Any], role: str) -> str:
     spec = (manifest.get("specs") or {}).get(role) or {}
     return str(spec.get("name") or role)
@@ -104,6 +109,12 @@ def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
     evidence = (manifest.get("servers") or {}).get(role) or {}
     version = evidence.get("version") or {}
     flaggems = spec.get("flaggems") or {}
+    ops_registered, ops_called = list(evidence.get("ops_registered") or []), list(evidence.get("ops_called") or [])
+    # An external server is described, not started: unless it serves our evidence (the embedded server's
+    # /version, a plugin's evidence file, an op log on this host), its operators are only what the spec claims.
+    checked = spec.get("engine") != "external" or bool(evidence.get("packages") or ops_registered or ops_called
+                                                         or "flaggems_ops" in version)
+    claimed = "" if checked else f" ({NOT_CHECKED})"
     return {
         "role": role,
         "label": _label(manifest, role),
@@ -111,8 +122,8 @@ def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
         "model": spec.get("model") or ", ".join(evidence.get("models") or []) or "engine default",
         "served_models": ", ".join(evidence.get("models") or []),
         "dtype": spec.get("dtype", "?"),
-        "ops": spec.get("ops", "?"),
-        "flaggems_route": flaggems.get("route", "off"),
+        "ops": f"{spec.get('ops', '?')}{claimed}",
+        "flaggems_route": f"{flaggems.get('route', 'off')}{claimed}",
         "device": evidence.get("gpu") or spec.get("device", "?"),
         "parallelism": _parallelism(spec, len((manifest.get("replicas") or {}).get(role) or ()) or 1),
         "spec": spec,
@@ -120,8 +131,10 @@ def _backend(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
         "packages": ", ".join(f"{k} {v}" for k, v in sorted((evidence.get("packages") or {}).items())) or "unknown",
         "env_switches": ", ".join(f"{k}={v}" for k, v in sorted((evidence.get("env_switches") or {}).items())),
         "command": " ".join(str(a) for a in evidence.get("command") or []),
-        "ops_registered": list(evidence.get("ops_registered") or []),
-        "ops_called": list(evidence.get("ops_called") or []),
+        "ops_registered": ops_registered,
+        "ops_called": ops_called,
+        "ops_count": f"{len(ops_registered)} / {len(ops_called)}" if checked else NOT_CHECKED,
+        "evidence_checked": checked,
         "startup_s": evidence.get("startup_s"),
         "restarts": evidence.get("restarts", 0),
     }
@@ -580,8 +593,18 @@ def _forest_rows(comparison: Comparison) -> list[charts.ForestRow]:
 # --------------------------------------------------------------------------- rendering
 
 
+# `](` is what makes a link; a bare [43.1, 56.9] interval stays as it is.
+_MD_SPECIAL = re.compile(r"[\\`*|]|\](?=\()|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+# What markdown would read as HTML: a tag (`<b`, `</`, `<!--`, `<?`) or an entity (`&amp;`); "<0.001" is text.
+_HTML_SPECIAL = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?\w+;)")
+
+
 def _md_cell(text: Any) -> str:
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Text from specs, tasks and datasets as literal markdown: HTML tags and entities neutralised, markdown
+    syntax (emphasis, code, links, table pipes) backslash-escaped, one line.  Underscores inside words
+    (`demo_mcq`) stay."""
+    text = _HTML_SPECIAL.sub(lambda m: {"<": "&lt;", "&": "&amp;"}[m.group(0)], str(text))
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text).replace("\r", " ").replace("\n", " ")
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:
@@ -606,6 +629,7 @@ def render_report(comparison: Comparison, manifest: dict[str, Any], out_dir: Pat
     """Write report.md, report.html and summary.json into `out_dir`; returns {"md", "html", "json"} paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = redact(manifest)
     context = build_context(comparison, manifest)
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "summary.json"}
     paths["md"].write_text(_environment(False).get_template("report.md.j2").render(**context), encoding="utf-8")

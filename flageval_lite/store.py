@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import io
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
+from flageval_lite.secrets import redact
 
 THUMBNAIL_PX = 256
 # Audio clips up to this size (as a data URL) are kept with the item for the report's player; longer ones are not.
@@ -162,6 +165,37 @@ def thumbnail_data_url(url: str, where: str) -> str:
     except (IndexError, binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"{where}: image is not a decodable data URL ({exc})") from exc
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+class RunLock:
+    """One process per run: `run.lock` in the run folder, held with flock (the kernel drops it when its holder dies,
+    kill -9 included, so a stale lock from a dead pid is simply taken over) and naming the holder's pid."""
+
+    def __init__(self, run_dir: Path, run_id: str):
+        self.path = Path(run_dir) / "run.lock"
+        self.run_id = run_id
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"run {self.run_id} is in use by process {holder} ({self.path}); wait for it to end, or "
+                            f"stop it and rerun with --run-id {self.run_id} to resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class Store:
@@ -359,7 +393,8 @@ class Store:
     # ------------------------------------------------------------------ meta
 
     def set_meta(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _dumps(value)))
+        """Secrets (keys, tokens) are redacted: the meta table is what manifests and reports are made of."""
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _dumps(redact(value))))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

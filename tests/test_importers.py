@@ -378,8 +378,10 @@ def test_inspect_eval_logs(tmp_path):
     assert run.spec == {"engine": "inspect-ai 0.3.99", "model": "openai/smollm2"}
     result = run_import(tmp_path / "a", tmp_path / "b", tmp_path / "runs" / "in", tmp_path / "reports")
     row = result.comparison.task("tiny_qa")
-    # sample 2 failed on B's side (an API error): an infrastructure error, not a wrong answer
-    assert (row.errors_candidate, row.n, row.reference_score) == (1, 3, pytest.approx(200 / 3))
+    # sample 2 failed on B's side (an API error): an infrastructure error, not a wrong answer, so it leaves the
+    # paired sample (samples 1 and 3 remain) and the one-sided error makes the row incomplete
+    assert (row.errors_candidate, row.n, row.reference_score) == (1, 2, pytest.approx(50.0))
+    assert row.verdict == "incomplete"
     assert "inspect-ai 0.3.99" in result.files["md"].read_text()
 
 

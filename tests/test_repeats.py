@@ -88,7 +88,7 @@ def test_repeats_and_sampling_are_checked_in_the_run_config_and_task(tmp_path):
         load_run_config(repeats=0)
     with pytest.raises(ConfigError, match="sampling.temp: unknown field"):
         load_run_config(sampling={"temp": 0.5})
-    with pytest.raises(ConfigError, match=r"sampling.top_p: must be within \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"sampling.top_p: must lie in \(0, 1\]"):
         load_run_config(sampling={"top_p": 0})
     assert load_run_config(repeats=4, sampling={"temperature": 0.6}).repeats == 4
     spec = load_task(write(tmp_path, VALID + "repeats: 4\nrepeat_aggregate: pass\n"))

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ..errors import UserError
 from ..records import Endpoint, Item, Record, Score
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,8 @@ def run_lmeval_task(task_name: str, endpoint: Endpoint, role: str, run_id: str, 
     if not samples:
         raise UserError(f"{task} on {endpoint.label}: lm-eval logged no samples (limit {limit})")
     if tracker is not None:  # lm-eval's own files, written after conversion since writing rewrites the samples
-        tracker.save_results_aggregated(results=results, samples=logged)
+        # lm-eval's results carry the model_args: the Authorization header and auth_token stay out of the file.
+        tracker.save_results_aggregated(results=redact(results), samples=logged)
         for subtask in leaf_tasks:
             tracker.save_results_samples(task_name=subtask, samples=copy.deepcopy(logged.get(subtask, [])))
 

@@ -14,16 +14,26 @@ more than a minute), so that cost never lands on the first benchmark item.
 A spec with `replicas: N` is N such servers (`ServerGroup.start_all`), each its own object with its own
 port, log and op-log directory; replica 0 keeps the single-server names (`logs/<role>.log`), replica i
 gets `<role>-r<i>`.
+
+Servers die with the harness: on Linux each child asks the kernel for SIGTERM when its parent goes
+(`prctl(PR_SET_PDEATHSIG)`), so a SIGKILLed harness leaves no server holding a GPU.  The kernel sends it
+when the parent *thread* ends, so every server is spawned from one long-lived thread (`spawn`), never from
+the short-lived executor threads that restart a server mid-run.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import ctypes.util
 import glob
 import logging
 import os
+import queue
 import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +43,7 @@ import httpx
 
 from ..errors import UserError
 from ..records import Endpoint, ServerEvidence, ServeSpec
+from ..secrets import redact
 from .engines import Launch, build_launch
 from .evidence import collect_evidence, refresh_evidence
 from .spec import replica_specs
@@ -46,6 +57,53 @@ MAX_POLL_INTERVAL_S = 2.0
 WARMUP_PROMPT = "Say hello."
 
 Launcher = Callable[[ServeSpec, str, Optional[Path], int], Launch]
+
+
+# --------------------------------------------------------------------------- spawning
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn (runs in the child between fork and exec): SIGTERM when the spawning thread ends."""
+    assert _libc is not None
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Spawner:
+    """One daemon thread that lives as long as the process and does every Popen, so that PDEATHSIG fires only
+    when the harness itself ends."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+
+    def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen:
+        if _libc is None:
+            return subprocess.Popen(argv, **kwargs)
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="flageval-spawner", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests.put((done, argv, kwargs))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            done, argv, kwargs = self._requests.get()
+            try:
+                parent = os.getpid()
+                done.set_result(subprocess.Popen(argv, preexec_fn=lambda: _die_with_parent(parent), **kwargs))
+            except BaseException as exc:  # handed to the caller, whose thread raises it
+                done.set_exception(exc)
+
+
+spawn = _Spawner().popen
 
 
 # --------------------------------------------------------------------------- ports and process groups
@@ -325,12 +383,13 @@ class ManagedServer(_Server):
             Path(launch.cwd).mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log_file.write(f"=== flageval-lite {stamp}: starting {self.who}: {shlex.join(launch.argv)}\n".encode())
+            argv = redact({"argv": launch.argv})["argv"]
+            log_file.write(f"=== flageval-lite {stamp}: starting {self.who}: {shlex.join(argv)}\n".encode())
             log_file.flush()
             try:
-                self._proc = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                              stderr=subprocess.STDOUT, env={**os.environ, **launch.env},
-                                              cwd=launch.cwd or None, start_new_session=True)
+                self._proc = spawn(launch.argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **launch.env},
+                                   cwd=launch.cwd or None, start_new_session=True)
             except OSError as exc:
                 raise UserError(f"cannot start {self.who}: {launch.argv[0]}: {exc.strerror or exc}") from None
         self._groups = {self._proc.pid}

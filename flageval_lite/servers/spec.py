@@ -9,6 +9,7 @@ Anything wrong raises `ConfigError(file, field, message)`, which prints as one l
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -17,6 +18,8 @@ import yaml
 
 from ..errors import ConfigError
 from ..records import FlagGemsSpec, ServeSpec
+from ..schema import convert
+from ..secrets import remember_spec
 
 ENGINES = ("embedded", "vllm", "flagscale", "external", "stub")
 GPU_ENGINES = ("vllm", "flagscale")  # engines whose servers take GPU memory from a shared pool
@@ -123,6 +126,12 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
         values["args"] = _as_args(data["args"], source)
     if "env" in data:
         values["env"] = _as_env(data["env"], source)
+    # Fields without a rule above are checked by their annotation (schema.convert), so a new ServeSpec field
+    # is validated the moment it is declared; flaggems and base_url are parsed below.
+    hints = typing.get_type_hints(ServeSpec)
+    rules = {f.name: f.metadata.get("rule") for f in fields(ServeSpec)}
+    for key in set(data) - set(values) - {"flaggems", "base_url"}:
+        values[key] = convert(data[key], hints[key], rules[key], source, key)
 
     engine = values["engine"]
     if engine not in ENGINES:
@@ -153,6 +162,7 @@ def serve_spec_from_mapping(data: Mapping[str, Any], source: str) -> ServeSpec:
     if engine in ("vllm", "flagscale") and not values.get("model"):
         raise ConfigError(source, "model", f"engine {engine} needs a model (a local path or hub id)")
     spec = ServeSpec(source=source, **values)
+    remember_spec(spec)
     replica_specs(spec)  # devices that do not split over the replicas, or too few for TP × PP
     return spec
 

@@ -125,9 +125,13 @@ class JsonlTable(Table):
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise UserError(f"{self.path}:{number}: invalid JSON: {exc.msg}") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{self.path}:{number}: expected a JSON object (column: value), "
+                                        f"got a {type(row).__name__}")
+                    yield row
 
 
 class ParquetTable(Table):
@@ -534,6 +538,25 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+CHOICE_SCORERS = ("choice", "gpqa", "mmlu")  # those that match a response against the option texts
+
+
+def _check_options(spec: TaskSpec, meta: dict[str, Any], item_id: str) -> None:
+    """A multiple-choice item's options are a list of at least two texts; a string would be read letter by
+    letter and an empty list would silently fall back to A-D."""
+    if spec.scorer not in CHOICE_SCORERS:
+        return
+    for key in ("options", "choices"):
+        if key in meta:
+            options = meta[key]
+            if isinstance(options, str) and options.strip().startswith("["):  # a stored list (MMMU-style)
+                with contextlib.suppress(ValueError):
+                    options = templating.literal(options)
+            if not isinstance(options, (list, tuple)) or len(options) < 2:
+                raise ConfigError(spec.source, f"meta.{key}", f"item {item_id}: expected a list of at least two "
+                                                              f"option texts, got {meta[key]!r}")
+
+
 def _build_item(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id: str, ctx: dict[str, Any],
                 max_image_pixels: Optional[int]) -> Item:
     row = ctx["row"]
@@ -549,6 +572,7 @@ def _build_item(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id:
     system = ev.text("system", spec.system, ctx, item_id).strip() if spec.system else ""
     gold = ev.value("gold", spec.gold, ctx, item_id, column_ok=True)
     meta = {key: ev.value(f"meta.{key}", expr, ctx, item_id) for key, expr in spec.meta.items()}
+    _check_options(spec, meta, item_id)
     messages = build_messages(text, images, system=system, max_image_pixels=max_image_pixels,
                               where=f"{spec.name}: item {item_id}", base_dir=part.table.base_dir, audios=audios,
                               videos=videos, audio_part=spec.audio_part)

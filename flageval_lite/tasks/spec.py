@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import ConfigError, UserError
 from ..records import REPEAT_AGGREGATES, GenParams
+from ..schema import build
 from . import templating
 from .media import AUDIO_PARTS
 
@@ -208,18 +209,13 @@ def _parse_images(path: Path, raw: Any, key: str = "images") -> ImageSpec:
 
 def _parse_generation(path: Path, raw: Any) -> GenParams:
     _expect(path, "generation", raw, dict, "a mapping of sampling parameters")
-    known = {f.name for f in dataclasses.fields(GenParams)}
-    _check_keys(path, "generation.", raw, known)
     values = dict(raw)
     if "stop" in values:
         values["stop"] = _str_list(path, "generation.stop", values["stop"])
     if "extra_body" in values:
         _expect(path, "generation.extra_body", values["extra_body"], dict, "a mapping")
-        values["extra_body"] = tuple(values["extra_body"].items())
-    if "max_tokens" in values:
-        _expect(path, "generation.max_tokens", values["max_tokens"], int, "an integer")
-    if "temperature" in values:
-        _expect(path, "generation.temperature", values["temperature"], (int, float), "a number")
+    values = {**build(GenParams, values, str(path), "generation.", skip=("extra_body",)),
+              **({"extra_body": tuple(raw["extra_body"].items())} if "extra_body" in raw else {})}
     return GenParams(**values)
 
 
