@@ -61,11 +61,13 @@ def rss_mb(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            direct = [int(p) for p in fh.read().split()]
-    except FileNotFoundError:
-        return []
+    """Descendants of `pid`, whichever of its threads started them (the harness spawns servers from a thread)."""
+    direct = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            direct += [int(p) for p in listing.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return direct + [grand for child in direct for grand in children(child)]
 
 
