@@ -36,7 +36,7 @@ from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import RunLock, Store, has_media
+from .store import RunLock, Store, StoredItems, has_media
 from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task, provenance
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
     for name, spec in task_specs.items():
         if spec["scorer"] in (LMEVAL_SCORER, "imported"):
             continue  # scored by the tool that produced them
-        items = {it["item_id"]: it for it in store.items(run_id, task=name)}
+        items = {it["item_id"]: it for it in store.items(run_id, task=name, media=False)}
         args = dict(spec.get("scorer_args") or {})
         if spec["scorer"] == "mmvet_judge":
             judge = judge or make_judge(judge_config, store)
@@ -513,7 +513,7 @@ def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, 
     store_b, run_b, role_b = side_b
     out = []
     for name, spec in store_a.get_meta("task_specs", {}).items():
-        items = {it["item_id"]: it for it in store_a.items(run_a, task=name)}
+        items = StoredItems(store_a, run_a, name)
         out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
                     "rule": (rules or {}).get(name),
                     "reference": store_a.scores(run_a, role=role_a, task=name),

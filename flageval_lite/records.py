@@ -23,9 +23,12 @@ ROLES = ("reference", "candidate")
 Role = Literal["reference", "candidate"]
 
 
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
 def stable_hash(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of `obj` (sorted keys, no whitespace), hex, 16 chars."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    blob = _canonical(obj)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
