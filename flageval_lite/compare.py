@@ -15,6 +15,9 @@ Scores and deltas are in points (proportion × 100).  Two headline metrics exist
   summing to 1), so the mean of the rescaled values is exactly the headline and Δ, its intervals and
   p-values describe the headline.  The approximation: the weights are held at their observed values
   and not resampled, which ignores the (small) variance of the cell sizes themselves.
+* ``macro``     -- the mean of the per-group accuracies (``Score.group``, e.g. BLINK's 14 sub-tasks), each group
+  weighted 1/G whatever its size: the same rescaling with weights 1 / (G × n_group), under the same
+  approximation.  The row also carries the micro accuracy (plain mean) in ``micro`` for the report.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .asr_text import METRIC_UNITS, error_counts
 from .errors import UserError
 from .records import Interval, PerfSummary, Record, Score, TaskComparison
 
-METRICS = ("accuracy", "livebench") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates (compare_error_rate)
+METRICS = ("accuracy", "livebench", "macro") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates (compare_error_rate)
 DRILLDOWN_LIMIT = 50
 # Long reasoning outputs keep their head and their tail (where the final answer sits) in the drill-down.
 DRILLDOWN_TEXT_CHARS = 16_000
@@ -67,6 +70,8 @@ class PairedTaskComparison(TaskComparison):
     # Error-rate rows (wer, cer): scores are rates, lower is better, and delta is reference - candidate, so that a
     # negative delta is a loss on every row and the verdict rules need no second sign.
     lower_is_better: bool = False
+    # A `macro` row's micro accuracy (plain mean over the paired items), points: {reference, candidate, delta}
+    micro: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -239,6 +244,12 @@ def livebench_weights(groups: Sequence[str]) -> list[Fraction]:
             for c, t in (_livebench_cell(g) for g in groups)]
 
 
+def macro_weights(groups: Sequence[str]) -> list[Fraction]:
+    """Per-item weights (exact fractions summing to 1) under which a weighted mean is the mean of group means."""
+    sizes = Counter(groups)
+    return [Fraction(1, len(sizes) * sizes[g]) for g in groups]
+
+
 def _statistic_values(values: Sequence[float], groups: Sequence[str], metric: str) -> list[float]:
     """Values whose plain mean is the task's headline (see the module docstring).  Rescaled in exact
     arithmetic: with equal cells n × weight is exactly 1, so 0/1 values stay 0/1 (floats would give
@@ -246,7 +257,8 @@ def _statistic_values(values: Sequence[float], groups: Sequence[str], metric: st
     if metric == "accuracy":
         return list(values)
     n = len(values)
-    return [float(Fraction(v) * n * w) for v, w in zip(values, livebench_weights(groups))]
+    weights = livebench_weights(groups) if metric == "livebench" else macro_weights(groups)
+    return [float(Fraction(v) * n * w) for v, w in zip(values, weights)]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -438,6 +450,8 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         diff_variance=float(np.var(np.subtract(cand_stat, ref_stat))),
         paired_items=frozenset(p.item_id for p in pairs),
         differing_outputs=differing,
+        micro={"reference": 100.0 * _mean(ref_vals), "candidate": 100.0 * _mean(cand_vals),
+               "delta": 100.0 * (_mean(cand_vals) - _mean(ref_vals))} if metric == "macro" else {},
     )
     row.plan = plan.plan_row(row)
     return row

@@ -65,6 +65,8 @@ class JudgeConfig:
     timeout_s: float = checked(120.0, above=0)
     max_tokens: int = checked(256, low=1)
     retry_backoff_s: float = checked(0.5, low=0)
+    # A user-saved official MM-Vet v2 judge prompt (docs/scoring.md); "" = our own prompt
+    prompt_file: str = ""
 
 
 def _judge(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:

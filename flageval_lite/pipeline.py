@@ -25,19 +25,19 @@ from .compare import compare_run, compare_task
 from .bridges.lmeval import SCORER as LMEVAL_SCORER, is_lmeval_task, run_lmeval_task
 from .config import COMMAND_LINE, RunConfig, task_rule
 from .errors import ConfigError, UserError
-from .records import ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
+from .records import BAD_ITEM, ROLES, Endpoint, GenParams, Item, Record, ServeSpec, stable_hash
 from .stats import DecisionRule
 from .report import render_report
 from .runner import Job, Runner
 from .secrets import redact
-from .scoring import aggregate_repeats, score_task
+from .scoring import aggregate_repeats, bad_item_ids, mark_bad, score_task
 from .servers.engines import build_launch
 from .servers.evidence import check_candidate, check_reference
 from .servers.lifecycle import Server, ServerGroup
 from .servers.placement import plan_placement
 from .servers.spec import replica_specs
-from .store import RunLock, Store
-from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task
+from .store import RunLock, Store, StoredItems
+from .tasks import build_messages, cached_item_count, iter_items, load_suite, load_task, provenance
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,26 @@ def perf_media_items(config: RunConfig, concurrency: int, images: list[Any], aud
         yield dataclasses.replace(item, task=item.task + MEDIA_LOAD_SUFFIX, messages=messages)
 
 
+# Items preflight builds per task, at most, looking for one that is not a bad item.
+PREFLIGHT_ITEMS = 20
+
+
+def check_not_all_bad(spec: Any, items: Iterable[Item]) -> None:
+    """A bad item is that item's error and the run goes on (docs/report.md), but a task whose first items are all
+    bad (every one, when it has fewer than PREFLIGHT_ITEMS) has a broken spec or data, not a broken row: refused
+    before any server starts, with the first item's one-line error."""
+    first = ""
+    for count, item in enumerate(items, start=1):
+        if not item.error:
+            return
+        first = first or item.error
+        if count == PREFLIGHT_ITEMS:
+            break
+    if first:
+        raise UserError(f"{first} (and every one of the first {count} item(s) of {spec.name} fails: the task spec "
+                        f"or its data is at fault, not one row)")
+
+
 class Pipeline:
     def __init__(self, config: RunConfig, run_id: Optional[str] = None, runs_root: Path = Path("runs"),
                  reports_root: Path = Path("reports"), quiet: bool = False):
@@ -205,16 +225,22 @@ class Pipeline:
         if judged and not self.config.judge.get("base_url"):
             raise UserError(f"{', '.join(judged)} needs an LLM judge: set `judge: {{base_url: ..., model: ...}}` "
                             f"in the run config ({self.config.source})")
+        if judged:
+            judge_prompt_of(self.config.judge)  # an unreadable prompt file stops the run before any server starts
         unknown = sorted(set(self.config.task_rules) - {t.name for t in self.tasks})
         if unknown:
             raise UserError(f"{self.config.source}: task_rules names {', '.join(unknown)}, not a task of this run")
         self.rules()
+        self.provenance()  # a local copy of another revision than the pinned one is refused here
         for spec in self.tasks:
-            next(iter(iter_items(spec, limit=1, data_dir=self.config.data_dir or None,
-                                 max_image_pixels=self.config.max_image_pixels)), None)
+            check_not_all_bad(spec, self.items(spec))
         for role, backend in (("reference", self.config.reference), ("candidate", self.config.candidate)):
             for one in replica_specs(backend):
                 build_launch(one, role, self.run_dir, port=0)
+
+    def provenance(self) -> dict[str, list[dict[str, Any]]]:
+        """Each task's sources: dataset, configs, splits and revision (tasks/provenance.py)."""
+        return {spec.name: provenance.task_provenance(spec, self.config.data_dir or None) for spec in self.tasks}
 
     def rules(self) -> dict[str, DecisionRule]:
         """Each task's decision rule (config.task_rule); a contradiction is a ConfigError before anything starts."""
@@ -278,10 +304,12 @@ class Pipeline:
             "rules": {name: dataclasses.asdict(rule) for name, rule in self.rules().items()},
             "concurrency": cfg.concurrency, "noise_floor": cfg.noise_floor, "source": cfg.source,
             "repeats": cfg.repeats, "sampling": dict(cfg.sampling),
+            "judge_prompt": judge_prompt_of(cfg.judge) if any(t.scorer == "mmvet_judge" for t in self.tasks) else "",
             "flageval_lite": __version__, "host": platform.node(), "python": platform.python_version(),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         })
         store.set_meta("specs", {"reference": cfg.reference.to_dict(), "candidate": cfg.candidate.to_dict()})
+        store.set_meta("provenance", self.provenance())
         store.set_meta("task_specs", {t.name: {"title": t.title, "scorer": t.scorer,
                                                "scorer_args": dict(t.scorer_args or {}),
                                                "metric": t.metric, "group_by": t.group_by or "",
@@ -436,21 +464,37 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
     for name, spec in task_specs.items():
         if spec["scorer"] in (LMEVAL_SCORER, "imported"):
             continue  # scored by the tool that produced them
-        items = {it["item_id"]: it for it in store.items(run_id, task=name)}
+        items = {it["item_id"]: it for it in store.items(run_id, task=name, media=False)}
         args = dict(spec.get("scorer_args") or {})
         if spec["scorer"] == "mmvet_judge":
             judge = judge or make_judge(judge_config, store)
             args["judge"] = judge
         roles = sorted({r.role for r in store.records(run_id, task=name)})
+        by_role = {}
         for role in roles:
             # Repeats beyond the task's count are those of an earlier run of the same id that asked for more.
             records = [r for r in store.records(run_id, role=role, task=name)
                        if r.item_id in items and r.repeat < spec.get("repeats", 1)]
-            scored = list(zip((r.repeat for r in records),
-                              score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
+            by_role[role] = list(zip((r.repeat for r in records),
+                                     score_task(records, items, spec["scorer"], args, spec.get("group_by", ""))))
+        bad = bad_item_ids(score for scored in by_role.values() for _, score in scored)
+        for role, scored in by_role.items():
+            scored = [(repeat, mark_bad(score, bad)) for repeat, score in scored]
             if any(repeat for repeat, _ in scored):
                 store.put_repeat_scores(run_id, scored)
             store.put_scores(run_id, aggregate_repeats(scored, spec.get("repeat_aggregate", "avg")))
+
+
+def judge_prompt_of(judge_config: dict[str, Any]) -> str:
+    """Which MM-Vet judge prompt a run uses, for the manifest: the user's prompt file (path and content hash) or
+    our own wording (its version)."""
+    from .scorers.judge import PROMPT_VERSION, read_prompt_file
+
+    path = judge_config.get("prompt_file")
+    if not path:
+        return f"own prompt ({PROMPT_VERSION}); the card's MM-Vet v2 row needs the official one (judge.prompt_file)"
+    digest = stable_hash(read_prompt_file(path))
+    return f"prompt file {path} (sha256 {digest})"
 
 
 def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:
@@ -481,7 +525,7 @@ def comparison_inputs(side_a: tuple[Store, str, str], side_b: tuple[Store, str, 
     store_b, run_b, role_b = side_b
     out = []
     for name, spec in store_a.get_meta("task_specs", {}).items():
-        items = {it["item_id"]: it for it in store_a.items(run_a, task=name)}
+        items = StoredItems(store_a, run_a, name)
         out.append({"task": name, "title": spec["title"], "metric": spec.get("metric", "accuracy"),
                     "rule": (rules or {}).get(name),
                     "reference": store_a.scores(run_a, role=role_a, task=name),
@@ -546,8 +590,38 @@ def perf_set_aside(store: Store, run_id: str) -> dict[str, int]:
     return out
 
 
+def asked_items(store: Store, run_id: str, role: str, task: str) -> dict[str, set[str]]:
+    return provenance.asked(store.records(run_id, role=role, task=task))
+
+
+def run_provenance(store: Store, run_id: str, roles: Iterable[str] = ROLES) -> dict[str, Any]:
+    """task -> its sources (as stored when the run started) and, per role, how many items were asked and their
+    items_hash (tasks/provenance.py)."""
+    sources = store.get_meta("provenance") or {}
+    out = {}
+    for task in store.get_meta("task_specs", {}):
+        asked = {role: asked_items(store, run_id, role, task) for role in roles}
+        out[task] = {"sources": sources.get(task, []),
+                     "items": {role: len(prompts) for role, prompts in asked.items()},
+                     "items_hash": {role: provenance.items_hash((item, h) for item, hashes in prompts.items()
+                                                               for h in hashes)
+                                    for role, prompts in asked.items()}}
+    return out
+
+
+def check_asked_alike(side_a: tuple[Store, str, str], side_b: tuple[Store, str, str], names: tuple[str, str],
+                      every_item: bool) -> None:
+    """Refuse (UserError naming the task) to pair two sides that were asked different questions."""
+    (store_a, run_a, role_a), (store_b, run_b, role_b) = side_a, side_b
+    for task in store_a.get_meta("task_specs", {}):
+        provenance.check_same_items(task, (names[0], asked_items(store_a, run_a, role_a, task)),
+                                    (names[1], asked_items(store_b, run_b, role_b, task)), every_item)
+
+
 def build_comparison(store: Store, run_id: str) -> Any:
     """The run's comparison under the decision rules stored with it."""
+    check_asked_alike((store, run_id, "reference"), (store, run_id, "candidate"), ("the reference", "the candidate"),
+                      every_item=False)
     tasks = list(store.get_meta("task_specs", {}))
     defaults, rules = stored_rules(store)
     noise = None
@@ -562,6 +636,17 @@ def build_comparison(store: Store, run_id: str) -> Any:
                        teacher_forced=teacher_forced.stored_comparison(store, run_id, "reference", "candidate", tasks))
 
 
+def error_kinds(store: Store, run_id: str) -> dict[tuple[str, str, str], int]:
+    """(role, task, error kind) -> records that failed for good; `bad_item` counts items instead, those the runner
+    stored as such and those whose gold the scorer could not read (their records are answers)."""
+    counts = {key: n for key, n in store.error_counts(run_id).items() if key[2] != BAD_ITEM}
+    for score in store.scores(run_id):
+        if score.error.startswith(BAD_ITEM + ":"):
+            key = (score.role, score.task, BAD_ITEM)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> RunResult:
     config = store.get_meta("config", {})
     comparison = build_comparison(store, run_id)
@@ -569,12 +654,12 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "servers": store.get_meta("servers", {}), "replicas": store.get_meta("replicas", {}),
                 "replica_failures": store.get_meta("replica_failures", []),
                 "placement": store.get_meta("placement", {}),
-                "errors": {"/".join(map(str, k)): v for k, v in store.error_counts(run_id).items()},
+                "errors": {"/".join(map(str, k)): v for k, v in error_kinds(store, run_id).items()},
                 "faults": store.fault_counts(run_id),
                 "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
                             for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
-                "perf_set_aside": perf_set_aside(store, run_id)}
+                "perf_set_aside": perf_set_aside(store, run_id), "provenance": run_provenance(store, run_id)}
     write_manifest_file(run_dir, manifest)
     files = render_report(comparison, manifest, report_dir)
     return RunResult(run_id, run_dir, report_dir, files, comparison.verdict, comparison.exit_code)
@@ -622,6 +707,15 @@ def rerender(run: str, runs_root: Path = Path("runs"), reports_root: Path = Path
         store.close()
 
 
+def _sides_provenance(a: dict[str, Any], b: dict[str, Any], role_a: str, role_b: str) -> dict[str, Any]:
+    """Two runs' provenance as one, run A's side as the reference and run B's as the candidate."""
+    return {task: {"sources": row["sources"],
+                   "items": {"reference": row["items"][role_a], "candidate": b.get(task, {}).get("items", {}).get(role_b)},
+                   "items_hash": {"reference": row["items_hash"][role_a],
+                                  "candidate": b.get(task, {}).get("items_hash", {}).get(role_b)}}
+            for task, row in a.items()}
+
+
 def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_b: str = "candidate",
                         runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
                         margin: Optional[float] = None) -> RunResult:
@@ -632,6 +726,8 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
     try:
         if not store_b.scores(id_b, role=role_b):
             raise UserError(f"{run_b}: no scores for role {role_b!r}")
+        check_asked_alike((store_a, id_a, role_a), (store_b, id_b, role_b), (f"{run_a} ({role_a})", f"{run_b} ({role_b})"),
+                          every_item=True)
         defaults, rules = stored_rules(store_a)
         if margin is not None:
             defaults["margin"] = margin
@@ -648,7 +744,9 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
                     "specs": {"reference": specs_a.get(role_a, {}), "candidate": specs_b.get(role_b, {})},
                     "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})},
                     "faults": {"reference": store_a.fault_counts(id_a).get(role_a, {}),
-                               "candidate": store_b.fault_counts(id_b).get(role_b, {})}}
+                               "candidate": store_b.fault_counts(id_b).get(role_b, {})},
+                    "provenance": _sides_provenance(run_provenance(store_a, id_a, [role_a]),
+                                                    run_provenance(store_b, id_b, [role_b]), role_a, role_b)}
         files = render_report(comparison, manifest, reports_root / run_id)
         return RunResult(run_id, dir_a, reports_root / run_id, files, comparison.verdict, comparison.exit_code)
     finally:

@@ -23,9 +23,12 @@ ROLES = ("reference", "candidate")
 Role = Literal["reference", "candidate"]
 
 
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
 def stable_hash(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of `obj` (sorted keys, no whitespace), hex, 16 chars."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    blob = _canonical(obj)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -188,6 +191,9 @@ class Item(_Serialisable):
     messages: list[dict[str, Any]]
     gold: Any
     meta: dict[str, Any] = field(default_factory=dict)  # subject, question_type, options, ...
+    # Non-empty: the row could not become a request (a missing image, a template that fails on it).  Such an item
+    # is never sent; each side stores it as a `bad_item` error, so it is counted and left out of the pairs.
+    error: str = ""
 
     def prompt_hash(self) -> str:
         return stable_hash(self.messages)
@@ -196,7 +202,9 @@ class Item(_Serialisable):
 # --------------------------------------------------------------------------- runner / store stage
 
 ErrorKind = Literal["", "timeout", "connection", "http_4xx", "http_5xx", "rate_limit", "malformed", "stream_cut",
-                    "wrong_model", "empty_choices"]
+                    "wrong_model", "empty_choices", "bad_item"]
+# The error kind of an item whose data is at fault (Item.error at build time, a gold the scorer cannot read).
+BAD_ITEM = "bad_item"
 
 
 @dataclass

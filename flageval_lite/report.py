@@ -346,6 +346,32 @@ def _kinds(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{kind} ×{n}" for kind, n in sorted(counts.items())) or "none"
 
 
+def _provenance_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
+    """Per task and source: dataset, configs, splits, revision; per task the items asked and their content hash."""
+    stored = manifest.get("provenance") or {}
+    if not stored:
+        return None
+    titles = {t.task: t.title for t in comparison.tasks}
+    rows = []
+    for task, row in stored.items():
+        hashes = {h for h in (row.get("items_hash") or {}).values() if h}
+        asked = "/".join(str(n) for n in (row.get("items") or {}).values())
+        content = (next(iter(hashes))[:16] if len(hashes) == 1 else "differ") if hashes else ""
+        for source in row.get("sources") or [{}]:
+            rows.append([titles.get(task, task), source.get("dataset", ""), ", ".join(source.get("configs") or []),
+                         ", ".join(source.get("splits") or []), source.get("revision", ""),
+                         source.get("revision_from", ""), asked, content])
+    return Table(
+        title="Data provenance",
+        headers=["task", "dataset", "configs", "splits", "revision", "revision from", "items asked (ref/cand)",
+                 "content hash"],
+        rows=rows,
+        note="Revision: as pinned in the task YAML, or the one a local copy (--data-dir) records.  Content hash: "
+             "SHA-256 (first 16 hex digits; full in summary.json) over the sorted (item id, prompt hash) pairs asked; "
+             "both sides, and two runs compared with `compare`, must agree or the comparison is refused.",
+    )
+
+
 def _faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
     """Requests, retries and failures per side and task (the store's fault_counts), when any request failed."""
     faults = manifest.get("faults") or {}
@@ -549,8 +575,13 @@ def _group_tables(comparison: Comparison) -> list[Table]:
             continue
         rows = [[name, str(int(g["n"])), _num(g["reference"]), _num(g["candidate"]), _signed(g["delta"]),
                  f"{int(g['flips_ref_only'])}/{int(g['flips_cand_only'])}"] for name, g in t.groups.items()]
+        note = ""
+        if t.micro:  # a macro headline: the micro accuracy beside it
+            note = (f"Headline: macro average, the mean of these {len(t.groups)} group scores.  Micro (mean over all "
+                    f"{t.n} items): {_num(t.micro['reference'])} vs {_num(t.micro['candidate'])}, "
+                    f"Δ {_signed(t.micro['delta'])}.")
         out.append(Table(title=f"{t.title} by group", headers=["group", "n", "reference", "candidate", "Δ",
-                                                                "flips (−/+)"], rows=rows))
+                                                                "flips (−/+)"], rows=rows, note=note))
     return out
 
 
@@ -572,6 +603,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "exit_codes_text": EXIT_CODES_TEXT,
         "errors": _errors_table(comparison, ref, cand),
         "faults": _faults_table(comparison, manifest),
+        "provenance": _provenance_table(comparison, manifest),
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": _divergence_table(comparison),
         "noise": _noise_table(comparison),

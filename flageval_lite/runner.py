@@ -34,7 +34,7 @@ import yarl
 
 from flageval_lite.errors import UserError
 from flageval_lite.progress import Progress, TaskProgress
-from flageval_lite.records import Endpoint, GenParams, Item, Record
+from flageval_lite.records import BAD_ITEM, Endpoint, GenParams, Item, Record
 from flageval_lite.store import Store
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,8 @@ _parse_json = json.JSONDecoder().decode
 _json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) does to a str
 
 
-def _canonical_json(obj: Any) -> str:
-    """The JSON form `records.stable_hash` hashes, so that one serialisation serves hash and body alike."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+# The JSON form `records.stable_hash` hashes, so that one serialisation serves hash and body alike.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 def _short_hash(blob: bytes) -> str:
@@ -520,11 +519,17 @@ class Runner:
                 state.progress.advance()
                 continue
             self._commits.join()
-            self.store.put_item(self.run_id, item)
+            self.store.put_item(self.run_id, item, record.prompt_hash)
+            if item.error:  # the row could not become a request: its error, stored like an answer, never sent
+                record.error, record.error_kind, record.attempts = item.error, BAD_ITEM, 0
+                state.pending += 1
+                self.store.put_record(record, key)
+                self._commits.then(lambda record=record: self._report(state, None, record))
+                continue
             replica = await state.pool.acquire()
             state.pending += 1
             state.stats.sent += 1
-            task = asyncio.create_task(self._complete(state, replica, body, record))
+            task = asyncio.create_task(self._complete(state, replica, body, record, key))
             self._inflight.add(task)
             task.add_done_callback(self._request_done)
 
@@ -540,19 +545,20 @@ class Runner:
             for lane in self._lanes:
                 lane.cancel()
 
-    async def _complete(self, state: _JobState, replica: _Replica, body: bytes, record: Record) -> None:
+    async def _complete(self, state: _JobState, replica: _Replica, body: bytes, record: Record, key: str) -> None:
         try:
             replica = await self._attempt_all(state.pool, replica, body, record, state.job.params)
         except BaseException:
             state.pending -= 1  # _attempt_all has given its slot back
             raise
         self._commits.join()
-        self.store.put_record(record)
+        self.store.put_record(record, key)
         self._commits.then(lambda: self._report(state, replica, record))
 
-    def _report(self, state: _JobState, replica: _Replica, record: Record) -> None:
-        """Count a committed record as done and hand its request slot on."""
-        state.pool.release(replica)
+    def _report(self, state: _JobState, replica: Optional[_Replica], record: Record) -> None:
+        """Count a committed record as done and hand its request slot (if it took one) on."""
+        if replica is not None:
+            state.pool.release(replica)
         state.pending -= 1
         state.stats.attempts += record.attempts
         for kind in record.attempt_errors:
@@ -708,35 +714,44 @@ class Runner:
         async with replica.session.post(replica.completions_url, data=body) as response:
             if response.status >= 400:
                 raise _status_failure(response.status, response.headers, await response.read())
-            pending = b""  # an incomplete line
-            data: list[bytes] = []  # data lines of the event being read
+            pending = b""  # an incomplete event
+            asked = replica.endpoint.model
             # Read to the end even after [DONE]: a response read to its end keeps its connection alive.
-            async for block in response.content.iter_any():
+            read = response.content.readany  # what iter_any() calls, without its iterator wrapper per block
+            while block := await read():
                 now = time.perf_counter()
-                *lines, pending = (pending + block).split(b"\n")
-                for line in lines:
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line.startswith(b"data:"):
-                        data.append(line[6:] if line[5:6] == b" " else line[5:])
-                        continue
-                    if line or not data:  # other fields (event:, id:, comments) carry nothing we use
-                        continue
-                    payload = data[0] if len(data) == 1 else b"\n".join(data)
-                    data = []
-                    if payload == b"[DONE]":
+                pending += block
+                if b"\r" in pending:  # CRLF line ends (a CR whose LF is still to come stays for the next block)
+                    pending = pending.replace(b"\r\n", b"\n")
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
+                    payload = _event_data(event)
+                    if payload is None or payload == b"[DONE]":  # no data: other fields carry nothing we use
                         continue
                     chunk = _parse_json(payload.decode())
                     if not isinstance(chunk, dict):
                         raise _Failure("malformed", f"stream chunk is not an object: {payload[:300]!r}")
                     if "error" in chunk or chunk.get("object") == "error":  # vLLM's mid-stream failure
                         raise _Failure("http_5xx", f"server error in stream: {chunk.get('error', chunk)}"[:500])
-                    _check_model(chunk, replica.endpoint.model)
+                    if chunk.get("model", asked) != asked:
+                        _check_model(chunk, asked)
                     usage = chunk.get("usage") or usage
-                    for choice in _choices(chunk, payload):
+                    choices = chunk.get("choices")
+                    if type(choices) is not list:  # the usage chunk has [], a broken one anything else
+                        choices = _choices(chunk, payload)
+                    for choice in choices:
+                        if type(choice) is not dict:
+                            _choices(chunk, payload)  # raises: malformed
                         answered = True
                         end = now
-                        text, think = _texts(choice.get("delta") or {}, payload)
+                        # _texts inlined (a call per chunk counts at thousands of chunks a second)
+                        delta = choice.get("delta") or {}
+                        if type(delta) is not dict:
+                            _texts(delta, payload)  # raises: malformed
+                        text = delta.get("content") or ""
+                        think = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                        if type(text) is not str or type(think) is not str:
+                            _texts(delta, payload)  # raises: malformed
                         if text or think:
                             if ttft is None:
                                 ttft = now - start
@@ -753,6 +768,14 @@ class Runner:
         if not finish:
             raise _Failure("stream_cut", "stream ended without a finish_reason")
         _fill(record, "".join(content), "".join(reasoning), finish, usage, logprobs, end - start, ttft, itl)
+
+
+def _event_data(event: bytes) -> Optional[bytes]:
+    """The data of one server-sent event (its `data:` lines joined by newlines); None when it has none."""
+    if event.startswith(b"data:") and b"\n" not in event:  # the usual event: one data line
+        return event[6:] if event[5:6] == b" " else event[5:]
+    data = [line[6:] if line[5:6] == b" " else line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
 
 
 def _choices(body: dict[str, Any], raw: bytes) -> list[dict[str, Any]]:

@@ -14,8 +14,14 @@ import dataclasses
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
-from .records import REPEAT_AGGREGATES, Record, Score, ScoreResult
+from .errors import UserError
+from .records import BAD_ITEM, REPEAT_AGGREGATES, Record, Score, ScoreResult
 from .scorers import get_scorer, strip_reasoning
+
+
+# What a scorer raises on a gold or meta it cannot read: its own one-line UserError ("gold ... is not an integer"),
+# or a Python error from reading a malformed value.  A judge failure is not one: it is a detail of the result.
+SCORER_DATA_ERRORS = (UserError, ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
 
 
 def _gold_text(gold: Any) -> str:
@@ -41,15 +47,32 @@ def score_record(record: Record, item: dict[str, Any], scorer: Callable[..., Sco
                 response_text=record.response_text, finish_reason=record.finish_reason,
                 completion_tokens=record.completion_tokens, latency_s=record.latency_s, ttft_s=record.ttft_s,
                 group=str(meta.get(group_by, "")) if group_by else "")
-    if not record.ok:
+    if not record.ok:  # an infrastructure error, or a bad_item stored by the runner
         return Score(value=0.0, outcome="error", error=f"{record.error_kind or 'error'}: {record.error}", repeats=0,
                      **base)
     answer, _ = strip_reasoning(record.response_text)
-    result = scorer(answer, item.get("gold"), meta, **scorer_args)
+    try:
+        result = scorer(answer, item.get("gold"), meta, **scorer_args)
+    except SCORER_DATA_ERRORS as exc:  # a gold (or meta) the scorer cannot read: that item's fault, not the run's
+        return Score(value=0.0, outcome="error", error=f"{BAD_ITEM}: {exc}"[:500], repeats=0, **base)
     outcome = outcome_of(result)
     error = f"judge: {result.detail['judge_error']}" if outcome == "error" else ""
     value = 0.0 if outcome in ("unparsed", "error") else float(result.value)
     return Score(value=value, outcome=outcome, extracted=result.extracted, error=error, **base)
+
+
+def bad_item_ids(scores: Iterable[Score]) -> set[str]:
+    """Items whose data is at fault (a render or gold error) on some side or repeat."""
+    return {s.item_id for s in scores if s.outcome == "error" and s.error.startswith(BAD_ITEM + ":")}
+
+
+def mark_bad(score: Score, bad: set[str]) -> Score:
+    """A bad item is bad on every side: its Score becomes the bad_item error whatever this side answered, so the
+    pair is left out on both sides alike (a gold the scorer reads only for some answers fails on one side)."""
+    if score.item_id not in bad or score.error.startswith(BAD_ITEM + ":"):
+        return score
+    return dataclasses.replace(score, value=0.0, outcome="error", repeats=0,
+                               error=f"{BAD_ITEM}: the item could not be scored on another side or repeat")
 
 
 def score_task(records: Iterable[Record], items: dict[str, dict[str, Any]], scorer_name: str,

@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
@@ -36,6 +36,8 @@ _RECORD_FIELDS = ("run_id", "role", "endpoint_id", "task", "item_id", "prompt_ha
                   "latency_s", "ttft_s", "itl_s", "attempts", "error", "error_kind", "started_at",
                   "attempt_errors", "repeat")
 _RECORD_JSON = ("params", "logprobs", "itl_s", "attempt_errors")
+_ITEM_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, images"
+_ITEM_TEXT_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, '[]'"
 _SCORE_FIELDS = ("role", "task", "item_id", "value", "outcome", "extracted", "gold", "response_text",
                  "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group", "repeats")
 # Columns added after the first release: files written before them get them with these defaults.
@@ -91,8 +93,14 @@ _UPSERT_RECORD = (
 )
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+def _item_dict(row: tuple) -> dict[str, Any]:
+    task, item_id, digest, gold, meta, text, images = row
+    return {"task": task, "item_id": item_id, "prompt_hash": digest, "gold": json.loads(gold),
+            "meta": json.loads(meta), "prompt_text": text, "images": json.loads(images)}
+
+
+# json.dumps with these options would build a new encoder on every call (a few µs each, ~10 calls per answer).
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -248,8 +256,9 @@ class Store:
 
     # ------------------------------------------------------------------ records
 
-    def put_record(self, rec: Record) -> None:
-        values = [rec.cache_key()]
+    def put_record(self, rec: Record, cache_key: Optional[str] = None) -> None:
+        """Store `rec` (see the upsert rule above); `cache_key` is `rec.cache_key()` when the caller has it already."""
+        values = [cache_key or rec.cache_key()]
         for name in _RECORD_FIELDS:
             value = getattr(rec, name)
             values.append(_dumps(value) if name in _RECORD_JSON else value)
@@ -281,10 +290,11 @@ class Store:
         retries: requests beyond each record's first; failed_attempts: every failed request by kind (retried
         or not); errors: records that failed for good (left out of the comparison) by kind."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        rows = self._db.execute("SELECT role, task, COUNT(*), SUM(attempts) FROM records WHERE run_id = ? "
-                                "GROUP BY role, task ORDER BY MIN(rowid)", (run_id,))
-        for role, task, records, requests in rows:
-            out.setdefault(role, {})[task] = {"records": records, "requests": requests, "retries": requests - records,
+        # A bad item's record took no request (attempts 0): it adds no retry either.
+        rows = self._db.execute("SELECT role, task, COUNT(*), SUM(attempts), SUM(MAX(attempts - 1, 0)) FROM records "
+                                "WHERE run_id = ? GROUP BY role, task ORDER BY MIN(rowid)", (run_id,))
+        for role, task, records, requests, retries in rows:
+            out.setdefault(role, {})[task] = {"records": records, "requests": requests, "retries": retries,
                                               "failed_attempts": {}, "errors": {}}
         rows = self._db.execute("SELECT r.role, r.task, a.value, COUNT(*) FROM records r, json_each(r.attempt_errors) a "
                                 "WHERE r.run_id = ? GROUP BY r.role, r.task, a.value ORDER BY a.value", (run_id,))
@@ -300,9 +310,10 @@ class Store:
         return self._db.execute("SELECT 1 FROM items WHERE run_id = ? AND task = ? AND item_id = ?",
                                 (run_id, task, item_id)).fetchone() is not None
 
-    def put_item(self, run_id: str, item: Item) -> None:
+    def put_item(self, run_id: str, item: Item, prompt_hash: Optional[str] = None) -> None:
         """Store an item once per (run, task, item); thumbnails are only made the first time.  Audio clips short
-        enough (AUDIO_REPORT_CHARS) are kept as they are after the thumbnails, for the report's player."""
+        enough (AUDIO_REPORT_CHARS) are kept as they are after the thumbnails, for the report's player.
+        `prompt_hash` is `item.prompt_hash()` when the caller has it already."""
         urls = image_urls(item.messages)
         audios = [url for url in audio_urls(item.messages) if len(url) <= AUDIO_REPORT_CHARS]
         if (urls or audios) and self.has_item(run_id, item.task, item.item_id):
@@ -310,16 +321,23 @@ class Store:
         where = f"task {item.task} item {item.item_id}"
         images = [thumbnail_data_url(url, f"{where} image {k + 1}") for k, url in enumerate(urls)] + audios
         self._db.execute("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (run_id, item.task, item.item_id, item.prompt_hash(), _dumps(item.gold), _dumps(item.meta),
+                         (run_id, item.task, item.item_id, prompt_hash or item.prompt_hash(), _dumps(item.gold), _dumps(item.meta),
                           prompt_text(item.messages), _dumps(images)))
 
-    def items(self, run_id: str, task: Optional[str] = None) -> Iterator[dict[str, Any]]:
-        """Stored items in insertion order: {task, item_id, prompt_hash, gold, meta, prompt_text, images}."""
-        sql, args = self._filtered("SELECT task, item_id, prompt_hash, gold, meta, prompt_text, images FROM items "
+    def items(self, run_id: str, task: Optional[str] = None, media: bool = True) -> Iterator[dict[str, Any]]:
+        """Stored items in insertion order: {task, item_id, prompt_hash, gold, meta, prompt_text, images}.
+        `media=False` leaves `images` empty: scoring needs none, and a task's thumbnails together run to
+        hundreds of MB."""
+        sql, args = self._filtered(f"SELECT {_ITEM_COLUMNS if media else _ITEM_TEXT_COLUMNS} FROM items "
                                    "WHERE run_id = ?", run_id, task=task)
-        for task_name, item_id, digest, gold, meta, text, images in self._db.execute(sql + " ORDER BY rowid", args):
-            yield {"task": task_name, "item_id": item_id, "prompt_hash": digest, "gold": json.loads(gold),
-                   "meta": json.loads(meta), "prompt_text": text, "images": json.loads(images)}
+        for row in self._db.execute(sql + " ORDER BY rowid", args):
+            yield _item_dict(row)
+
+    def item(self, run_id: str, task: str, item_id: str) -> Optional[dict[str, Any]]:
+        """One stored item, as `items` gives it (media included); None when absent."""
+        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE run_id = ? AND task = ? AND item_id = ?",
+                               (run_id, task, item_id)).fetchone()
+        return _item_dict(row) if row else None
 
     # ------------------------------------------------------------------ scores
 
@@ -393,3 +411,24 @@ class Store:
                 sql += f" AND {column} = ?"
                 args.append(value)
         return sql, args
+
+
+class StoredItems(Mapping[str, dict[str, Any]]):
+    """One task's stored items by id, each read (media included) only when looked up: the report shows a few
+    items' images, and reading every item's would hold a whole task's thumbnails in memory."""
+
+    def __init__(self, store: Store, run_id: str, task: str):
+        self.store, self.run_id, self.task = store, run_id, task
+        self._ids = [it["item_id"] for it in store.items(run_id, task=task, media=False)]
+
+    def __getitem__(self, item_id: str) -> dict[str, Any]:
+        found = self.store.item(self.run_id, self.task, item_id)
+        if found is None:
+            raise KeyError(item_id)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)

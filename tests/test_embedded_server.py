@@ -62,7 +62,7 @@ def test_version_models_and_health(server, client):
     assert version["packages"]["transformers"] == importlib.metadata.version("transformers")
     assert version["batching"]["mode"] == "packed" and version["batching"]["row_invariant"] is True
     assert [model.id for model in client.models.list().data] == [MODEL]
-    assert server.get("/health") == {"status": "ok"}
+    assert server.get("/health") == {"status": "ok"} and version["warnings"] == []
 
 
 def test_chat_greedy_with_logprobs(client):
@@ -490,3 +490,13 @@ def test_detokenize_and_tokenizer_info(server):
     assert info["tokenizer_class"] and info["eos_token"] == "<|im_end|>"
     assert "{% for message in messages %}" in info["chat_template"]
     assert "vocab_file" not in info and "merges_file" not in info
+
+
+
+def test_batching_without_a_proven_row_multiple_is_a_health_warning():
+    """The probe's verdict reaches /health and /version (the server above, invariant, has none)."""
+    from flageval_lite.servers.embedded import batching_warnings
+
+    assert batching_warnings(True, 64) == [] and batching_warnings(False, 1) == []
+    (warning,) = batching_warnings(False, 64)
+    assert "not row-invariant" in warning and "--max-batch 64" in warning

@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import pytest
 from PIL import Image
 
 from flageval_lite.compare import Comparison, compare_run
@@ -221,3 +222,16 @@ def test_replicas_are_stated_and_a_given_up_replica_is_a_fact(tmp_path):
     assert "Hardware differs" not in md  # replica counts are not hardware
     assert ("- replica given up: reference replica 1 (http://127.0.0.1:9001/v1): connection refused after 2 "
             "restarts") in md
+
+
+def test_a_macro_row_shows_micro_beside_it_in_its_group_table(tmp_path):
+    ref, cand = _scores("blink", 30, lost=3, groups=("Art_Style", "Counting", "IQ_Test", "IQ_Test"))
+    comparison = compare_run([{"task": "blink", "title": "Blink", "metric": "macro", "reference": ref,
+                               "candidate": cand}], margin=1.0, release_gate=5.0)
+    [row] = comparison.tasks
+    md = render_report(comparison, {"run_id": "r", "config": {}}, tmp_path)["md"].read_text()
+    micro = "Micro (mean over all 30 items): 50.00 vs 40.00, Δ -10.00."  # 15/30 vs 12/30: three right items lost
+    assert "Headline: macro average, the mean of these 3 group scores." in md and micro in md
+    assert row.candidate_score == pytest.approx((75 + 0 + 100 * 6 / 14) / 3)  # macro, not the micro 40
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["comparison"]["tasks"][0]["micro"] == pytest.approx(row.micro)

@@ -169,7 +169,7 @@ def test_get_scorer_unknown_name_lists_the_known_ones():
 def test_registry_and_argument_validation():
     assert set(SCORERS) == {
         "choice", "mmmu", "cmmmu", "ocrbench", "mathvision", "aime", "gpqa", "mmlu", "musr", "livebench",
-        "mmvet_judge", "exact_integer",
+        "mmvet_judge", "exact_integer", "wer", "cer",
     }
     assert all("compat" in scorer_args(name) for name in SCORERS)
     validate_args("choice", {"letters": "ABCD", "compat": True})

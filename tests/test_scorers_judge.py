@@ -169,3 +169,44 @@ def test_prompt_escapes_table_cells():
     prompt = judge_prompt("Line one\nline two | pipe", "a<OR>b", "pred")
     assert "| Line one<br>line two \\| pipe | a <OR> b | pred |" in prompt
     assert prompt.rstrip().endswith('{"score": <number from 0.0 to 1.0>}.')
+
+
+OFFICIAL_STYLE = "Grade the prediction against the ground truth ({AND}/{OR} braces are kept as they are).\n" \
+                 "| Question | Ground truth | Prediction | Score |\n| --- | --- | --- | --- |\n"
+
+
+def test_prompt_file_with_slots_is_filled_in_and_cached_under_its_own_hash(server, tmp_path):
+    prompt_file = tmp_path / "official.txt"
+    prompt_file.write_text(OFFICIAL_STYLE + "| {question} | {gold} | {prediction} |\n")
+    judge = JudgeClient(server.base_url, "judge-model", cache_path=tmp_path / "judge.sqlite", prompt_file=prompt_file)
+    result = mmvet_judge("x = -5", "-1<AND>-5", {"question": QUESTION}, judge=judge)
+    assert result.value == 0.5
+    sent = server.requests[-1]["messages"][0]["content"]
+    assert sent == OFFICIAL_STYLE + f"| {QUESTION} | -1 <AND> -5 | x = -5 |\n"
+    # our own prompt does not reuse the file prompt's verdict (and vice versa)
+    own = JudgeClient(server.base_url, "judge-model", cache_path=tmp_path / "judge.sqlite")
+    assert mmvet_judge("x = -5", "-1<AND>-5", {"question": QUESTION}, judge=own).detail["cached"] is False
+    prompt_file.write_text(OFFICIAL_STYLE + "Edited.\n| {question} | {gold} | {prediction} |\n")
+    edited = JudgeClient(server.base_url, "judge-model", cache_path=tmp_path / "judge.sqlite", prompt_file=prompt_file)
+    assert mmvet_judge("x = -5", "-1<AND>-5", {"question": QUESTION}, judge=edited).detail["cached"] is False
+
+
+def test_prompt_file_without_slots_gets_the_item_as_the_row_to_complete():
+    from flageval_lite.scorers.judge import file_prompt
+
+    assert file_prompt(OFFICIAL_STYLE, "Which?<image 1>\nSay", "a<OR>b", "b\nc") == \
+        OFFICIAL_STYLE + "| Which?<image><br>Say | a <OR> b | b<br>c | "
+
+
+@pytest.mark.parametrize("content, score", [("0.7", 0.7), (" 1.0\n", 1.0), ("0", 0.0), ("0.4 partly", 0.4), ("1.5", None), ("5 people", None),
+                                            ("about 0.5", None)])
+def test_a_bare_number_reply_is_the_score_with_a_prompt_file(content, score):
+    assert parse_verdict(content, bare_number=True) == score
+
+
+def test_unreadable_or_empty_prompt_file_is_one_line(tmp_path, server):
+    with pytest.raises(UserError, match=r"^judge.prompt_file .*missing.txt: cannot read: "):
+        JudgeClient(server.base_url, "m", prompt_file=tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match=r"^judge.prompt_file .*empty.txt: empty$"):
+        JudgeClient(server.base_url, "m", prompt_file=tmp_path / "empty.txt")

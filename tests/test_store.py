@@ -10,7 +10,7 @@ from PIL import Image
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Item, Record, Score
-from flageval_lite.store import Store
+from flageval_lite.store import Store, StoredItems
 
 
 @pytest.fixture
@@ -186,3 +186,17 @@ def test_a_file_from_before_repeats_and_fault_history_is_upgraded(tmp_path):
         assert (rec.attempts, rec.attempt_errors, rec.repeat) == (2, [], 0)
         assert s.finished_keys("r1") == {record("1").cache_key()}
         assert s.scores("r1")[0].repeats == 1
+
+
+def test_items_without_media_and_looked_up_one_at_a_time(store):
+    """Scoring reads items without their thumbnails; the report looks up the few it shows, media included."""
+    for k in range(3):
+        store.put_item("r1", Item("mm", f"i{k}", [{"role": "user", "content": [
+            {"type": "text", "text": f"Q{k}"}, {"type": "image_url", "image_url": {"url": data_url(30, 20)}}]}],
+            gold="A", meta={"k": k}))
+    full, bare = list(store.items("r1", task="mm")), list(store.items("r1", task="mm", media=False))
+    assert [len(it["images"]) for it in full] == [1, 1, 1] and [it["images"] for it in bare] == [[], [], []]
+    assert [{**it, "images": []} for it in full] == bare
+    lazy = StoredItems(store, "r1", "mm")
+    assert list(lazy) == ["i0", "i1", "i2"] and len(lazy) == 3
+    assert lazy["i1"] == full[1] and lazy.get("nope") is None

@@ -119,7 +119,8 @@ def test_hang_and_truncated_faults(pool):
 
 def test_max_in_flight_and_stats_file(pool, tmp_path):
     stats_file = tmp_path / "stats.json"
-    server = pool.stub("--latency-ms", "200", "--stats-file", str(stats_file))
+    # long enough that all six requests overlap even on a loaded machine
+    server = pool.stub("--latency-ms", "1000", "--stats-file", str(stats_file))
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(6) as executor:

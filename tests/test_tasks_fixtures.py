@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flageval_lite.errors import ConfigError, UserError
+from flageval_lite.errors import UserError
 from flageval_lite.tasks import iter_items, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,16 +362,16 @@ def test_local_jsonl_with_image_paths(tmp_path):
     assert pieces(item) == ["Look: ", "[red]", " now"]
 
 
-def test_out_of_range_placeholder_names_task_and_item(tmp_path):
-    with pytest.raises(UserError) as info:
-        next(iter_items(load_task(_local_task(tmp_path, "<image 1> and <image 2>"))))
-    assert str(info.value) == "local: item q1: prompt refers to <image 2> but the item has 1 image(s)"
+def test_out_of_range_placeholder_is_an_error_of_that_item(tmp_path):
+    """Issue 18: an item-level problem no longer ends the task; the item carries its one-line error."""
+    item = next(iter_items(load_task(_local_task(tmp_path, "<image 1> and <image 2>"))))
+    assert item.item_id == "q1" and item.messages == []
+    assert item.error == "local: item q1: prompt refers to <image 2> but the item has 1 image(s)"
 
 
-def test_undefined_field_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError) as info:
-        next(iter_items(load_task(_local_task(tmp_path, "{{ questoin }}"))))
-    assert str(info.value) == f"{tmp_path / 'local.yaml'}: prompt: item q1: 'questoin' is undefined"
+def test_undefined_field_is_an_error_of_that_item_naming_file_and_field(tmp_path):
+    item = next(iter_items(load_task(_local_task(tmp_path, "{{ questoin }}"))))
+    assert item.error == f"{tmp_path / 'local.yaml'}: prompt: item q1: 'questoin' is undefined"
 
 
 def test_a_local_dataset_edited_in_place_is_read_again(tmp_path) -> None:
@@ -389,3 +389,57 @@ def test_a_local_dataset_edited_in_place_is_read_again(tmp_path) -> None:
     assert before.keys() == after.keys()
     changed = [i for i in after if after[i].messages != before[i].messages]
     assert len(changed) == 1 and "Edited: " in json.dumps(after[changed[0]].messages)
+
+
+def _colour_b64(name: str) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), fixtures.COLORS[name]).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _file_task(tmp_path, data: str, fmt: str) -> Path:
+    path = tmp_path / "file.yaml"
+    path.write_text(f"name: file\ntitle: File\nmodality: vision\ndataset: {{path: {data}, format: {fmt}}}\n"
+                    "id_field: index\nimages: [image]\nprompt: \"{{ question }} <image 1>\"\ngold: answer\n"
+                    "scorer: choice\n")
+    return path
+
+
+def test_tsv_streams_images_and_resolves_references_both_ways(tmp_path):
+    """Row 1 refers forward to row 3's image, row 4 back to row 2's; a quoted question spans two lines (the record
+    offsets must count it), and `limit` picks the same items as from any other walk."""
+    rows = [("1", "Forward?", "3", "A"), ("2", '"Two\nlines?"', _colour_b64("blue"), "B"),
+            ("3", "Own", _colour_b64("red"), "C"), ("4", "Back?", "2", "D")]
+    (tmp_path / "data.tsv").write_text("index\tquestion\timage\tanswer\n"
+                                       + "".join("\t".join(r) + "\n" for r in rows))
+    spec = load_task(_file_task(tmp_path, "data.tsv", "tsv-vlmeval"))
+    items = {item.item_id: item for item in iter_items(spec)}
+    assert {k: pieces(v) for k, v in items.items()} == {
+        "1": ["Forward? ", "[red]"], "2": ["Two\nlines? ", "[blue]"], "3": ["Own ", "[red]"], "4": ["Back? ", "[blue]"]}
+    assert [items[k].gold for k in items] == ["A", "B", "C", "D"]
+    chosen = set(sorted(items, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:2])
+    assert [i.item_id for i in iter_items(spec, limit=2)] == [k for k in items if k in chosen]
+
+
+def test_parquet_streams_batches_with_image_structs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    colours = ["red", "green", "blue"] * 50  # more rows than one record batch
+    images = [{"bytes": base64.b64decode(_colour_b64(c)), "path": None} for c in colours]
+    pq.write_table(pa.table({"index": list(range(len(colours))), "question": [f"Q{i}" for i in range(len(colours))],
+                             "image": images, "answer": colours}), tmp_path / "data.parquet")
+    spec = load_task(_file_task(tmp_path, "data.parquet", "parquet"))
+    items = list(iter_items(spec))
+    assert [i.item_id for i in items] == [str(i) for i in range(len(colours))]
+    assert [pieces(i)[1] for i in items] == [f"[{c}]" for c in colours] and items[4].gold == "green"
+    chosen = set(sorted((i.item_id for i in items), key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:7])
+    assert [i.item_id for i in iter_items(spec, limit=7)] == [i.item_id for i in items if i.item_id in chosen]
+
+
+def test_jsonl_error_names_the_line_even_when_the_first_item_is_fine(tmp_path):
+    """Preflight asks for the first item with limit=1, whose subset walks every line's text first."""
+    (tmp_path / "data.jsonl").write_text(json.dumps({"index": 1, "question": "q", "image": _colour_b64("red"),
+                                                     "answer": "A"}) + "\n\n{oops\n")
+    with pytest.raises(UserError, match=r"data.jsonl:3: invalid JSON"):
+        next(iter_items(load_task(_file_task(tmp_path, "data.jsonl", "jsonl")), limit=1))

@@ -1,5 +1,8 @@
 """MM-Vet v2 LLM judge (§4): an OpenAI-compatible judge at temperature 0, verdicts cached in SQLite.
 
+The prompt is our own wording unless the run config's `judge: {prompt_file: PATH}` names a prompt file (the official
+MM-Vet v2 evaluator's prompt with its few-shot table, saved by the user: its text is not part of this project).
+
 The same (question, ground truth, prediction) asked of the same judge (base URL + model) is answered from
 the cache, so both backends of a comparison — and reruns — see identical verdicts for identical replies.
 """
@@ -55,15 +58,54 @@ def _cell(text: str) -> str:
 
 
 def judge_prompt(question: str, gold: str, prediction: str) -> str:
-    gold = gold.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
-    row = f"| {_cell(question)} | {_cell(gold)} | {_cell(prediction)} |"
+    row = f"| {_cell(question)} | {_cell(_padded(gold))} | {_cell(prediction)} |"
     return f"{_INSTRUCTIONS}{row}\n\n{_REPLY_FORMAT}"
 
 
-def parse_verdict(content: str) -> Optional[float]:
-    """The score in a judge reply ({"score": x}, maybe fenced or amid text); None if absent or outside [0, 1]."""
+# The slots a prompt file may hold; without any, the item is appended as the table's next row to complete.
+PROMPT_SLOTS = ("{question}", "{gold}", "{prediction}")
+
+
+def _padded(gold: str) -> str:
+    return gold.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+
+
+def file_prompt(template: str, question: str, gold: str, prediction: str) -> str:
+    """A user-supplied prompt with the item filled in: its `{question}`, `{gold}`, `{prediction}` slots replaced
+    (plain replacement: the few-shot text may hold braces), or else the item appended as the table's next row for
+    the judge to complete with the score, built as the MM-Vet v2 evaluator builds it: on its own line,
+    `| question | gold | prediction | `, newlines as `<br>`, every `<image k>` mark as the bare `<image>`."""
+    values = (question, _padded(gold), prediction)
+    if not any(slot in template for slot in PROMPT_SLOTS):
+        cells = [_IMAGE_MARK.sub("<image>", question), values[1], prediction]
+        return template.rstrip("\n") + "\n| " + " | ".join([c.replace("\n", "<br>") for c in cells] + [""])
+    for slot, value in zip(PROMPT_SLOTS, values):
+        template = template.replace(slot, value)
+    return template
+
+
+def read_prompt_file(path: Union[str, Path]) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"judge.prompt_file {path}: cannot read: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UserError(f"judge.prompt_file {path}: empty")
+    return text
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+_IMAGE_MARK = re.compile(r"<image \d+>")
+
+
+def parse_verdict(content: str, bare_number: bool = False) -> Optional[float]:
+    """The score in a judge reply ({"score": x}, maybe fenced or amid text; with `bare_number`, also a reply that is
+    only the number, as a prompt file's table completion asks); None if absent or outside [0, 1]."""
     text = strip_reasoning(content)[0]
     text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    first = text.split(maxsplit=1)[0] if text else ""
+    if bare_number and _NUMBER.fullmatch(first):  # the evaluator reads the reply's first word as the score
+        return float(first) if 0.0 <= float(first) <= 1.0 else None
     candidates = [text] + re.findall(r"\{[^{}]*\}", text)[::-1]
     for candidate in candidates:
         try:
@@ -110,6 +152,7 @@ class JudgeClient:
         timeout_s: float = 120.0,
         max_tokens: int = 256,
         retry_backoff_s: float = 0.5,
+        prompt_file: Union[str, Path, None] = None,
     ):
         if not base_url or not model:
             raise UserError("judge: base_url and model are both required")
@@ -118,6 +161,10 @@ class JudgeClient:
         self.base_url, self.model = base_url.rstrip("/"), model
         self.identity = f"{self.base_url}|{model}"
         self.max_retries, self.max_tokens, self.retry_backoff_s = max_retries, max_tokens, retry_backoff_s
+        # A prompt file's verdicts are cached under its own content hash: an edited file never reuses old ones.
+        self.prompt_template = read_prompt_file(prompt_file) if prompt_file else None
+        self.prompt_version = PROMPT_VERSION if self.prompt_template is None else \
+            "file-" + hashlib.sha256(self.prompt_template.encode("utf-8")).hexdigest()[:16]
         self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
         self.cache_path = Path(cache_path) if cache_path else None
         if self.cache_path:
@@ -138,9 +185,8 @@ class JudgeClient:
         finally:
             db.close()
 
-    @staticmethod
-    def item_key(question: str, gold: str, prediction: str) -> str:
-        blob = json.dumps([PROMPT_VERSION, question, gold, prediction], ensure_ascii=False)
+    def item_key(self, question: str, gold: str, prediction: str) -> str:
+        blob = json.dumps([self.prompt_version, question, gold, prediction], ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def _cached(self, key: str) -> Optional[Verdict]:
@@ -167,7 +213,9 @@ class JudgeClient:
         hit = self._cached(key)
         if hit:
             return hit
-        messages = [{"role": "user", "content": judge_prompt(question, gold, prediction)}]
+        prompt = (judge_prompt(question, gold, prediction) if self.prompt_template is None
+                  else file_prompt(self.prompt_template, question, gold, prediction))
+        messages = [{"role": "user", "content": prompt}]
         problems = []
         for attempt in range(self.max_retries):
             try:
@@ -179,7 +227,7 @@ class JudgeClient:
                 time.sleep(self.retry_backoff_s * (attempt + 1))  # transient trouble; verdicts stay at temperature 0
                 continue
             content = (reply.choices[0].message.content or "") if reply.choices else ""
-            value = parse_verdict(content)
+            value = parse_verdict(content, bare_number=self.prompt_template is not None)
             if value is not None:
                 verdict = Verdict(value, False, content)
                 self._store(key, verdict)

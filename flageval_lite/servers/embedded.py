@@ -34,7 +34,7 @@ from flageval_lite.servers.embedded_engine import (
     Engine, GenerationRequest, GenEvent, PromptLogprob, SamplingParams, TokenLogprob,
 )
 from flageval_lite.servers.embedded_model import (
-    DTYPES, FlagGemsOptions, LoadedModel, Prompt, PromptError, chat_prompt, completion_prompt, load_model,
+    DTYPES, ROW_MULTIPLES, FlagGemsOptions, LoadedModel, Prompt, PromptError, chat_prompt, completion_prompt, load_model,
     package_versions, token_prompt,
 )
 
@@ -198,6 +198,16 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
 # --------------------------------------------------------------------------- app
 
 
+def batching_warnings(row_invariant: bool, max_batch: int) -> list[str]:
+    """What `/health` and `/version` warn about batching: passes of several rows without a proven row multiple,
+    where a request's tokens may depend on what else is in its pass."""
+    if row_invariant or max_batch <= 1:
+        return []
+    return [f"batching is not row-invariant: no row multiple in {', '.join(map(str, ROW_MULTIPLES))} gave "
+            f"bit-identical rows in passes of up to --max-batch {max_batch} rows on this device and dtype, so "
+            "concurrent requests may change each other's tokens; lower --max-batch (1 is always invariant)"]
+
+
 class EmbeddedServer:
     """The FastAPI app around one loaded model and its engine."""
 
@@ -230,6 +240,11 @@ class EmbeddedServer:
             },
         }
 
+        self.warnings = batching_warnings(loaded.row_invariant, engine.max_batch)
+        self.version["warnings"] = self.warnings
+        for warning in self.warnings:
+            log.warning(warning)
+
     def app(self) -> FastAPI:
         app = FastAPI(title="flageval-lite embedded server", docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(ApiError, lambda request, exc: exc.response())
@@ -248,7 +263,7 @@ class EmbeddedServer:
 
     def health(self) -> JSONResponse:
         if self.engine.alive:
-            return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "ok", "warnings": self.warnings} if self.warnings else {"status": "ok"})
         return JSONResponse(_error_body("the generation thread has stopped", "server_error"), status_code=503)
 
     def models(self) -> dict:

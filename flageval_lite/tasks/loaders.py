@@ -4,8 +4,9 @@ Sources: Hugging Face datasets through `datasets.load_dataset` (hub id + revisio
 and HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, or a local copy of the hub repo under `<data_dir>/<hub id>/`), local
 jsonl / parquet / csv files, and VLMEvalKit TSV files with base64 images.
 
-Rows are read one at a time (hub datasets are memory-mapped Arrow tables) and each item's images are decoded
-and encoded only when that item is produced.  Order: sources, configs and splits in spec order, rows in
+Rows are streamed, never read whole: hub datasets are memory-mapped Arrow tables, JSONL is parsed line by line,
+parquet is read in record batches, and a TSV's image column a record at a time.  Media cells stay as stored
+(base64, bytes, paths) until the item is built, which the runner does only when a request slot is free.  Order: sources, configs and splits in spec order, rows in
 dataset order.  `limit=N` keeps the N items whose SHA-256(item id) sort first, still yielded in dataset
 order, so a subset spreads over subjects and a smaller limit is always a subset of a larger one.
 """
@@ -14,9 +15,12 @@ from __future__ import annotations
 import abc
 import ast
 import contextlib
+import csv
 import datetime as _dt
 import glob
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -41,7 +45,10 @@ TSV_IMAGE_REF_MAX = 64
 
 
 class Table(abc.ABC):
-    """Random access to the rows of one part (source x config x split)."""
+    """The rows of one part (source x config x split), streamed in dataset order.
+
+    A table may be walked several times (the `limit` subset walks the text once, then the rows); no walk holds more
+    than one row's (or one batch's) cells in memory."""
 
     base_dir: Optional[Path] = None  # for image cells holding relative file paths
 
@@ -49,11 +56,12 @@ class Table(abc.ABC):
     def __len__(self) -> int: ...
 
     @abc.abstractmethod
-    def row(self, index: int) -> dict[str, Any]: ...
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every row, media cells as stored (base64, bytes, paths): they are decoded when the item is built."""
 
     def text_rows(self) -> Iterator[dict[str, Any]]:
-        """All rows without decoding images (for ids and filters)."""
-        return (self.row(i) for i in range(len(self)))
+        """Every row, media cells left out where the format allows it (for ids and filters)."""
+        return self.rows()
 
 
 def _is_feature(feature: Any, kind: type) -> bool:
@@ -79,64 +87,196 @@ class HFTable(Table):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def row(self, index: int) -> dict[str, Any]:
-        return self.dataset[index]
+    def rows(self) -> Iterator[dict[str, Any]]:
+        return iter(self.dataset)  # memory-mapped Arrow: one row decoded at a time
 
     def text_rows(self) -> Iterator[dict[str, Any]]:
         return iter(self.dataset.remove_columns(self.image_columns) if self.image_columns else self.dataset)
 
 
 class ListTable(Table):
+    """Rows already in memory (plain CSV files, which hold no images)."""
+
     def __init__(self, rows: list[dict[str, Any]], base_dir: Optional[Path] = None):
-        self.rows, self.base_dir = rows, base_dir
+        self._rows, self.base_dir = rows, base_dir
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._rows)
 
-    def row(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
+    def rows(self) -> Iterator[dict[str, Any]]:
+        return iter(self._rows)
+
+
+class JsonlTable(Table):
+    """JSON Lines, parsed one line at a time on every walk."""
+
+    def __init__(self, path: Path):
+        self.path, self.base_dir = path, path.parent
+        self._len: Optional[int] = None
+
+    def __len__(self) -> int:
+        if self._len is None:
+            with self.path.open("rb") as handle:
+                self._len = sum(1 for line in handle if line.strip())
+        return self._len
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        with self.path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{self.path}:{number}: invalid JSON: {exc.msg}") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{self.path}:{number}: expected a JSON object (column: value), "
+                                        f"got a {type(row).__name__}")
+                    yield row
+
+
+class ParquetTable(Table):
+    """Parquet read in record batches (pyarrow); media structs (`{bytes, path}`) stay undecoded until the item is
+    built, and walks for ids and filters skip binary columns."""
+
+    BATCH_ROWS = 64
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.base_dir = path, path.parent
+        try:
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: cannot read parquet: {_first_line(exc)}") from None
+        schema = self.file.schema_arrow
+
+        def binary(kind: Any) -> bool:
+            if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+                return binary(kind.value_type)
+            if pa.types.is_struct(kind):
+                return any(binary(kind.field(i).type) for i in range(kind.num_fields))
+            return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+        self.text_columns = [f.name for f in schema if not binary(f.type)]
+        self.all_text = len(self.text_columns) == len(schema)
+
+    def __len__(self) -> int:
+        return self.file.metadata.num_rows
+
+    def _walk(self, columns: Optional[list[str]]) -> Iterator[dict[str, Any]]:
+        for batch in self.file.iter_batches(batch_size=self.BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        return self._walk(None)
+
+    def text_rows(self) -> Iterator[dict[str, Any]]:
+        return self._walk(None if self.all_text else self.text_columns)
 
 
 class TsvTable(Table):
-    """VLMEvalKit TSV: `image` holds base64, a stringified list of base64 strings, or another row's `index`."""
+    """VLMEvalKit TSV: `image` holds base64, a stringified list of base64 strings, or another row's `index`.
 
-    def __init__(self, frame: Any, path: Path):
-        self.frame, self.path, self.base_dir = frame, path, path.parent
-        self.has_image = "image" in frame.columns
-        self.position = {str(v): i for i, v in enumerate(frame["index"])} if "index" in frame.columns else {}
+    One streamed pass (csv module, a record at a time) notes where each record starts and copies the text cells;
+    pandas parses that copy, so the columns get the dtypes of reading the whole file as before.  Walks stream the
+    image column again, and a reference to another row's image seeks to that row's record."""
+
+    def __init__(self, path: Path):
+        import pandas as pd
+
+        self.path, self.base_dir = path, path.parent
+        csv.field_size_limit(2 ** 31 - 1)  # a base64 image cell is far above the default 128 KiB
+        text = io.StringIO()
+        writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+        self.offsets: list[int] = []
+        try:
+            with path.open("rb") as handle:
+                records = _tsv_records(handle)
+                _, header = next(records, (0, []))
+                self.image_at = header.index("image") if "image" in header else -1
+                for offset, cells in itertools.chain([(0, header)], records):
+                    self.offsets.append(offset)
+                    writer.writerow(cells[:self.image_at] + cells[self.image_at + 1:] if self.image_at >= 0 else cells)
+            text.seek(0)
+            self.frame = pd.read_csv(text, sep="\t")
+        except (ValueError, OSError, csv.Error) as exc:
+            raise UserError(f"{path}: cannot read tsv-vlmeval: {_first_line(exc)}") from None
+        del self.offsets[0]  # the header's
+        if len(self.frame) != len(self.offsets):  # pandas and csv disagree on the records: never pair them wrongly
+            raise UserError(f"{path}: cannot read tsv-vlmeval: {len(self.offsets)} records, but pandas reads "
+                            f"{len(self.frame)} rows from their text cells")
+        self.has_image = self.image_at >= 0
+        self.columns = list(self.frame.columns)
+        self.position = {str(v): i for i, v in enumerate(self.frame["index"])} if "index" in self.frame else {}
 
     def __len__(self) -> int:
         return len(self.frame)
 
-    def _plain(self, index: int, drop_image: bool = False) -> dict[str, Any]:
-        record = self.frame.iloc[index].to_dict()
-        if drop_image:
-            record.pop("image", None)
-        return {k: _python(v) for k, v in record.items()}
+    def text_rows(self) -> Iterator[dict[str, Any]]:
+        for values in self.frame.itertuples(index=False, name=None):
+            yield {k: _python(v) for k, v in zip(self.columns, values)}
 
-    def row(self, index: int) -> dict[str, Any]:
-        record = self._plain(index)
-        if self.has_image:
-            try:
-                record["image"] = self._image(record.get("image"))
-            except (ValueError, SyntaxError):
-                raise UserError(f"{self.path}: row {index + 1}: `image` looks like a list but is not a Python "
-                                "list of base64 strings") from None
-        return record
+    def rows(self) -> Iterator[dict[str, Any]]:
+        if not self.has_image:
+            yield from self.text_rows()
+            return
+        with self.path.open("rb") as handle:
+            records = _tsv_records(handle)
+            next(records)  # header
+            for index, (row, (_, cells)) in enumerate(zip(self.text_rows(), records)):
+                try:
+                    row["image"] = self._image(cells[self.image_at] if len(cells) > self.image_at else "")
+                except (ValueError, SyntaxError):
+                    raise UserError(f"{self.path}: row {index + 1}: `image` looks like a list but is not a Python "
+                                    "list of base64 strings") from None
+                yield row
 
-    def _image(self, cell: Any, depth: int = 0) -> Any:
-        if isinstance(cell, int):  # a column of nothing but references parses as integers
-            cell = str(cell)
-        if not isinstance(cell, str):
-            return cell
+    def _image(self, cell: str, depth: int = 0) -> Any:
+        if not cell:
+            return None
         if len(cell) <= TSV_IMAGE_REF_MAX and cell in self.position and depth < 3:  # depth: no reference loops
-            return self._image(_python(self.frame["image"].iloc[self.position[cell]]), depth + 1)
+            return self._image(self._image_cell(self.position[cell]), depth + 1)
         if cell.startswith("["):
             return list(ast.literal_eval(cell))
         return cell
 
-    def text_rows(self) -> Iterator[dict[str, Any]]:
-        return (self._plain(i, drop_image=True) for i in range(len(self)))
+    def _image_cell(self, index: int) -> str:
+        """Row `index`'s raw image cell, read from its own record."""
+        with self.path.open("rb") as handle:
+            handle.seek(self.offsets[index])
+            _, cells = next(_tsv_records(handle))
+        return cells[self.image_at] if len(cells) > self.image_at else ""
+
+
+def _tsv_records(handle: Any) -> Iterator[tuple[int, list[str]]]:
+    """(byte offset, cells) of each non-blank record of a tab-separated binary handle, from where it stands."""
+    lines = _OffsetLines(handle)
+    reader = csv.reader(lines, delimiter="\t")
+    while True:
+        start = lines.offset
+        cells = next(reader, None)
+        if cells is None:
+            return
+        if cells:
+            yield start, cells
+
+
+class _OffsetLines:
+    """Decoded lines of a binary handle, counting the bytes read (csv.reader asks for exactly one record's lines)."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.offset = handle, handle.tell()
+
+    def __iter__(self) -> "_OffsetLines":
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline()
+        if not line:
+            raise StopIteration
+        self.offset += len(line)
+        return line.decode("utf-8")
 
 
 def _python(value: Any) -> Any:
@@ -233,32 +373,17 @@ def _resolve_path(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -
 def _load_local(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> Table:
     path = _resolve_path(spec, source, data_dir)
     if source.format == "jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path}:{number}: expected a JSON object (column: value), "
-                                        f"got a {type(row).__name__}")
-                    rows.append(row)
-        return ListTable(rows, path.parent)
+        return JsonlTable(path)
     if source.format == "parquet":
-        import datasets
-
-        with _quiet_datasets():
-            return HFTable(datasets.load_dataset("parquet", data_files=str(path), split="train"), path.parent)
+        return ParquetTable(path)
+    if source.format == "tsv-vlmeval":
+        return TsvTable(path)
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path, sep="\t" if source.format == "tsv-vlmeval" else ",")
+        frame = pd.read_csv(path)
     except (ValueError, OSError) as exc:
         raise UserError(f"{path}: cannot read {source.format}: {_first_line(exc)}") from None
-    if source.format == "tsv-vlmeval":
-        return TsvTable(frame, path)
     return ListTable([{k: _python(v) for k, v in r.items()} for r in frame.to_dict("records")], path.parent)
 
 
@@ -478,17 +603,27 @@ def iter_items(spec: TaskSpec, limit: Optional[int] = None, data_dir: Optional[s
         chosen = {(p, index) for _, p, index in sorted(candidates)[:limit]}
     seen: set[str] = set()
     for p, part in enumerate(parts):
-        for index in range(len(part.table)):
+        for index, row in enumerate(part.table.rows()):
             if chosen is not None and (p, index) not in chosen:
                 continue
-            ctx = _context(part, index, part.table.row(index))
+            ctx = _context(part, index, row)
             if chosen is None and not _keep(spec, ev, ctx, index):
                 continue
             item_id = _item_id(spec, ev, part, index, ctx, many)
             if item_id in seen:
                 raise UserError(f"{spec.source}: id_field: duplicate item id {item_id!r}")
             seen.add(item_id)
-            yield _build_item(spec, ev, part, index, item_id, ctx, max_image_pixels)
+            yield _item_or_bad(spec, ev, part, index, item_id, ctx, max_image_pixels)
+
+
+def _item_or_bad(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id: str, ctx: dict[str, Any],
+                 max_image_pixels: Optional[int]) -> Item:
+    """The item, or (a row the spec cannot render: a missing image, a failing expression) an Item carrying only
+    the one-line error, which the runner stores as that item's `bad_item` error instead of ending the task."""
+    try:
+        return _build_item(spec, ev, part, index, item_id, ctx, max_image_pixels)
+    except UserError as exc:  # ConfigError included
+        return Item(task=spec.name, item_id=item_id, messages=[], gold=None, error=str(exc))
 
 
 # --------------------------------------------------------------------------- counting without loading

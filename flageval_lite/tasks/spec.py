@@ -24,7 +24,7 @@ from .media import AUDIO_PARTS
 
 MODALITIES = ("text", "vision", "audio", "video", "audio-visual")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv-vlmeval"}
-METRICS = ("accuracy", "livebench", "ocrbench_sum", "wer", "cer")
+METRICS = ("accuracy", "livebench", "macro", "ocrbench_sum", "wer", "cer")
 SUITES_FILE = "suites.yaml"
 
 TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", "where", "images", "derive", "prompt",

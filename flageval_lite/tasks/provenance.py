@@ -1,0 +1,99 @@
+"""Where a task's items came from, and which items were asked: the run manifest's `provenance`.
+
+Per source: the dataset (hub id or file), configs, splits and the revision (as pinned in the task YAML; for a local
+copy read with --data-dir, the revision the copy records).  `huggingface-cli download --local-dir` leaves one
+`.cache/huggingface/download/<file>.metadata` per file whose first line is the commit it was downloaded at; a copy
+made otherwise may say so in a `REVISION` file at its top.  A YAML revision that is a commit hash and a copy that
+records another commit is refused: that copy holds other questions.
+
+Per role, `items_hash` is SHA-256 over the sorted (item_id, prompt hash) pairs of the records actually asked (the
+first repeat), so two runs (or two sides of one run) asked the same questions exactly when their hashes agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..errors import UserError
+from ..records import Record
+from .spec import DataSource, TaskSpec
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+METADATA_DIR = Path(".cache/huggingface/download")
+
+
+def local_copy_revision(folder: Path) -> str:
+    """The commit a local copy of a hub dataset records ("" when it records none, or several: a mixed copy)."""
+    marker = folder / "REVISION"
+    if marker.is_file():
+        return marker.read_text(encoding="utf-8").strip()
+    commits = set()
+    for metadata in sorted((folder / METADATA_DIR).rglob("*.metadata")):
+        first = metadata.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+        if COMMIT.fullmatch(first):
+            commits.add(first)
+    return commits.pop() if len(commits) == 1 else ""
+
+
+def source_provenance(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> dict[str, Any]:
+    """One source's provenance record; UserError when a local copy records another commit than the pinned one."""
+    if source.path:
+        return {"dataset": source.path, "format": source.format, "revision": "", "revision_from": "local file"}
+    record = {"dataset": source.hub, "configs": [c for c in source.configs if c is not None],
+              "splits": list(source.splits), "revision": source.revision, "revision_from": "task yaml"}
+    local = Path(data_dir) / source.hub if data_dir else None
+    if local is not None and local.is_dir():
+        recorded = local_copy_revision(local)
+        if COMMIT.fullmatch(source.revision) and COMMIT.fullmatch(recorded) and recorded != source.revision:
+            raise UserError(f"{spec.title}: local copy {local} records revision {recorded}, but {spec.source} pins "
+                            f"{source.revision}; download the pinned revision (huggingface-cli download "
+                            f"{source.hub} --repo-type dataset --revision {source.revision} --local-dir {local})")
+        record.update(revision=recorded or "unrecorded", revision_from=f"local copy {local}")
+    return record
+
+
+def task_provenance(spec: TaskSpec, data_dir: Optional[str]) -> list[dict[str, Any]]:
+    return [source_provenance(spec, source, data_dir) for source in spec.sources]
+
+
+def items_hash(pairs: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 (hex) of the sorted, distinct (item_id, prompt hash) pairs."""
+    digest = hashlib.sha256()
+    for item_id, prompt_hash in sorted(set(pairs)):
+        digest.update(f"{item_id}\t{prompt_hash}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def asked(records: Iterable[Record]) -> dict[str, set[str]]:
+    """item_id -> the prompt hashes it was asked with (first repeat only)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        if record.repeat == 0:
+            out[record.item_id].add(record.prompt_hash)
+    return out
+
+
+def check_one_prompt(task: str, role: str, prompts: dict[str, set[str]], where: str) -> None:
+    """A resume whose data changed asks some item again with another prompt: refuse to score such a mixture."""
+    changed = sorted(item for item, hashes in prompts.items() if len(hashes) > 1)
+    if changed:
+        raise UserError(f"task {task}: {where} asked {role} {len(changed)} item(s) with different prompts (first: "
+                        f"{changed[0]!r}); the data changed under a resumed run, start a new run id")
+
+
+def check_same_items(task: str, side_a: tuple[str, dict[str, set[str]]], side_b: tuple[str, dict[str, set[str]]],
+                     every_item: bool) -> None:
+    """Both sides asked the same prompt for every item both asked (`every_item`: and the same items)."""
+    (name_a, a), (name_b, b) = side_a, side_b
+    for name, prompts in ((name_a, a), (name_b, b)):
+        check_one_prompt(task, name, prompts, "the run")
+    differ = sorted(item for item in a.keys() & b.keys() if a[item] != b[item])
+    if differ:
+        raise UserError(f"task {task}: {name_a} and {name_b} were asked different prompts for {len(differ)} item(s) "
+                        f"(first: {differ[0]!r}); they did not answer the same questions")
+    if every_item and a.keys() != b.keys():
+        raise UserError(f"task {task}: {name_a} and {name_b} were asked different item sets ({len(a)} vs {len(b)} "
+                        f"items, {len(a.keys() ^ b.keys())} not in both); compare runs of the same data and limit")

@@ -1,0 +1,135 @@
+"""Issue 18: the manifest and report carry each task's dataset, configs, splits, revision and a content hash of the
+items asked; sides asked different questions are never compared (two runs, or one run whose data changed under a
+resume)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flageval_lite.errors import UserError
+from flageval_lite.tasks import load_task
+from flageval_lite.tasks.provenance import items_hash, local_copy_revision, task_provenance
+
+REPO = Path(__file__).resolve().parents[1]
+HUB = REPO / "tests/fixtures/hub"
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+def write_metadata(folder: Path, commit: str, files=("data/test.parquet",)) -> None:
+    """What `huggingface-cli download --local-dir` leaves: per file, its commit on the first line."""
+    for name in files:
+        path = folder / ".cache/huggingface/download" / f"{name}.metadata"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{commit}\n\"etag\"\n1700000000.0\n")
+
+
+def test_hub_source_records_the_yaml_revision_and_a_local_copy_its_own(tmp_path):
+    spec = load_task("blink")
+    [record] = task_provenance(spec, None)
+    assert record["dataset"] == "BLINK-Benchmark/BLINK" and record["splits"] == ["val"]
+    assert len(record["configs"]) == 14 and record["revision_from"] == "task yaml"
+    assert record["revision"] == spec.sources[0].revision
+
+    copy = tmp_path / "BLINK-Benchmark/BLINK"
+    write_metadata(copy, SHA_A, ("a.parquet", "b.parquet"))
+    [record] = task_provenance(spec, str(tmp_path))
+    assert record["revision"] == SHA_A and record["revision_from"] == f"local copy {copy}"
+    write_metadata(copy, SHA_B, ("c.parquet",))  # a mixed copy records no single revision
+    assert local_copy_revision(copy) == ""
+    (copy / "REVISION").write_text(SHA_B + "\n")
+    assert local_copy_revision(copy) == SHA_B
+
+
+def test_a_local_copy_of_another_commit_than_the_pinned_one_is_refused(tmp_path):
+    import dataclasses
+
+    spec = load_task("blink")
+    pinned = dataclasses.replace(spec, sources=(dataclasses.replace(spec.sources[0], revision=SHA_A),))
+    write_metadata(tmp_path / "BLINK-Benchmark/BLINK", SHA_B)
+    with pytest.raises(UserError) as info:
+        task_provenance(pinned, str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"Blink: local copy {tmp_path}/BLINK-Benchmark/BLINK records "
+                                                      f"revision {SHA_B}, but ")
+    assert f"--revision {SHA_A}" in message
+    write_metadata(tmp_path / "BLINK-Benchmark/BLINK", SHA_A)
+    assert task_provenance(pinned, str(tmp_path))[0]["revision"] == SHA_A
+
+
+def test_items_hash_is_sha256_over_sorted_pairs():
+    expected = hashlib.sha256(b"a\th1\nb\th2\n").hexdigest()
+    assert items_hash([("b", "h2"), ("a", "h1"), ("a", "h1")]) == expected
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def write_task(folder: Path, questions: list[str]) -> Path:
+    (folder / "rows.jsonl").write_text("".join(json.dumps({"id": f"q{k}", "question": q, "answer": "A"}) + "\n"
+                                               for k, q in enumerate(questions)))
+    path = folder / "plain.yaml"
+    path.write_text(yaml.safe_dump({"name": "plain", "title": "Plain", "modality": "text",
+                                    "dataset": {"path": "rows.jsonl"}, "id_field": "id",
+                                    "prompt": "{{ question }} Answer with A, B, C or D.", "gold": "answer",
+                                    "scorer": "choice"}))
+    return path
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flageval_lite.cli", *args, "--runs-dir", str(tmp_path / "runs"),
+                           "--reports-dir", str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def run(tmp_path: Path, run_id: str, task: Path, **fields) -> subprocess.CompletedProcess:
+    stub = {"engine": "stub", "served_model_name": "stub", "warmup": False, "args": ["--answer-mode", "letter"]}
+    config = tmp_path / f"{run_id}.yaml"
+    config.write_text(yaml.safe_dump({"reference": {"name": "ref", **stub}, "candidate": {"name": "cand", **stub},
+                                      "tasks": [str(task)], **fields}))
+    return cli(tmp_path, "run", "--config", str(config), "--run-id", run_id, "--quiet")
+
+
+QUESTIONS = [f"Question {k}: which letter?" for k in range(10)]
+
+
+def test_manifest_and_report_carry_provenance_and_compare_refuses_other_item_sets(tmp_path):
+    task = write_task(tmp_path, QUESTIONS)
+    assert run(tmp_path, "one", task).returncode in (0, 3)
+    manifest = json.loads((tmp_path / "runs/one/manifest.json").read_text())
+    row = manifest["provenance"]["plain"]
+    assert row["sources"] == [{"dataset": "rows.jsonl", "format": "jsonl", "revision": "", "revision_from": "local file"}]
+    assert row["items"] == {"reference": 10, "candidate": 10}
+    assert row["items_hash"]["reference"] == row["items_hash"]["candidate"]
+    assert len(row["items_hash"]["reference"]) == 64
+    report = (tmp_path / "reports/one/report.md").read_text()
+    assert "### Data provenance" in report and row["items_hash"]["reference"][:16] in report
+
+    assert run(tmp_path, "fewer", task, limit=6).returncode in (0, 3)
+    refused = cli(tmp_path, "compare", "one", "fewer")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: task plain: one (reference) and fewer (candidate) were asked different item sets (10 vs 6 items, "
+        "4 not in both); compare runs of the same data and limit")
+
+    write_task(tmp_path, ["Edited: " + QUESTIONS[0]] + QUESTIONS[1:])
+    assert run(tmp_path, "edited", task).returncode in (0, 3)
+    refused = cli(tmp_path, "compare", "one", "edited")
+    assert refused.returncode == 2 and "task plain: one (reference) and edited (candidate) were asked different " \
+                                       "prompts for 1 item(s) (first: 'q0')" in refused.stderr
+
+
+def test_a_resume_whose_data_changed_under_it_is_refused(tmp_path):
+    task = write_task(tmp_path, QUESTIONS)
+    assert run(tmp_path, "r", task).returncode in (0, 3)
+    write_task(tmp_path, QUESTIONS[:3] + ["Edited: " + QUESTIONS[3]] + QUESTIONS[4:])
+    resumed = run(tmp_path, "r", task)
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        "error: task plain: the run asked the reference 1 item(s) with different prompts (first: 'q3'); the data "
+        "changed under a resumed run, start a new run id")
