@@ -17,6 +17,10 @@ from . import stats
 _CHUNK_CELLS = 1 << 22  # bootstrap indices drawn in chunks of this many cells, as stats.py does
 
 
+# Below this many differing utterances the bootstrap interval is floored (paired_difference_cis).
+SPARSE_DIFFERENCES = 5
+
+
 def _vectors(*columns: Sequence[float]) -> list[np.ndarray]:
     arrays = [np.asarray(c, dtype=float) for c in columns]
     if any(a.shape != arrays[0].shape or a.ndim != 1 for a in arrays) or arrays[0].size == 0:
@@ -62,10 +66,24 @@ def rate_ci(edits: Sequence[float], lengths: Sequence[float], confidence: float 
 def paired_difference_cis(reference_edits: Sequence[float], candidate_edits: Sequence[float],
                           lengths: Sequence[float], confidences: Sequence[float] = (0.95, 0.90), iters: int = 10_000,
                           seed: int = 0) -> list[tuple[float, float]]:
-    """Paired-bootstrap intervals of rate(candidate) - rate(reference), one per confidence level."""
+    """Paired-bootstrap intervals of rate(candidate) - rate(reference), one per confidence level.
+
+    With fewer than SPARSE_DIFFERENCES utterances whose edit counts differ, the bootstrap sees (almost) no
+    variation and collapses towards a point, yet a handful of identical utterances says little about the next:
+    the interval is then widened to at least the zero-difference band around the estimate
+    (stats.zero_difference_band, one unseen utterance wholly different per ~z²/n), as binary and graded rows are."""
     ref, cand, lengths_v = _vectors(reference_edits, candidate_edits, lengths)
     differences = _draws([cand - ref], lengths_v, iters, seed)[0]
-    return [_quantiles(differences, c) for c in confidences]
+    estimate = float((cand - ref).sum() / lengths_v.sum())
+    sparse = int(np.count_nonzero(cand != ref)) < SPARSE_DIFFERENCES
+    out = []
+    for confidence in confidences:
+        low, high = _quantiles(differences, confidence)
+        if sparse:
+            band = stats.zero_difference_band(len(lengths_v), confidence)
+            low, high = min(low, estimate - band), max(high, estimate + band)
+        out.append((low, high))
+    return out
 
 
 def paired_p_value(reference_edits: Sequence[float], candidate_edits: Sequence[float], lengths: Sequence[float],

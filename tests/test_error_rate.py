@@ -96,3 +96,14 @@ def test_sign_flip_p_holds_its_level_under_no_difference():
 def test_empty_references_are_refused():
     with pytest.raises(ValueError, match="undefined"):
         error_rate.corpus_rate([0, 1], [0, 0])
+
+
+def test_identical_transcripts_of_a_few_utterances_do_not_certify():
+    """The bootstrap of n identical utterances is the point 0; the interval keeps the zero-difference band, so 4
+    utterances stay inconclusive and the 52 that certify a binary row (non-inferiority −5) certify this one too."""
+    few = compare_task("asr", "ASR", scores("reference", REFERENCES[:3] * 1 + ["x"]),
+                       scores("candidate", REFERENCES[:3] + ["x"]), metric="wer")
+    assert few.delta == 0.0 and few.delta_ci.low < -40 and few.verdict == "inconclusive"
+    answers = [REFERENCES[k % 3] for k in range(52)]
+    many = compare_task("asr", "ASR", scores("reference", answers), scores("candidate", answers), metric="wer")
+    assert many.delta_ci90.low > -5 and many.verdict == "consistent"
