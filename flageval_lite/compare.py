@@ -339,6 +339,18 @@ def incomplete_reason(ref: Mapping[str, Score], cand: Mapping[str, Score], max_e
     return ""
 
 
+def _rule_fields(rule: stats.DecisionRule, ci90: tuple[float, float], decided_by: str,
+                 reason: str) -> dict[str, Any]:
+    """The fields of a measured row that follow from its decision rule and 90 % interval."""
+    return dict(
+        equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
+        within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
+        non_inferior=rule.non_inferiority is not None and stats.non_inferior(ci90, rule.non_inferiority),
+        equivalence_margin=rule.equivalence, non_inferiority_margin=rule.non_inferiority,
+        max_error_rate=rule.max_error_rate, rule=decided_by, certified=stats.certified(ci90),
+        incomplete_reason=reason)
+
+
 def _outcome_counts(ref: Mapping[str, Score], cand: Mapping[str, Score]) -> dict[str, int]:
     return {f"{kind}_{role}": sum(s.outcome == outcome for s in scores.values())
             for kind, outcome in (("errors", "error"), ("unparsed", "unparsed"))
@@ -427,10 +439,9 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
         output_agreement=1.0 - len(differing) / n,
         mde=100.0 * stats.minimum_detectable_effect(ref_stat, cand_stat, alpha=alpha),
-        equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
-        within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
         verdict=verdict,
         **_outcome_counts(ref_all, cand_all),
+        **_rule_fields(rule, ci90, decided_by, reason),
         divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
         groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
         metric=metric,
@@ -439,13 +450,6 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         excluded_errors=excluded_errors,
         answer_disagreements=sum(bool(_disagree_kind(p)) for p in pairs),
         warnings=warnings,
-        equivalence_margin=rule.equivalence,
-        non_inferiority_margin=rule.non_inferiority,
-        max_error_rate=rule.max_error_rate,
-        rule=decided_by,
-        non_inferior=rule.non_inferiority is not None and stats.non_inferior(ci90, rule.non_inferiority),
-        certified=stats.certified(ci90),
-        incomplete_reason=reason,
         flip_rate=sum(r != c for r, c in zip(ref_stat, cand_stat)) / n,
         diff_variance=float(np.var(np.subtract(cand_stat, ref_stat))),
         paired_items=frozenset(p.item_id for p in pairs),
@@ -537,14 +541,9 @@ def compare_error_rate(task: str, title: str, pairs: Sequence[_Pair], ref_all: M
         answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
         output_agreement=1.0 - len(differing) / len(pairs),
         mde=100.0 * error_rate.minimum_detectable_effect(ref_edits, cand_edits, lengths, alpha=alpha),
-        equivalent=rule.equivalence is not None and stats.tost_equivalent(ci90, rule.equivalence),
-        within_release_gate=rule.non_inferiority is None or stats.non_inferior(ci90, rule.non_inferiority),
         verdict="incomplete" if reason else verdict,
         **_outcome_counts(ref_all, cand_all),
-        equivalence_margin=rule.equivalence, non_inferiority_margin=rule.non_inferiority,
-        max_error_rate=rule.max_error_rate, rule=decided_by,
-        non_inferior=rule.non_inferiority is not None and stats.non_inferior(ci90, rule.non_inferiority),
-        certified=stats.certified(ci90), incomplete_reason=reason,
+        **_rule_fields(rule, ci90, decided_by, reason),
         flip_rate=sum(r != c for r, c in zip(ref_edits, cand_edits)) / len(pairs),
         diff_variance=float(np.var(contributions)),
         divergence=divergence.summarize_divergence(_divergence_pairs(pairs, by_role)),
