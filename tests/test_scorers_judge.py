@@ -6,15 +6,18 @@ import threading
 import time
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
+from flageval_lite.config.run import load_run_config
 from flageval_lite.errors import UserError
 from flageval_lite.records import ScoreResult
 from flageval_lite.scoring import JudgeClient, get_scorer
 from flageval_lite.scoring.judge_prompts import (file_prompt, flagevalmm_score, judge_prompt, official_score,
                                                  parse_verdict)
-from flageval_lite.scoring.apply import judge_prompt_of, outcome_of
+from flageval_lite.scoring.apply import judge_prompt_of, make_judge, outcome_of
 
 mmvet_judge = get_scorer("mmvet_judge")
 QUESTION = "What is x in the equation?<image 1>"
@@ -456,3 +459,15 @@ def test_official_reading_is_the_first_space_separated_word(content, score):
                                             ("0.7", None), ('{"score": NaN}', None), ("", None)])
 def test_flagevalmm_reading_is_the_whole_reply_as_json(content, score):
     assert flagevalmm_score(content) == score
+
+
+def test_the_run_configs_judge_mapping_reaches_the_client(server, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"judge": {"base_url": server.base_url, "model": "judge-model", "runs": 2,
+                                              "source": str(OFFICIAL_SOURCE), "retry_backoff_s": 0.01}}))
+    judge = make_judge(load_run_config(path).judge, SimpleNamespace(path=tmp_path / "results.sqlite"))
+    result = mmvet_judge("unusable twice, then a number", "yes", {"question": "Q"}, judge=judge)
+    # run 0 needs two re-asks; run 1 is asked from scratch and the script's last reply is the number at once
+    assert [(run["score"], run["temperatures"]) for run in result.detail["runs"]] == [(0.6, [0.0, 0.0, 0.5]),
+                                                                                      (0.6, [0.0])]
+    assert (tmp_path / "judge.sqlite").exists()
