@@ -15,7 +15,8 @@ import yaml
 
 from flageval_lite.errors import UserError
 from flageval_lite.tasks import load_task
-from flageval_lite.tasks.provenance import COMMIT, items_hash, local_copy_revision, task_provenance
+from flageval_lite.tasks.provenance import (COMMIT, check_same_revisions, items_hash, local_copy_revision,
+                                           task_provenance)
 
 REPO = Path(__file__).resolve().parents[1]
 HUB = REPO / "tests/fixtures/hub"
@@ -65,7 +66,8 @@ def test_a_local_copy_of_another_commit_than_the_pinned_one_is_refused(tmp_path)
     assert task_provenance(pinned, str(tmp_path))[0]["revision"] == SHA_A
 
 
-# Hub sources no public file cites a commit of (docs/tasks.md, Revisions): they stay on `main` until pinned.
+# Hub sources no public file cites a commit of (docs/tasks.md, Revisions): they stay on `main` until pinned, and a
+# run of one records the commit it read.
 UNPINNED = {"m-a-p/CII-Bench", "lmms-lab/CMMMU", "MathLLMs/MathVision", "lmms-lab/mmau", "whyu/mm-vet-v2",
             "m-a-p/OmniBench"}
 
@@ -288,4 +290,6 @@ def test_a_compare_with_an_unresolved_side_shows_both_revisions():
                               {"tiny": {**side, "sources": [{**source, "revision": "unresolved"}]}},
                               "reference", "reference")
     assert merged["tiny"]["sources"][0]["candidate_revision"] == "unresolved"
+    sources = {"tiny": merged["tiny"]["sources"]}
+    check_same_revisions(("a", sources), ("b", {"tiny": [{**source, "revision": "unresolved"}]}), "")  # not refused
     assert _revision_fact({"provenance": merged}) == f"{HUB_ID} @ {SHA_C} (reference) / unresolved (candidate)"
