@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from . import __version__
-from .analysis.analyse import (analyse, check_asked_alike, comparison_inputs, error_kinds, perf_set_aside,
-                               run_provenance, sides_provenance, stored_rules)
+from .analysis.analyse import (analyse, check_asked_alike, comparison_inputs, error_kinds, judging,
+                               perf_set_aside, run_provenance, sides_provenance, stored_rules)
 from .analysis.comparison import compare_run
 from .analysis.stats import DecisionRule
 from .config.run import RunConfig, task_rule
@@ -397,7 +397,7 @@ def render_run(store: Store, run_id: str, run_dir: Path, report_dir: Path) -> Ru
                 "replica_failures": store.get_meta("replica_failures", []),
                 "placement": store.get_meta("placement", {}),
                 "errors": {"/".join(map(str, k)): v for k, v in error_kinds(store, run_id).items()},
-                "faults": store.fault_counts(run_id),
+                "faults": store.fault_counts(run_id), "judging": judging(store, run_id),
                 "repeats": {name: {"k": spec["repeats"], "aggregate": spec.get("repeat_aggregate", "avg")}
                             for name, spec in store.get_meta("task_specs", {}).items() if spec.get("repeats", 1) > 1},
                 "bisect": store.get_meta("bisect", {}), "opcheck": store.get_meta("opcheck", {}),
@@ -444,6 +444,8 @@ def compare_stored_runs(run_a: str, run_b: str, role_a: str = "reference", role_
                     "servers": {"reference": servers_a.get(role_a, {}), "candidate": servers_b.get(role_b, {})},
                     "faults": {"reference": store_a.fault_counts(id_a).get(role_a, {}),
                                "candidate": store_b.fault_counts(id_b).get(role_b, {})},
+                    "judging": {"reference": judging(store_a, id_a, [role_a]).get(role_a, {}),
+                                "candidate": judging(store_b, id_b, [role_b]).get(role_b, {})},
                     "provenance": sides_provenance(run_provenance(store_a, id_a, [role_a]),
                                                    run_provenance(store_b, id_b, [role_b]), role_a, role_b)}
         files = render_report(comparison, manifest, reports_root / run_id)

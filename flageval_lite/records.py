@@ -297,6 +297,7 @@ class Score(_Serialisable):
     group: str = ""  # sub-category for per-group breakdowns (subject, LiveBench category, ...)
     # Repeats of the item that were answered and make up `value` (their mean, or pass@k); 0 when all failed
     repeats: int = 1
+    detail: dict[str, Any] = field(default_factory=dict)  # the scorer's ScoreResult.detail (judge runs, tests run)
 
 
 # --------------------------------------------------------------------------- comparison stage

@@ -156,6 +156,32 @@ def test_bad_config_is_one_line_naming_file_and_field(tmp_path, fields, where):
     assert "run.yaml" in lines[0] or "no_such_task" in lines[0]
 
 
+def test_a_judge_that_never_gives_a_score_is_counted_apart_in_the_report(tmp_path, pool):
+    """The official style re-asks warmer, then scores its fallback 0.0: the report's LLM judge table says so per
+    side, so a row moved by the judge giving up is told apart from one moved by the answers."""
+    judge = pool.stub("--model", "judge", "--answer-mode", "fixed", "--fixed-text", "I cannot grade this.")
+    source = REPO / "tests/fixtures/judge_sources/mm-vet-v2_evaluator.py"
+    config = write_config(tmp_path, reference=stub_spec("stub-ref"), candidate=stub_spec("stub-cand"),
+                          tasks=["mmvet_v2"], limit=3, data_dir=str(REPO / "tests/fixtures/hub"),
+                          judge={"base_url": judge.base_url, "model": "judge", "prompt": "official",
+                                 "source": str(source)})
+    done = cli(tmp_path, "run", "--config", str(config), "--run-id", "judged", "--quiet")
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    summary = json.loads((tmp_path / "reports/judged/summary.json").read_text())
+    expected = {"graded": 3, "runs": 3, "reasked": 3, "gave_up": 3, "faults": 0, "no_verdict": 0}
+    assert summary["judging"] == {"reference": {"mmvet_v2": expected}, "candidate": {"mmvet_v2": expected}}
+    task = summary["comparison"]["tasks"][0]
+    assert task["reference_score"] == task["candidate_score"] == 0.0 and task["errors_candidate"] == 0
+    report = (tmp_path / "reports/judged/report.md").read_text()
+    table = report.split("LLM judge", 1)[1]
+    assert "| MM-Vet v2 | 3 | 3 | 3 | 3 | 0 | 0 |" in table
+    assert "LLM judge" in (tmp_path / "reports/judged/report.html").read_text()
+    # Stored with each score: the judge's runs, as the scorer left them.
+    store = sqlite3.connect(tmp_path / "runs/judged/results.sqlite")
+    details = [json.loads(d) for (d,) in store.execute("select detail from scores where role = 'candidate'")]
+    assert [len(d["runs"][0]["temperatures"]) for d in details] == [5, 5, 5]
+
+
 def test_missing_judge_refused_before_any_server_starts(tmp_path):
     config = write_config(tmp_path, reference=stub_spec("a"), candidate=stub_spec("b"), tasks=["mmvet_v2"],
                           data_dir=str(REPO / "tests/fixtures/hub"))

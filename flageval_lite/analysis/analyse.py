@@ -162,6 +162,24 @@ def error_kinds(store: Store, run_id: str) -> dict[tuple[str, str, str], int]:
     return counts
 
 
+def judging(store: Store, run_id: str, roles: Iterable[str] = ROLES) -> dict[str, dict[str, dict[str, int]]]:
+    """role -> task -> the LLM judge's counts (scoring/judge.py tally_judging), over every repeat, for the tasks a
+    judge graded."""
+    from ..scoring.judge import tally_judging
+
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for role in roles:
+        repeated = [score for scores in store.repeat_scores(run_id, role).values() for score in scores]
+        tasks_repeated = {score.task for score in repeated}
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for score in repeated + [s for s in store.scores(run_id, role=role) if s.task not in tasks_repeated]:
+            by_task.setdefault(score.task, []).append(score.detail)
+        counts = {task: tally_judging(details) for task, details in by_task.items()}
+        if judged := {task: row for task, row in counts.items() if row["graded"] or row["no_verdict"]}:
+            out[role] = judged
+    return out
+
+
 def sides_provenance(a: dict[str, Any], b: dict[str, Any], role_a: str, role_b: str) -> dict[str, Any]:
     """Two runs' provenance as one, run A's side as the reference and run B's as the candidate; a source that run B
     read at another revision (one not a commit, else the compare was refused) carries it as `candidate_revision`."""

@@ -21,8 +21,8 @@ from . import charts
 from .cells import fmt_number, fmt_percent
 from .facts import backend_facts, hardware_warnings, run_facts, server_warnings, side_label
 from .tables import (beyond_card_mark, comparison_table, detail_table, divergence_headline, divergence_table,
-                     errors_table, faults_table, group_tables, noise_table, perf_tables, plan_table, provenance_table,
-                     teacher_forced_table)
+                     errors_table, faults_table, group_tables, judging_table, noise_table, perf_tables, plan_table,
+                     provenance_table, teacher_forced_table)
 
 VERDICT_TEXT = {
     "consistent": "every row meets its decision rule (equivalence ±ε or non-inferiority −δ)",
@@ -53,6 +53,7 @@ def build_context(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[s
         "exit_codes_text": EXIT_CODES_TEXT,
         "errors": errors_table(comparison, ref, cand),
         "faults": faults_table(comparison, manifest),
+        "judging": judging_table(comparison, manifest),
         "provenance": provenance_table(comparison, manifest),
         "error_kinds": dict(manifest.get("errors") or {}),
         "divergence": divergence_table(comparison),
@@ -117,6 +118,7 @@ def summary_dict(comparison: Comparison, manifest: Mapping[str, Any]) -> dict[st
             "hardware_warnings": hardware_warnings(backends),
             "server_warnings": server_warnings(backends),
             "faults": manifest.get("faults") or {},
+            "judging": manifest.get("judging") or {},
             "manifest": dict(manifest)}
 
 

@@ -173,6 +173,29 @@ def faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optiona
     )
 
 
+def judging_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
+    """What the LLM judge did per side and judged task (manifest `judging`), when a task was judged."""
+    judging = manifest.get("judging") or {}
+    titles = {t.task: t.title for t in comparison.tasks}
+    rows = [[side_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["graded"]),
+             str(row["runs"]), str(row["reasked"]), str(row["gave_up"]), str(row["faults"]), str(row["no_verdict"])]
+            for role, tasks in judging.items() for task, row in tasks.items()]
+    if not rows:
+        return None
+    return Table(
+        title="LLM judge",
+        headers=["side", "task", "answers graded", "judge runs", "re-asked", "gave up", "judge requests retried",
+                 "no verdict"],
+        rows=rows,
+        note="Re-asked: answers whose grading got a reply without a score and was asked again, warmer, by the "
+             "prompt style's rule; gave up: runs that never got a score and took the style's fallback (0.0 for "
+             "the official and FlagEvalMM styles), which reads as a wrong answer, so a difference here between "
+             "the sides can move the row without the answers differing.  Judge requests retried: failed requests "
+             "sent again unchanged (never scored).  No verdict: answers the judge never graded (scorer errors, "
+             "left out of the paired numbers).",
+    )
+
+
 def divergence_table(comparison: Comparison) -> Table:
     rows = []
     for t in comparison.tasks:

@@ -39,10 +39,11 @@ _RECORD_JSON = ("params", "logprobs", "itl_s", "attempt_errors")
 _ITEM_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, images"
 _ITEM_TEXT_COLUMNS = "task, item_id, prompt_hash, gold, meta, prompt_text, '[]'"
 _SCORE_FIELDS = ("role", "task", "item_id", "value", "outcome", "extracted", "gold", "response_text",
-                 "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group", "repeats")
+                 "finish_reason", "completion_tokens", "latency_s", "ttft_s", "error", "group", "repeats", "detail")
 # Columns added after the first release: files written before them get them with these defaults.
+_SCORE_ADDED = {"repeats": "INTEGER NOT NULL DEFAULT 1", "detail": "TEXT NOT NULL DEFAULT '{}'"}
 _ADDED_COLUMNS = {"records": {"attempt_errors": "TEXT NOT NULL DEFAULT '[]'", "repeat": "INTEGER NOT NULL DEFAULT 0"},
-                  "scores": {"repeats": "INTEGER NOT NULL DEFAULT 1"}}
+                  "scores": _SCORE_ADDED, "repeat_scores": _SCORE_ADDED}
 
 
 def _columns(names: tuple[str, ...]) -> str:
@@ -101,6 +102,16 @@ def _item_dict(row: tuple) -> dict[str, Any]:
 
 # json.dumps with these options would build a new encoder on every call (a few µs each, ~10 calls per answer).
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+def _score_row(score: Score) -> list[Any]:
+    return [_dumps(score.detail) if name == "detail" else getattr(score, name) for name in _SCORE_FIELDS]
+
+
+def _score_of(row: Iterable[Any]) -> Score:
+    data = dict(zip(_SCORE_FIELDS, row))
+    data["detail"] = json.loads(data["detail"] or "{}")
+    return Score(**data)
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -219,6 +230,7 @@ class Store:
 
     def _check_columns(self) -> None:
         expected = {"records": ("cache_key",) + _RECORD_FIELDS, "scores": ("run_id",) + _SCORE_FIELDS,
+                    "repeat_scores": ("run_id", "repeat") + _SCORE_FIELDS,
                     "items": ("run_id", "task", "item_id", "gold", "meta", "prompt_text", "images"),
                     "meta": ("key", "value")}
         for table, columns in expected.items():
@@ -345,19 +357,18 @@ class Store:
         """One Score per item (repeats already aggregated), replaced per (run, role, task, item)."""
         sql = (f"INSERT OR REPLACE INTO scores (run_id, {_columns(_SCORE_FIELDS)}) "
                f"VALUES ({', '.join('?' * (len(_SCORE_FIELDS) + 1))})")
-        self._write_many(sql, [[run_id] + [getattr(score, name) for name in _SCORE_FIELDS] for score in scores])
+        self._write_many(sql, [[run_id] + _score_row(score) for score in scores])
 
     def scores(self, run_id: str, role: Optional[str] = None, task: Optional[str] = None) -> list[Score]:
         sql, args = self._filtered(f"SELECT {_columns(_SCORE_FIELDS)} FROM scores "
                                    f"WHERE run_id = ?", run_id, role=role, task=task)
-        return [Score(**dict(zip(_SCORE_FIELDS, row))) for row in self._db.execute(sql + " ORDER BY rowid", args)]
+        return [_score_of(row) for row in self._db.execute(sql + " ORDER BY rowid", args)]
 
     def put_repeat_scores(self, run_id: str, scores: Iterable[tuple[int, Score]]) -> None:
         """The Score of every repeat of a task asked several times, as (repeat, Score)."""
         sql = (f"INSERT OR REPLACE INTO repeat_scores (run_id, repeat, {_columns(_SCORE_FIELDS)}) "
                f"VALUES ({', '.join('?' * (len(_SCORE_FIELDS) + 2))})")
-        self._write_many(sql, [[run_id, repeat] + [getattr(score, name) for name in _SCORE_FIELDS]
-                               for repeat, score in scores])
+        self._write_many(sql, [[run_id, repeat] + _score_row(score) for repeat, score in scores])
 
     def repeat_scores(self, run_id: str, role: str, task: Optional[str] = None) -> dict[int, list[Score]]:
         """repeat -> that repeat's Scores of one role, in stored order ({} when no task had repeats)."""
@@ -365,7 +376,7 @@ class Store:
                                    run_id, role=role, task=task)
         out: dict[int, list[Score]] = {}
         for repeat, *row in self._db.execute(sql + " ORDER BY repeat, rowid", args):
-            out.setdefault(repeat, []).append(Score(**dict(zip(_SCORE_FIELDS, row))))
+            out.setdefault(repeat, []).append(_score_of(row))
         return out
 
     def _write_many(self, sql: str, rows: list[list[Any]]) -> None:

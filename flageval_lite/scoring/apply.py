@@ -69,7 +69,7 @@ def score_record(record: Record, item: dict[str, Any], scorer: Callable[..., Sco
     outcome = outcome_of(result)
     error = _scorer_fault(result) if outcome == "error" else ""
     value = 0.0 if outcome in ("unparsed", "error") else float(result.value)
-    return Score(value=value, outcome=outcome, extracted=result.extracted, error=error, **base)
+    return Score(value=value, outcome=outcome, extracted=result.extracted, error=error, detail=result.detail, **base)
 
 
 def bad_item_ids(scores: Iterable[Score]) -> set[str]:

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import openai
 
@@ -221,3 +221,26 @@ def mmvet_judge(
         return ScoreResult(0.0, "", parsed=False, detail={"judge_error": str(exc)})
     return ScoreResult(grading.score, text, detail={"judge": judge.identity, "cached": grading.cached,
                                                     "runs": [verdict.detail() for verdict in grading.runs]})
+
+
+JUDGING_COUNTS = ("graded", "runs", "reasked", "gave_up", "faults", "no_verdict")
+
+
+def tally_judging(details: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Counts over the Score details `mmvet_judge` left: answers graded, judge runs, answers whose grading needed a
+    re-ask (a reply without a score), runs that gave up (scored the style's fallback), failed judge requests sent
+    again, and answers left without a verdict (the judge unreachable: scorer errors)."""
+    counts = dict.fromkeys(JUDGING_COUNTS, 0)
+    for detail in details:
+        if detail.get("judge_error"):
+            counts["no_verdict"] += 1
+            continue
+        runs = detail.get("runs") or []
+        if not runs:
+            continue
+        counts["graded"] += 1
+        counts["runs"] += len(runs)
+        counts["reasked"] += any(run.get("attempts", 1) > 1 for run in runs)
+        counts["gave_up"] += sum(bool(run.get("gave_up")) for run in runs)
+        counts["faults"] += sum(int(run.get("faults", 0)) for run in runs)
+    return counts
