@@ -1,5 +1,8 @@
 """Start real server subprocesses for tests: own process group, free port, wait for /health, kill at teardown.
 
+Every child is spawned by the harness's own spawner (PR_SET_PDEATHSIG), so a killed pytest takes its servers
+with it, and stopped by process group.
+
     port = free_port()
     server = launch_server([sys.executable, "-m", "flageval_lite.serving.stub", "--port", str(port)],
                            port, tmp_path / "stub.log", timeout_s=30)
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +22,29 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from flageval_lite.serving.processes import free_port, spawn  # free_port: the tests take it from here
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def spawn_group(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """`argv` in a process group of its own, dying with pytest as the harness's servers die with the harness."""
+    return spawn(argv, start_new_session=True, **kwargs)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group led by `proc`, SIGKILL whatever is left after `grace_s`."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:  # children may outlive the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def get_json(url: str, timeout_s: float = 10.0) -> Any:
@@ -64,20 +84,7 @@ class ServerHandle:
             return False
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the whole process group, SIGKILL whatever is left after `grace_s`."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                return
-        try:  # children may outlive the leader
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        stop_group(self.proc, grace_s)
 
     def __enter__(self) -> "ServerHandle":
         return self
@@ -93,8 +100,7 @@ def launch_server(argv: list[str], port: int, log_path: str | Path, timeout_s: f
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+        proc = spawn_group(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     handle = ServerHandle(proc, port, log_path, host)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

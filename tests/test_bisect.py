@@ -32,6 +32,7 @@ from flageval_lite.runner.store import Store
 from flageval_lite.scoring.apply import score_run
 from flageval_lite.serving.engines import Launch, build_launch
 from flageval_lite.serving.lifecycle import ManagedServer
+from flageval_lite.serving.processes import spawn
 from flageval_lite.tasks import iter_items, load_task
 
 STANDIN = str(Path(__file__).parent / "bisect_standin.py")
@@ -370,8 +371,7 @@ def test_a_killed_bisection_resumes_without_repeating_a_finished_restart(tmp_pat
 
     script = RESUMABLE.format(tests=str(Path(__file__).parent), runs=str(runs), reports=str(reports))
     env = {**os.environ, "STANDIN_STARTUP_DELAY": "1"}  # slow starts: the signal lands inside a restart
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = spawn([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state_path = run_dir / STATE_NAME
     deadline = time.monotonic() + 60
     while not (state_path.is_file() and len(json.loads(state_path.read_text())["rounds"]) >= 3

@@ -213,10 +213,10 @@ def test_sigkilled_harness_leaves_no_server_behind(tmp_path):
     slow = ["--latency-ms", "200"]
     cfg = config(tmp_path, tasks=["demo_mcq"], limit=40, concurrency=1, placement="concurrent",
                  reference=stub("ref", *slow), candidate=stub("cand", *slow))
-    harness = subprocess.Popen([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(cfg), "--quiet",
-                                "--run-id", "orphans", "--runs-dir", str(tmp_path / "runs"),
-                                "--reports-dir", str(tmp_path / "reports")],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    harness = spawn([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(cfg), "--quiet",
+                     "--run-id", "orphans", "--runs-dir", str(tmp_path / "runs"),
+                     "--reports-dir", str(tmp_path / "reports")],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "runs/orphans/results.sqlite"
     deadline = time.time() + 90
     servers: list[int] = []
@@ -253,6 +253,25 @@ def test_server_restarted_from_a_short_lived_thread_outlives_that_thread():
         procs[0].kill()
         procs[0].wait()
 
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkilled_test_process_leaves_no_fixture_server_behind(tmp_path):
+    """A server of tests/helpers_servers.py dies with the test process that started it, as a killed pytest's do."""
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from helpers_servers import launch_stub; "
+              "print(launch_stub(sys.argv[2]).proc.pid, flush=True); time.sleep(60)")
+    tester = spawn([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)], cwd=REPO,
+                   stdout=subprocess.PIPE, text=True)
+    server = int(tester.stdout.readline())
+    assert not _gone(server)
+    tester.kill()
+    tester.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and not _gone(server):
+        time.sleep(0.1)
+    if not _gone(server):
+        os.killpg(server, signal.SIGKILL)  # its own group: don't leak it into other tests, but fail
+        pytest.fail(f"stub server {server} outlived the SIGKILLed test process")
 
 def test_report_cells_are_escaped(tmp_path):
     comparison, manifest = synthetic_inputs()

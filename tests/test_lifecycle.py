@@ -21,7 +21,7 @@ from flageval_lite.serving.engines import Launch, build_launch
 from flageval_lite.serving.evidence import check_candidate, check_reference
 from flageval_lite.serving.external import ExternalServer
 from flageval_lite.serving.lifecycle import ManagedServer, ServerGroup
-from flageval_lite.serving.processes import free_port, group_state
+from flageval_lite.serving.processes import free_port, group_state, spawn
 
 STANDIN = str(Path(__file__).parent / "fake_vllm" / "vllm_standin.py")
 FAKE_GEMS_DIR = str(Path(__file__).parent / "fake_vllm" / "fake_flag_gems")
@@ -152,7 +152,7 @@ def test_group_kill_reaches_a_grandchild(tmp_path: Path) -> None:
 def test_foreign_process_on_the_port_is_reported_and_left_alone(tmp_path: Path) -> None:
     holder_code = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
                    "print(s.getsockname()[1], flush=True); time.sleep(60)")
-    foreign = subprocess.Popen([PY, "-c", holder_code], stdout=subprocess.PIPE, text=True)
+    foreign = spawn([PY, "-c", holder_code], stdout=subprocess.PIPE, text=True)
     try:
         port = int(foreign.stdout.readline())
         srv = server(spec(port=port), tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_servers import ServerPool, launch_stub
+from helpers_servers import ServerPool, launch_stub, spawn_group
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_ORDER = ["CMMMU", "MMMU", "MMMU_Pro_standard", "MMMU_Pro_vision", "MM-Vet v2", "OCRBench", "MathVision",
@@ -80,8 +80,7 @@ def test_kill9_mid_run_resumes_to_the_same_report(tmp_path):
                           suite="demo", limit=40, concurrency=2)
     base = [sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--quiet",
             "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")]
-    proc = subprocess.Popen(base + ["--run-id", "crashed"], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_group(base + ["--run-id", "crashed"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "runs/crashed/results.sqlite"
     deadline = time.time() + 120
     stored = 0

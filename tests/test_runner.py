@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import run_stub_job
-from helpers_servers import ServerPool
+from helpers_servers import ServerPool, spawn_group
 
 from flageval_lite.errors import UserError
 from flageval_lite.records import Endpoint, GenParams, Item
@@ -293,9 +293,8 @@ def test_quiet_mode_prints_one_line_per_task(pool, store, capsys):
 
 def _child(tmp_path: Path, server, n: int, concurrency: int) -> subprocess.Popen:
     script = Path(__file__).with_name("run_stub_job.py")
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "crash.sqlite"), server.base_url, str(n),
-                             str(concurrency)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return spawn_group([sys.executable, str(script), str(tmp_path / "crash.sqlite"), server.base_url, str(n),
+                        str(concurrency)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_requests(server, at_least: int, timeout_s: float = 30.0) -> None:

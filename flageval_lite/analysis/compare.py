@@ -35,7 +35,7 @@ from . import divergence, error_rate, plan, stats
 from .pairing import (Pair, disagree_kind, divergence_pairs, incomplete_reason, outcome_counts, pair_scores,
                       points_interval, rule_fields, score_value)
 
-METRICS = ("accuracy", "livebench", "macro") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates (compare_error_rate)
+METRICS = ("accuracy", "livebench", "macro") + tuple(METRIC_UNITS)  # wer, cer: corpus error rates
 
 
 @dataclass
@@ -124,17 +124,22 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _group_breakdown(pairs: Sequence[Pair], ref_vals: Sequence[float], cand_vals: Sequence[float],
-                     metric: str) -> dict[str, dict[str, float]]:
-    """Score per Score.group (per LiveBench category, category-weighted, for livebench)."""
+def _group_indices(pairs: Sequence[Pair], livebench: bool = False) -> dict[str, list[int]]:
+    """Indices of the pairs per Score.group (per LiveBench category with `livebench`), names sorted; pairs
+    without a group are in none."""
     keyed: dict[str, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         group = pair.reference.group or pair.candidate.group
         if group:
-            keyed[_livebench_cell(group)[0] if metric == "livebench" else group].append(index)
+            keyed[_livebench_cell(group)[0] if livebench else group].append(index)
+    return {name: keyed[name] for name in sorted(keyed)}
+
+
+def _group_breakdown(pairs: Sequence[Pair], ref_vals: Sequence[float], cand_vals: Sequence[float],
+                     metric: str) -> dict[str, dict[str, float]]:
+    """Score per Score.group (per LiveBench category, category-weighted, for livebench)."""
     out = {}
-    for name in sorted(keyed):
-        idx = keyed[name]
+    for name, idx in _group_indices(pairs, livebench=metric == "livebench").items():
         groups = [pairs[i].reference.group or pairs[i].candidate.group for i in idx]
         ref = _mean(_statistic_values([ref_vals[i] for i in idx], groups, metric))
         cand = _mean(_statistic_values([cand_vals[i] for i in idx], groups, metric))
@@ -150,6 +155,29 @@ def _group_breakdown(pairs: Sequence[Pair], ref_vals: Sequence[float], cand_vals
 
 
 # --------------------------------------------------------------------------- one task
+
+
+@dataclass
+class _Measured:
+    """What one metric measured over the paired items (points): the row fields in which metrics differ."""
+
+    binary: bool
+    reference_score: float
+    candidate_score: float
+    reference_ci: Interval
+    candidate_ci: Interval
+    delta: float
+    delta_ci: Interval
+    delta_ci90: Interval
+    p_value: float
+    flips_ref_only: int
+    flips_cand_only: int
+    mde: float
+    flip_rate: float
+    diff_variance: float
+    groups: dict[str, dict[str, float]]
+    micro: dict[str, float] = field(default_factory=dict)
+    lower_is_better: bool = False
 
 
 def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores: Iterable[Score],
@@ -184,10 +212,43 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     if reason:
         warnings.append(f"incomplete: {reason}; rerun to re-ask them")
     if metric in METRIC_UNITS:
-        return compare_error_rate(task, title, pairs, ref_all, cand_all, metric, rule=rule, reason=reason,
-                                  alpha=alpha, errors_as_zero=errors_as_zero, records=records, only_ref=only_ref,
-                                  only_cand=only_cand, warnings=warnings, excluded_errors=excluded_errors)
+        measured = _error_rate_statistics(task, pairs, metric, errors_as_zero, alpha)
+    else:
+        measured = _mean_statistics(pairs, metric, errors_as_zero, alpha)
 
+    ci90 = (measured.delta_ci90.low, measured.delta_ci90.high)
+    verdict, decided_by = stats.verdict((measured.delta_ci.low, measured.delta_ci.high), ci90, measured.p_value,
+                                        rule, alpha=alpha)
+    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
+    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
+    row = PairedTaskComparison(
+        task=task,
+        title=title,
+        n=len(pairs),
+        **vars(measured),
+        p_holm=measured.p_value,
+        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
+        output_agreement=1.0 - len(differing) / len(pairs),
+        verdict="incomplete" if reason else verdict,
+        **outcome_counts(ref_all, cand_all),
+        **rule_fields(rule, ci90, decided_by, reason),
+        divergence=divergence.summarize_divergence(divergence_pairs(pairs, by_role)),
+        metric=metric,
+        only_reference=only_ref,
+        only_candidate=only_cand,
+        excluded_errors=excluded_errors,
+        answer_disagreements=sum(bool(disagree_kind(p)) for p in pairs),
+        warnings=warnings,
+        paired_items=frozenset(p.item_id for p in pairs),
+        differing_outputs=differing,
+    )
+    row.plan = plan.plan_row(row)
+    return row
+
+
+def _mean_statistics(pairs: Sequence[Pair], metric: str, errors_as_zero: bool, alpha: float) -> _Measured:
+    """Accuracy, LiveBench and macro: means of the per-item values rescaled to the headline's weights (module
+    docstring); Wilson or bootstrap intervals, exact McNemar on binary values and sign-flip p otherwise."""
     ref_vals = [score_value(p.reference, errors_as_zero) for p in pairs]
     cand_vals = [score_value(p.candidate, errors_as_zero) for p in pairs]
     groups = [p.reference.group or p.candidate.group for p in pairs]
@@ -195,65 +256,32 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     cand_stat = _statistic_values(cand_vals, groups, metric)
     n = len(pairs)
     binary = stats.is_binary(ref_stat + cand_stat)  # what the paired test and interval below see
-    lost_items = sum(r > c for r, c in zip(ref_vals, cand_vals))
-    gained = sum(c > r for r, c in zip(ref_vals, cand_vals))
-
     if binary:
         ref_ci = stats.wilson_interval(int(sum(ref_stat)), n)
         cand_ci = stats.wilson_interval(int(sum(cand_stat)), n)
     else:
         ref_ci = stats.bootstrap_mean_ci(ref_stat)
         cand_ci = stats.bootstrap_mean_ci(cand_stat)
-    p_value = stats.paired_p_value(ref_stat, cand_stat)  # exact McNemar on binary values, sign-flip otherwise
-    delta = 100.0 * (_mean(cand_stat) - _mean(ref_stat))
-    delta_ci = points_interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.95))
-    delta_ci90 = points_interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.90))
-    ci90 = (delta_ci90.low, delta_ci90.high)
-    verdict, decided_by = stats.verdict((delta_ci.low, delta_ci.high), ci90, p_value, rule, alpha=alpha)
-    if reason:
-        verdict = "incomplete"
-
-    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
-    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
-    row = PairedTaskComparison(
-        task=task,
-        title=title,
-        n=n,
+    micro = {"reference": 100.0 * _mean(ref_vals), "candidate": 100.0 * _mean(cand_vals),
+             "delta": 100.0 * (_mean(cand_vals) - _mean(ref_vals))} if metric == "macro" else {}
+    return _Measured(
         binary=binary,
         reference_score=100.0 * _mean(ref_stat),
         candidate_score=100.0 * _mean(cand_stat),
         reference_ci=points_interval(ref_ci),
         candidate_ci=points_interval(cand_ci),
-        delta=delta,
-        delta_ci=delta_ci,
-        delta_ci90=delta_ci90,
-        p_value=p_value,
-        p_holm=p_value,
-        flips_ref_only=lost_items,
-        flips_cand_only=gained,
-        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
-        output_agreement=1.0 - len(differing) / n,
+        delta=100.0 * (_mean(cand_stat) - _mean(ref_stat)),
+        delta_ci=points_interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.95)),
+        delta_ci90=points_interval(stats.paired_difference_ci(ref_stat, cand_stat, confidence=0.90)),
+        p_value=stats.paired_p_value(ref_stat, cand_stat),
+        flips_ref_only=sum(r > c for r, c in zip(ref_vals, cand_vals)),
+        flips_cand_only=sum(c > r for r, c in zip(ref_vals, cand_vals)),
         mde=100.0 * stats.minimum_detectable_effect(ref_stat, cand_stat, alpha=alpha),
-        verdict=verdict,
-        **outcome_counts(ref_all, cand_all),
-        **rule_fields(rule, ci90, decided_by, reason),
-        divergence=divergence.summarize_divergence(divergence_pairs(pairs, by_role)),
-        groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
-        metric=metric,
-        only_reference=only_ref,
-        only_candidate=only_cand,
-        excluded_errors=excluded_errors,
-        answer_disagreements=sum(bool(disagree_kind(p)) for p in pairs),
-        warnings=warnings,
         flip_rate=sum(r != c for r, c in zip(ref_stat, cand_stat)) / n,
         diff_variance=float(np.var(np.subtract(cand_stat, ref_stat))),
-        paired_items=frozenset(p.item_id for p in pairs),
-        differing_outputs=differing,
-        micro={"reference": 100.0 * _mean(ref_vals), "candidate": 100.0 * _mean(cand_vals),
-               "delta": 100.0 * (_mean(cand_vals) - _mean(ref_vals))} if metric == "macro" else {},
+        groups=_group_breakdown(pairs, ref_vals, cand_vals, metric),
+        micro=micro,
     )
-    row.plan = plan.plan_row(row)
-    return row
 
 
 def _unmeasured_row(task: str, title: str, metric: str, rule: stats.DecisionRule, pairs: Sequence[Pair],
@@ -280,13 +308,10 @@ def _edits(score: Score, metric: str, errors_as_zero: bool) -> tuple[int, int]:
     return error_counts(score.gold, hypothesis, metric)
 
 
-def compare_error_rate(task: str, title: str, pairs: Sequence[Pair], ref_all: Mapping[str, Score],
-                       cand_all: Mapping[str, Score], metric: str, rule: stats.DecisionRule, reason: str,
-                       alpha: float, errors_as_zero: bool, records: Optional[Mapping[str, Iterable[Record]]],
-                       only_ref: list[str], only_cand: list[str], warnings: list[str],
-                       excluded_errors: int) -> PairedTaskComparison:
-    """A WER/CER row: corpus rates (total edits / total reference units) in points, paired bootstrap over
-    utterances for Δ, sign-flip p (error_rate.py).  Δ = reference - candidate: negative when the candidate errs more.
+def _error_rate_statistics(task: str, pairs: Sequence[Pair], metric: str, errors_as_zero: bool,
+                           alpha: float) -> _Measured:
+    """WER/CER: corpus rates (total edits / total reference units) in points, paired bootstrap over utterances for
+    Δ, sign-flip p (error_rate.py).  Δ = reference - candidate: negative when the candidate errs more.
 
     The edits are recounted from the stored reference (`Score.gold`) and normalised hypothesis (`Score.extracted`)
     with the scorer's own rules (asr_text.py)."""
@@ -300,52 +325,34 @@ def compare_error_rate(task: str, title: str, pairs: Sequence[Pair], ref_all: Ma
     except ValueError as exc:
         raise UserError(f"task {task}: {exc}") from None
     (low95, high95), (low90, high90) = error_rate.paired_difference_cis(ref_edits, cand_edits, lengths)
-    # the bootstrap interval is of candidate - reference; flipped into the row's reference - candidate
-    delta_ci, delta_ci90 = Interval(-100.0 * high95, -100.0 * low95), Interval(-100.0 * high90, -100.0 * low90)
-    delta = 100.0 * (ref_rate - cand_rate)
-    p_value = error_rate.paired_p_value(ref_edits, cand_edits, lengths)
-    ci90 = (delta_ci90.low, delta_ci90.high)
-    verdict, decided_by = stats.verdict((delta_ci.low, delta_ci.high), ci90, p_value, rule, alpha=alpha)
     # per-utterance contributions to Δ (in rate units), whose mean is Δ: what the planner's variance is of
     unit = sum(lengths) / len(lengths)
     contributions = [(r - c) / unit for r, c in zip(ref_edits, cand_edits)]
-    by_role = {role: {r.item_id: r for r in recs} for role, recs in (records or {}).items()}
-    differing = frozenset(p.item_id for p in pairs if p.reference.response_text != p.candidate.response_text)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, pair in enumerate(pairs):
-        if pair.reference.group or pair.candidate.group:
-            groups[pair.reference.group or pair.candidate.group].append(index)
     breakdown = {}
-    for name in sorted(groups):
-        idx = groups[name]
+    for name, idx in _group_indices(pairs).items():
         units = sum(lengths[i] for i in idx) or 1
         ref_g, cand_g = sum(ref_edits[i] for i in idx) / units, sum(cand_edits[i] for i in idx) / units
         breakdown[name] = {"n": len(idx), "reference": 100.0 * ref_g, "candidate": 100.0 * cand_g,
                            "delta": 100.0 * (ref_g - cand_g),
                            "flips_ref_only": sum(ref_edits[i] < cand_edits[i] for i in idx),
                            "flips_cand_only": sum(cand_edits[i] < ref_edits[i] for i in idx)}
-    row = PairedTaskComparison(
-        task=task, title=title, n=len(pairs), binary=False,
-        reference_score=100.0 * ref_rate, candidate_score=100.0 * cand_rate,
+    return _Measured(
+        binary=False,
+        reference_score=100.0 * ref_rate,
+        candidate_score=100.0 * cand_rate,
         reference_ci=points_interval(error_rate.rate_ci(ref_edits, lengths)),
         candidate_ci=points_interval(error_rate.rate_ci(cand_edits, lengths)),
-        delta=delta, delta_ci=delta_ci, delta_ci90=delta_ci90, p_value=p_value, p_holm=p_value,
+        delta=100.0 * (ref_rate - cand_rate),
+        # the bootstrap interval is of candidate - reference; flipped into the row's reference - candidate
+        delta_ci=Interval(-100.0 * high95, -100.0 * low95),
+        delta_ci90=Interval(-100.0 * high90, -100.0 * low90),
+        p_value=error_rate.paired_p_value(ref_edits, cand_edits, lengths),
         # "reference right, candidate wrong" becomes: the candidate made more errors on this utterance
         flips_ref_only=sum(r < c for r, c in zip(ref_edits, cand_edits)),
         flips_cand_only=sum(c < r for r, c in zip(ref_edits, cand_edits)),
-        answer_agreement=_mean([p.reference.extracted == p.candidate.extracted for p in pairs]),
-        output_agreement=1.0 - len(differing) / len(pairs),
         mde=100.0 * error_rate.minimum_detectable_effect(ref_edits, cand_edits, lengths, alpha=alpha),
-        verdict="incomplete" if reason else verdict,
-        **outcome_counts(ref_all, cand_all),
-        **rule_fields(rule, ci90, decided_by, reason),
         flip_rate=sum(r != c for r, c in zip(ref_edits, cand_edits)) / len(pairs),
         diff_variance=float(np.var(contributions)),
-        divergence=divergence.summarize_divergence(divergence_pairs(pairs, by_role)),
-        groups=breakdown, metric=metric, only_reference=only_ref, only_candidate=only_cand,
-        excluded_errors=excluded_errors, answer_disagreements=sum(bool(disagree_kind(p)) for p in pairs),
-        warnings=warnings, paired_items=frozenset(p.item_id for p in pairs), differing_outputs=differing,
+        groups=breakdown,
         lower_is_better=True,
     )
-    row.plan = plan.plan_row(row)
-    return row

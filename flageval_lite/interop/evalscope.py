@@ -50,6 +50,19 @@ def _evalscope_version(row: Any) -> str:
     return ""
 
 
+def _evalscope_item(task: str, group: str, key: str, value: float, metric: str, prompt_text: str,
+                    messages: Optional[list[dict[str, Any]]], *, response: str, extracted: str, gold: str,
+                    completion_tokens: int) -> ImportedItem:
+    """One scored review line of either version: stored as `<subset>/<index>` (the index alone without a subset),
+    the prompt text hashed, so that a 0.x run pairs with a 1.x one item by item."""
+    item_id = f"{group}/{key}" if group else key
+    return ImportedItem(
+        task=task, key=item_id, item_id=item_id, value=value, outcome=unit_outcome(value), response=response,
+        extracted=extracted, gold=gold, prompt=prompt_text,
+        hashes={"input": stable_hash(prompt_text)} if prompt_text else {}, meta={"index": key, "metric": metric},
+        group=group, messages=messages, completion_tokens=completion_tokens)
+
+
 def load_evalscope_file(path: Path) -> tuple[str, list[ImportedItem]]:
     """One review file of EvalScope >= 1.0 (`ReviewResult` lines) or of 0.8–0.17 (answers with their review); the
     version is told from the first line, and every line must be of that version."""
@@ -86,13 +99,10 @@ def _evalscope_v1_items(path: Path, rows: list[dict[str, Any]]) -> tuple[str, li
         messages = chat_messages(prompt)
         prompt_text = json.dumps(prompt, ensure_ascii=False) if messages else cell_text(prompt)
         response = cell_text(score.get("prediction"))
-        items.append(ImportedItem(
-            task=task, key=f"{group}/{key}" if group else key, item_id=f"{group}/{key}" if group else key,
-            value=value, outcome=unit_outcome(value), response=response,
-            extracted=cell_text(score.get("extracted_prediction")) or response.strip(), gold=cell_text(row.get("target")),
-            prompt=prompt_text, hashes={"input": stable_hash(prompt_text)} if prompt_text else {},
-            meta={"index": key, "metric": name}, group=group, messages=messages,
-            completion_tokens=tokens.get(key, 0)))
+        items.append(_evalscope_item(
+            task, group, key, value, name, prompt_text, messages, response=response,
+            extracted=cell_text(score.get("extracted_prediction")) or response.strip(),
+            gold=cell_text(row.get("target")), completion_tokens=tokens.get(key, 0)))
     return task, items
 
 
@@ -150,13 +160,10 @@ def _evalscope_v0_items(path: Path, rows: list[dict[str, Any]]) -> tuple[str, li
         pred, gold = reviews[0].get("pred"), reviews[0].get("gold")
         usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
         tokens = usage.get("completion_tokens")  # the request's, so an item's own only with one choice
-        items.append(ImportedItem(
-            task=task, key=f"{group}/{key}" if group else key, item_id=f"{group}/{key}" if group else key,
-            value=value, outcome=unit_outcome(value), response=response,
+        items.append(_evalscope_item(
+            task, group, key, value, scored[0][1], prompt_text, messages, response=response,
             extracted=(pred if isinstance(pred, str) else "") or response.strip(),
             gold=gold if isinstance(gold, str) else json.dumps(gold, ensure_ascii=False, default=str),
-            prompt=prompt_text, hashes={"input": stable_hash(prompt_text)} if prompt_text else {},
-            meta={"index": key, "metric": scored[0][1]}, group=group, messages=messages,
             completion_tokens=tokens if isinstance(tokens, int) and len(reviews) == 1 else 0))
     return task, items
 
