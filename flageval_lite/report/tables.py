@@ -2,7 +2,7 @@
 faults, provenance, divergence, teacher forcing, perf, the A/A noise floor and sub-groups."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ..analysis import plan
 from ..analysis.compare import PairedTaskComparison
@@ -151,16 +151,23 @@ def provenance_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Opt
     )
 
 
+def _side_task_rows(comparison: Comparison, manifest: Mapping[str, Any],
+                    counts: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    cells: Callable[[Mapping[str, Any]], list[str]]) -> list[list[str]]:
+    """One row per side and task of a role -> task -> counts mapping: the side, the task's title, then `cells`."""
+    titles = {t.task: t.title for t in comparison.tasks}
+    return [[side_label(manifest, role) if role in ROLES else role, titles.get(task, task), *cells(row)]
+            for role, tasks in counts.items() for task, row in tasks.items()]
+
+
 def faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
     """Requests, retries and failures per side and task (the store's fault_counts), when any request failed."""
     faults = manifest.get("faults") or {}
     if not any(row["failed_attempts"] for tasks in faults.values() for row in tasks.values()):
         return None
-    titles = {t.task: t.title for t in comparison.tasks}
-    rows = [[side_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["records"]),
-             str(row["requests"]), str(row["retries"]), _kinds(row["failed_attempts"]),
-             str(sum(row["errors"].values())), _kinds(row["errors"])]
-            for role, tasks in faults.items() for task, row in tasks.items()]
+    rows = _side_task_rows(comparison, manifest, faults, lambda row: [
+        str(row["records"]), str(row["requests"]), str(row["retries"]), _kinds(row["failed_attempts"]),
+        str(sum(row["errors"].values())), _kinds(row["errors"])])
     return Table(
         title="Faults and retries",
         headers=["side", "task", "answers", "requests", "retries", "failed requests by kind", "failed for good",
@@ -176,10 +183,8 @@ def faults_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optiona
 def judging_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Optional[Table]:
     """What the LLM judge did per side and judged task (manifest `judging`), when a task was judged."""
     judging = manifest.get("judging") or {}
-    titles = {t.task: t.title for t in comparison.tasks}
-    rows = [[side_label(manifest, role) if role in ROLES else role, titles.get(task, task), str(row["graded"]),
-             str(row["runs"]), str(row["reasked"]), str(row["gave_up"]), str(row["faults"]), str(row["no_verdict"])]
-            for role, tasks in judging.items() for task, row in tasks.items()]
+    rows = _side_task_rows(comparison, manifest, judging, lambda row: [
+        str(row[name]) for name in ("graded", "runs", "reasked", "gave_up", "faults", "no_verdict")])
     if not rows:
         return None
     return Table(
