@@ -32,8 +32,9 @@ def _gold_text(gold: Any) -> str:
     return "" if gold is None else str(gold)
 
 
-# detail keys by which a scorer reports that *it* failed (judge unreachable, sandbox not started), not the answer
-SCORER_FAULTS = {"judge_error": "judge", "sandbox_error": "sandbox"}
+# detail keys by which a scorer reports that *it* failed (judge unreachable, sandbox not started, a library the
+# benchmark's own scoring environment has missing from ours), not the answer
+SCORER_FAULTS = {"judge_error": "judge", "sandbox_error": "sandbox", "environment_error": "environment"}
 
 
 def _scorer_fault(result: ScoreResult) -> str:
