@@ -198,7 +198,7 @@ def test_unusable_rows_and_agentic_coding_are_errors_of_their_item():
     item = dataclasses.make_dataclass("I", ["item_id", "gold", "meta"])
     agentic = scored(item("ag1", None, {"task": "agentic_coding", "category": "coding"}), "diff --git a/x b/x")
     assert agentic.outcome == "error"
-    assert agentic.error.startswith(f"{BAD_ITEM}: livebench scorer: task agentic_coding needs Docker")
+    assert agentic.error.startswith(f"{BAD_ITEM}: livebench scorer: task agentic_coding (agentic coding) needs Docker")
 
 
 def test_an_empty_reply_is_unparsed_without_running_anything(items):

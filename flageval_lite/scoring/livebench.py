@@ -28,6 +28,7 @@ from .livebench_reasoning import (house_traversal, logic_with_navigation, spatia
 IFBENCH_RELEASE = "2025-11-25"  # instruction following switched from IFEval- to IFBench-style checkers
 SANDBOXED_CODING_TASKS = {"LCB_generation", "coding_completion"}  # LiveCodeBench-style tests we can run
 UNITTEST_CODING_TASKS = {"code_generation", "code_completion"}  # BigCodeBench-style suites (releases >= 2025-04-25)
+AGENTIC_CATEGORIES = {"agentic_coding", "agentic_coding_v2"}  # LiveBench's AGENTIC_CODING_CATEGORIES (2025-05-30 on)
 AGENTIC_REFUSAL = ("needs Docker, the mini-SWE-agent images and network access to run the repository's tests, "
                    "which we do not run")
 
@@ -100,8 +101,8 @@ def livebench(response: str, gold: Any, meta: dict, compat: bool = False) -> Sco
         return livebench_coding(response, gold, meta)
     if task in UNITTEST_CODING_TASKS:
         return livebench_bigcode(response, gold, meta)
-    if task == "agentic_coding" or subtask == "agentic_coding":
-        raise UserError(f"livebench scorer: task agentic_coding {AGENTIC_REFUSAL}")
+    if category in AGENTIC_CATEGORIES or "agentic_coding" in (task, subtask):
+        raise UserError(f"livebench scorer: task {task} (agentic coding) {AGENTIC_REFUSAL}")
     if category == "coding":
         raise UserError(f"livebench scorer: coding task {task!r} is not one LiveBench scores (LCB_generation, "
                         "coding_completion, code_generation, code_completion, agentic_coding)")
