@@ -3,9 +3,13 @@ in the real bubblewrap sandbox, on made-up rows in the livebench/coding schema l
 import dataclasses
 import datetime as dt
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from datasets import Features, Sequence, Value
 
 from flageval_lite.errors import UserError
@@ -20,6 +24,7 @@ _builder = importlib.util.spec_from_file_location("build_fixtures",
 fixtures = importlib.util.module_from_spec(_builder)
 _builder.loader.exec_module(fixtures)
 
+REPO = Path(__file__).resolve().parents[1]
 livebench = get_scorer("livebench")
 RELEASE = "2025-04-25"
 
@@ -203,3 +208,40 @@ def test_unusable_rows_and_agentic_coding_are_errors_of_their_item():
 
 def test_an_empty_reply_is_unparsed_without_running_anything(items):
     assert scored(items["bc01"], "").outcome == "unparsed"
+
+
+def test_a_run_counts_and_shows_environment_errors_and_the_unscored_agentic_task(tmp_path):
+    """Through the command line with stub servers that echo the prompt (on one line): each prompt is its reply."""
+    def row(item_id, task, tests, reply):
+        return {"id": item_id, "category": "coding", "task": task, "tests": tests, "entry_point": "task_func",
+                "code_prompt": "", "expected_time": 0.0, "prompt": reply}
+    rows = [
+        row("ok", "code_generation", MEAN_TESTS,
+            "task_func = lambda values: float(sum(values) / len(values)) if values else 0.0"),
+        row("env", "code_generation", LETTER_TESTS, "from docxtpl import DocxTemplate; "
+            "task_func = lambda template_path, name: DocxTemplate(template_path).render({'name': name})"),
+        row("agent", "agentic_coding", None, "Fix the issue in the repository."),
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fields = ("category", "task", "tests", "entry_point", "code_prompt", "expected_time")
+    (tmp_path / "bc.yaml").write_text(yaml.safe_dump({
+        "name": "bc", "title": "BC", "modality": "text", "dataset": {"path": "rows.jsonl"}, "id_field": "id",
+        "prompt": "{{ prompt }}", "gold": "None", "scorer": "livebench", "metric": "livebench", "group_by": "cell",
+        "meta": {**{f: f"row['{f}']" for f in fields}, "cell": "category ~ '/' ~ task"}}))
+    stub = {"engine": "stub", "served_model_name": "stub", "warmup": False}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"reference": {"name": "ref", **stub}, "candidate": {"name": "cand", **stub},
+                                      "tasks": [str(tmp_path / "bc.yaml")], "max_error_rate": 0.9}))
+    done = subprocess.run([sys.executable, "-m", "flageval_lite.cli", "run", "--config", str(config), "--run-id", "b",
+                           "--quiet", "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    manifest = json.loads((tmp_path / "runs/b/manifest.json").read_text())
+    assert manifest["errors"] == {f"{role}/bc/{kind}": 1 for role in ("reference", "candidate")
+                                  for kind in ("environment", "bad_item")}
+    [row] = json.loads((tmp_path / "reports/b/summary.json").read_text())["comparison"]["tasks"]
+    assert (row["n"], row["errors_reference"], row["reference_score"]) == (1, 2, 100.0)
+    assert row["unscored_groups"] == ["coding/agentic_coding"]
+    report = (tmp_path / "reports/b/report.md").read_text()
+    assert "reference/bc/environment ×1" in report
+    assert "Not LiveBench's official average: coding/agentic_coding went unscored" in report
