@@ -134,7 +134,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
     from .diagnose.opcheck import ops_command
 
     return ops_command(args.run, Path(args.runs_dir), Path(args.reports_dir), dtypes=_names(args.dtypes),
-                       calls_per_op=args.calls_per_op, gate=args.gate)
+                       calls_per_op=args.calls_per_op, gate=args.gate, timing_repeats=args.timing)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", help="comma-separated dtypes (default: bfloat16,float16,float32)")
     p.add_argument("--calls-per-op", type=int, default=3)
     p.add_argument("--gate", action="store_true", help="exit 1 when an operator is outside FlagGems' tolerance")
+    p.add_argument("--timing", type=int, nargs="?", const=20, default=0, metavar="N",
+                   help="also time each replayed call N times (default 20) under both kernels: which one is slow")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
     return parser

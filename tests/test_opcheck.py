@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any, Iterator
@@ -376,3 +377,43 @@ def test_ops_on_a_machine_without_gpu_is_one_line(tmp_path: Path, monkeypatch) -
         check_ops([OpCall("mm")])
     with pytest.raises(UserError, match="unknown dtype 'bf16'"):
         ops_command("missing-run", tmp_path / "runs", tmp_path / "reports", dtypes=["bf16"])
+
+
+class SlowOp(TorchDispatchMode):
+    """Runs every aten op natively, `target` after a fixed delay: a candidate kernel that is slow, not wrong."""
+
+    def __init__(self, target: str, delay_s: float):
+        super().__init__()
+        self.target, self.delay_s = target, delay_s
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ == self.target:
+            time.sleep(self.delay_s)
+        return func(*args, **(kwargs or {}))
+
+
+def test_timing_names_the_slow_kernel_first(tmp_path: Path, capsys) -> None:
+    x, w = torch.randn(8, 16), torch.randn(16, 24)
+    calls = [{"op": "mm", "aten": "mm", "args": encode([x, w]), "kwargs": {}},
+             {"op": "exp", "aten": "exp", "args": encode([x]), "kwargs": {}},
+             {"op": "add", "aten": "add.Tensor", "args": encode([x, x]), "kwargs": {}}]
+    make_run(tmp_path / "runs", "slow", calls, {})
+    code = ops_command("slow", tmp_path / "runs", tmp_path / "reports", candidate=lambda op: SlowOp("exp", 0.02),
+                       device="cpu", timing_repeats=5)
+    assert code == 0  # slow is not wrong: every kernel is within tolerance
+    report = json.loads((tmp_path / "reports" / "slow" / "ops.json").read_text())
+    by_op = {r["op"]: r for r in report["results"]}
+    assert by_op["exp"]["gems_ms"] >= 20 and by_op["exp"]["torch_ms"] < 5
+    assert by_op["mm"]["gems_ms"] < 10 and by_op["add"]["gems_ms"] < 10
+    assert report["summary"]["slowest"][0]["op"] == "exp"
+    md = (tmp_path / "reports" / "slow" / "ops.md").read_text()
+    timing = md.split("## Time per call", 1)[1]
+    assert timing.index("| exp |") < timing.index("| mm |") and timing.index("| exp |") < timing.index("| add |")
+    assert "slow: exp (float32[8×16]): FlagGems" in capsys.readouterr().out
+    # Without --timing the report has no timing table and the rows no times.
+    ops_command("slow", tmp_path / "runs", tmp_path / "reports", candidate=lambda op: contextlib.nullcontext(),
+                device="cpu")
+    assert "## Time per call" not in (tmp_path / "reports" / "slow" / "ops.md").read_text()
+    with pytest.raises(UserError, match="--timing must be a positive"):
+        ops_command("slow", tmp_path / "runs", tmp_path / "reports", candidate=lambda op: contextlib.nullcontext(),
+                    device="cpu", timing_repeats=-1)

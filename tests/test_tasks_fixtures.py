@@ -356,7 +356,8 @@ def test_a_copy_still_holding_a_loading_script_is_one_clear_line(tmp_path):
         next(iter_items(load_task("fleurs_zh"), data_dir=str(tmp_path)))
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"FLEURS zh: dataset {copy} config 'cmn_hans_cn' split 'test': ")
-    assert "fleurs.py" in message and message.endswith("use a copy of its parquet files (docs/tasks.md, Revisions)")
+    assert "fleurs.py" in message and message.endswith("use a copy of its parquet files (docs/tasks.md, Revisions) "
+                                                       f"(nor does it hold {copy}/data/cmn_hans_cn/test.tsv)")
 
 
 def test_missing_local_file(tmp_path):

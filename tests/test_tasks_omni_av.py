@@ -53,10 +53,12 @@ def test_librispeech_sends_the_utterance_and_keeps_the_raw_transcript():
     assert item.gold == "MISTER BROWN WON'T BE COMING TODAY SAID THE BOY" and item.meta == {"speaker": "121"}
 
 
-def test_fleurs_gold_is_the_raw_transcription():
-    item = items_of("fleurs_zh")["1002"]
-    assert item.gold == "他说：“这本书非常有意思！”"
+def test_fleurs_gold_is_the_raw_transcription_and_each_recording_an_item():
+    fleurs = items_of("fleurs_zh")
+    item = fleurs["5863102947751049316"]  # the recording's file name: a sentence id is shared by its speakers
+    assert item.gold == "他说：“这本书非常有意思！”" and item.meta == {"sentence_id": 1002, "gender": "female"}
     assert wav_of(parts(item)[0]) == fixtures.tone_wav(390.0)
+    assert sorted(i.meta["sentence_id"] for i in fleurs.values()) == [1001, 1001, 1002]
 
 
 def test_mmau_gold_letter_from_the_answer_text():

@@ -46,6 +46,8 @@ class OpError:
     torch_tol_ratio: Optional[float] = None
     rtol: Optional[float] = None
     atol: Optional[float] = None  # atol × reduction length
+    torch_ms: Optional[float] = None  # median wall time of one call, with --timing
+    gems_ms: Optional[float] = None
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@ it by FlagGems' `gems_assert_close` tolerances (see `opcheck.py`)."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
@@ -153,7 +155,33 @@ def flaggems_scope(op: str) -> ContextManager[Optional[list[str]]]:
     return scoped([op])
 
 
-def _replay(call: OpCall, device: str, dtype: Optional[str], candidate: CandidateScope, seed: int) -> OpError:
+def time_call(fn: Callable[..., Any], args: Any, kwargs: Any, device: str, repeats: int) -> float:
+    """Median milliseconds of one call on the same inputs, after two untimed calls (Triton compiles on the first).
+
+    On CUDA each call is bracketed by events, so the time is the kernels' own, not the launch queue's."""
+    args, kwargs = _clone(args), _clone(kwargs)
+    for _ in range(2):
+        fn(*args, **kwargs)
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn(*args, **kwargs)
+            times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def _replay(call: OpCall, device: str, dtype: Optional[str], candidate: CandidateScope, seed: int,
+            timing_repeats: int = 0) -> OpError:
     recipe = recipe_for(call.op)
     shapes = call.shapes_text()
     row = OpError(op=call.op, aten=call.aten, dtype=dtype or _first_dtype(call.args, call.kwargs), shapes=shapes,
@@ -185,6 +213,10 @@ def _replay(call: OpCall, device: str, dtype: Optional[str], candidate: Candidat
                 row.note = f"FlagGems registered nothing for include=[{call.op!r}]"
                 return row
             result = fn(*_clone(args), **_clone(kwargs))
+            if timing_repeats:
+                row.gems_ms = time_call(fn, args, kwargs, device, timing_repeats)
+        if timing_repeats:
+            row.torch_ms = time_call(fn, args, kwargs, device, timing_repeats)
         torch_err = compare(native, reference, recipe.compare, reduce_len)
         row.torch_max_rel, row.torch_mean_rel = torch_err.max_rel, torch_err.mean_rel
         row.torch_tol_ratio = torch_err.tol_ratio
@@ -234,8 +266,10 @@ def require_gpu() -> None:
 
 
 def check_ops(ops: Sequence[OpCall], device: str = "cuda", dtypes: Optional[Sequence[str]] = None, *,
-              candidate: Optional[CandidateScope] = None, calls_per_op: int = 3, seed: int = 0) -> list[OpError]:
-    """Replay `ops` (at most `calls_per_op` per operator) in each of `dtypes` (default: as recorded).
+              candidate: Optional[CandidateScope] = None, calls_per_op: int = 3, seed: int = 0,
+              timing_repeats: int = 0) -> list[OpError]:
+    """Replay `ops` (at most `calls_per_op` per operator) in each of `dtypes` (default: as recorded); with
+    `timing_repeats`, also time each call that many times under both kernels.
 
     `candidate(op)` is a context manager under which the operator runs the candidate's kernel; the default switches
     on FlagGems' implementation of that one operator (CUDA only)."""
@@ -245,5 +279,5 @@ def check_ops(ops: Sequence[OpCall], device: str = "cuda", dtypes: Optional[Sequ
     rows = []
     for call in select_calls(ops, calls_per_op):
         for dtype in (dtypes or [None]):
-            rows.append(_replay(call, device, dtype, candidate, seed))
+            rows.append(_replay(call, device, dtype, candidate, seed, timing_repeats))
     return rows

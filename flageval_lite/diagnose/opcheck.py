@@ -116,21 +116,47 @@ def render_markdown(run_id: str, rows: Sequence[OpError], facts: dict[str, str])
                  _fmt(r.gems_tol_ratio), _fmt(r.torch_max_rel), _fmt(r.torch_mean_rel), _fmt(r.torch_tol_ratio),
                  _fmt(r.rtol), _fmt(r.atol), r.status, r.note]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    timed = slowest(rows)
+    if timed:
+        lines += ["", "## Time per call", "",
+                  "Median wall time of one call on the same inputs (CUDA events on a GPU), after two untimed calls; "
+                  "slowest first by the time FlagGems adds per call. A kernel many times slower than PyTorch's at "
+                  "the shapes the model ran is where a slow candidate spends its time.", "",
+                  "| op | aten | dtype | inputs | torch ms | FlagGems ms | FlagGems / torch |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for r in timed:
+            cells = [r.op, r.aten, r.dtype, r.shapes, f"{r.torch_ms:.4g}", f"{r.gems_ms:.4g}",
+                     f"{_time_ratio(r):.3g}×"]
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _time_ratio(row: OpError) -> float:
+    return row.gems_ms / row.torch_ms if row.torch_ms else math.inf
+
+
+def slowest(rows: Sequence[OpError]) -> list[OpError]:
+    """The timed rows, the largest time FlagGems adds per call first."""
+    timed = [r for r in rows if r.gems_ms is not None and r.torch_ms is not None]
+    return sorted(timed, key=lambda r: r.gems_ms - r.torch_ms, reverse=True)
+
+
 def summarize(rows: Sequence[OpError]) -> dict[str, Any]:
+    timed = [{"op": r.op, "shapes": r.shapes, "torch_ms": r.torch_ms, "gems_ms": r.gems_ms}
+             for r in slowest(rows)[:5]]
     return {"operators": len({r.op for r in rows}),
             "replayed": len({r.op for r in rows if r.status in ("pass", "FAIL")}),
             "failed": sorted({r.op for r in rows if r.status == "FAIL"}),
             "not_replayed": sorted({r.op for r in rows if r.status == "not replayed"}),
-            "errors": sorted({r.op for r in rows if r.status == "error"})}
+            "errors": sorted({r.op for r in rows if r.status == "error"}),
+            **({"slowest": timed} if timed else {})}
 
 
 def ops_command(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Path("reports"), *,
                 dtypes: Optional[Sequence[str]] = None, calls_per_op: int = 3, gate: bool = False,
-                candidate: Optional[CandidateScope] = None, device: str = "cuda") -> int:
-    """Replay the candidate's operators of stored run `run`; writes reports/RUN/ops.md and ops.json.
+                candidate: Optional[CandidateScope] = None, device: str = "cuda", timing_repeats: int = 0) -> int:
+    """Replay the candidate's operators of stored run `run`; writes reports/RUN/ops.md and ops.json. With
+    `timing_repeats`, each replayed call is also timed under both kernels (ops.md "Time per call").
 
     Returns 1 with `gate` when an operator is outside FlagGems' tolerance, else 0."""
     from ..runner.run_dir import open_run
@@ -140,6 +166,8 @@ def ops_command(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Pat
         raise UserError(f"ops: --dtypes: unknown dtype {unknown[0]!r} (known: {', '.join(RTOL)})")
     if calls_per_op < 1:
         raise UserError(f"ops: --calls-per-op must be at least 1, not {calls_per_op}")
+    if timing_repeats < 0:
+        raise UserError(f"ops: --timing must be a positive number of timed calls, not {timing_repeats}")
     if candidate is None:
         require_gpu()
     store, run_id, run_dir = open_run(run, Path(runs_dir))
@@ -150,7 +178,8 @@ def ops_command(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Pat
         if not calls:
             raise UserError(f"{run}: the candidate recorded no FlagGems operator calls (no calls-*.jsonl under "
                             f"{run_dir / 'oplogs' / 'candidate'} and no ops_called in its evidence)")
-        rows = check_ops(calls, device, dtypes, candidate=candidate, calls_per_op=calls_per_op)
+        rows = check_ops(calls, device, dtypes, candidate=candidate, calls_per_op=calls_per_op,
+                         timing_repeats=timing_repeats)
         facts = {"calls from": source, "device": _device_name(device), "packages": _versions()}
         perturb = perturbation_from_env()
         if perturb is not None:
@@ -169,6 +198,8 @@ def ops_command(run: str, runs_dir: Path = Path("runs"), reports_dir: Path = Pat
         store.close()
     print(f"operators: {summary['operators']} ({summary['replayed']} replayed); outside tolerance: "
           f"{', '.join(summary['failed']) or 'none'}; not replayed: {', '.join(summary['not_replayed']) or 'none'}")
+    for row in slowest(rows)[:3]:
+        print(f"slow: {row.op} ({row.shapes}): FlagGems {row.gems_ms:.4g} ms vs torch {row.torch_ms:.4g} ms")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 1 if gate and summary["failed"] else 0

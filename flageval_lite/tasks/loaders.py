@@ -28,9 +28,9 @@ from ..errors import ConfigError, UserError
 from ..records import Item
 from . import templating
 from .messages import build_messages
-from .sources import Part, load_local, open_parts
+from .sources import Part, load_local, open_parts, repo_files_table
 from .spec import ImageSpec, TaskSpec
-from .tables import first_line, plain_value
+from .tables import MissingMedia, first_line, plain_value
 
 
 @lru_cache(maxsize=512)
@@ -111,6 +111,8 @@ def _media_values(spec: TaskSpec, ev: _Evaluator, ctx: dict[str, Any], row: dict
             raise ConfigError(spec.source, key, f"item {item_id}: no column {name!r}")
         else:
             value = name
+        if isinstance(value, MissingMedia):
+            raise UserError(f"{spec.name}: item {item_id}: {key}: {value.reason}")
         # a list cell holds several images; a video's list of frames stays one video
         values.extend(value if isinstance(value, list) and key == "images" else [value])
     while values and values[-1] is None:
@@ -222,8 +224,9 @@ def _item_or_bad(spec: TaskSpec, ev: _Evaluator, part: Part, index: int, item_id
 
 
 def cached_item_count(spec: TaskSpec, data_dir: Optional[str] = None) -> Optional[int]:
-    """Rows available locally without touching the network (local files, or the `datasets` cache's split
-    sizes); None when unknown or when a `where` filter makes the count depend on the rows."""
+    """Rows available locally without touching the network (local files, a local copy's own TSV, or the
+    `datasets` cache's split sizes); None when unknown or when a `where` filter makes the count depend on the
+    rows."""
     if spec.where:
         return None
     total = 0
@@ -236,7 +239,11 @@ def cached_item_count(spec: TaskSpec, data_dir: Optional[str] = None) -> Optiona
             continue
         for config in source.configs:
             for split in source.splits:
-                count = _cached_split_size(source.hub, config, split)
+                try:
+                    table = repo_files_table(source, config, split, data_dir)
+                except UserError:
+                    return None
+                count = len(table) if table is not None else _cached_split_size(source.hub, config, split)
                 if count is None:
                     return None
                 total += count

@@ -3,7 +3,8 @@
 Per source: the dataset (hub id or file), configs, splits and the revision (as pinned in the task YAML; for a local
 copy read with --data-dir, the revision the copy records).  `huggingface-cli download --local-dir` leaves one
 `.cache/huggingface/download/<file>.metadata` per file whose first line is the commit it was downloaded at; a copy
-made otherwise may say so in a `REVISION` file at its top.  A YAML revision that is a commit hash and a copy that
+made otherwise may say so in a `REVISION` file at its top.  A source read from the repo's own files (`files:`)
+lists the ones it read, relative to the copy.  A YAML revision that is a commit hash and a copy that
 records another commit is refused: that copy holds other questions.
 
 Per role, `items_hash` is SHA-256 over the sorted (item_id, prompt hash) pairs of the records actually asked (the
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Optional
 
 from ..errors import UserError
 from ..records import Record
+from .repo_files import locate
 from .spec import DataSource, TaskSpec
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -52,6 +54,10 @@ def source_provenance(spec: TaskSpec, source: DataSource, data_dir: Optional[str
                             f"{source.revision}; download the pinned revision (huggingface-cli download "
                             f"{source.hub} --repo-type dataset --revision {source.revision} --local-dir {local})")
         record.update(revision=recorded or "unrecorded", revision_from=f"local copy {local}")
+        read = [str(path.relative_to(local)) for config in source.configs for split in source.splits
+                for path in (locate(source.files, local, config, split) if source.files else None) or ()]
+        if read:  # the copy is read in the repo's own layout, not through `datasets`
+            record["files"] = read
     return record
 
 

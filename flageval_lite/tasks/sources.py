@@ -1,6 +1,7 @@
 """Opening a task's sources as parts (source × config × split): a hub dataset through `datasets` (pinned
-revision, offline cache, or a local copy under `<data_dir>/<hub id>/`) or a local file, with one-line errors
-naming what is missing and how to get it."""
+revision, offline cache, or a local copy under `<data_dir>/<hub id>/`), a local copy holding the repo's own TSV +
+archive where the source says how to read them (`files:`, repo_files.py; those win over `datasets` in the same
+copy), or a local file, with one-line errors naming what is missing and how to get it."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ from typing import Any, Iterator, Optional
 
 from ..errors import ConfigError, UserError
 from ..records import stable_hash
+from .repo_files import ArchiveTsvTable, locate
 from .spec import DataSource, TaskSpec
 from .tables import HFTable, JsonlTable, ListTable, ParquetTable, Table, TsvTable, first_line, plain_value
 
@@ -40,9 +42,14 @@ def _quiet_datasets() -> Iterator[None]:
 
 def _missing_hub_message(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> str:
     looked = f" (and {Path(data_dir) / source.hub} does not exist)" if data_dir else ""
+    include = ""
+    if source.files:  # the repo's own files, just those of the task's configs and splits
+        wanted = [str(p) for c in source.configs for s in source.splits for p in source.files.paths(Path(), c, s)]
+        include = " --include " + " ".join(f'"{p}"' for p in wanted)
     return (f"{spec.title}: dataset {source.hub} (revision {source.revision}) is not in the offline cache{looked}; "
             f"download it on a connected machine with `huggingface-cli download {source.hub} --repo-type dataset "
-            f"--local-dir DIR/{source.hub}` and pass --data-dir DIR (DIR containing {source.hub}/...)")
+            f"--revision {source.revision}{include} --local-dir DIR/{source.hub}` and pass --data-dir DIR "
+            f"(DIR containing {source.hub}/...)")
 
 
 def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: str, data_dir: Optional[str]) -> Any:
@@ -63,6 +70,37 @@ def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: 
         raise UserError(f"{where}: {first_line(exc)}") from None
     except RuntimeError as exc:  # `datasets` >= 4 refuses a revision that still holds a loading script
         raise UserError(f"{where}: {first_line(exc)}; use a copy of its parquet files (docs/tasks.md, Revisions)") from None
+
+
+def _local_copy(source: DataSource, data_dir: Optional[str]) -> Optional[Path]:
+    local = Path(data_dir) / source.hub if data_dir else None
+    return local if local is not None and local.is_dir() else None
+
+
+def repo_files_table(source: DataSource, config: Optional[str], split: str,
+                     data_dir: Optional[str]) -> Optional[ArchiveTsvTable]:
+    """The part read from the repo's own TSV + archive, when the source says how and its local copy holds them."""
+    local = _local_copy(source, data_dir)
+    if source.files is None or local is None:
+        return None
+    found = locate(source.files, local, config, split)
+    return ArchiveTsvTable(source.files, *found) if found else None
+
+
+def _hub_table(spec: TaskSpec, source: DataSource, config: Optional[str], split: str,
+               data_dir: Optional[str]) -> Table:
+    table = repo_files_table(source, config, split, data_dir)
+    if table is not None:
+        return table
+    local = _local_copy(source, data_dir)
+    try:
+        dataset = _load_hub(spec, source, config, split, data_dir)
+    except UserError as exc:
+        if source.files and local:  # neither layout there: say where the repo's own files were looked for
+            raise UserError(f"{exc} (nor does it hold {source.files.paths(local, config, split)[0]})") from None
+        raise
+    # relative media paths in a cell (Video-MME's video files) resolve inside a local copy of the repo
+    return HFTable(dataset, local)
 
 
 def _local_cache_dir(folder: Path) -> str:
@@ -130,10 +168,7 @@ def open_parts(spec: TaskSpec, data_dir: Optional[str] = None) -> list[Part]:
             continue
         for config in source.configs:
             for split in source.splits:
-                local = Path(data_dir) / source.hub if data_dir else None
-                # relative media paths in a cell (Video-MME's video files) resolve inside a local copy of the repo
-                table = HFTable(_load_hub(spec, source, config, split, data_dir),
-                                local if local and local.is_dir() else None)
+                table = _hub_table(spec, source, config, split, data_dir)
                 part = Part(_part_label(spec, source, config, split), source, config, split, table)
                 if spec.fewshot:
                     part.shots = _shots(spec, source, config, data_dir)
@@ -146,7 +181,7 @@ def _shots(spec: TaskSpec, source: DataSource, config: Optional[str], data_dir: 
     fewshot = spec.fewshot
     assert fewshot is not None
     groups: dict[Any, list[dict[str, Any]]] = {}
-    for row in HFTable(_load_hub(spec, source, config, fewshot.split, data_dir)).text_rows():
+    for row in _hub_table(spec, source, config, fewshot.split, data_dir).text_rows():
         if fewshot.by and fewshot.by not in row:
             raise ConfigError(spec.source, "fewshot.by", f"no column {fewshot.by!r} in split {fewshot.split!r}")
         bucket = groups.setdefault(row[fewshot.by] if fewshot.by else None, [])

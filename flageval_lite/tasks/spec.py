@@ -21,6 +21,7 @@ from ..records import REPEAT_AGGREGATES, GenParams
 from ..schema import build
 from . import templating
 from .media import AUDIO_PARTS
+from .repo_files import RepoFiles, parse_repo_files
 
 MODALITIES = ("text", "vision", "audio", "video", "audio-visual")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv-vlmeval"}
@@ -32,7 +33,7 @@ TASK_KEYS = {"name", "title", "description", "modality", "dataset", "id_field", 
              "compat", "suites", "decision", "repeats", "repeat_aggregate", "audios", "videos", "audio_part",
              "beyond_card"}
 REQUIRED_KEYS = ("name", "title", "modality", "dataset", "prompt", "gold", "scorer")
-SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag"}
+SOURCE_KEYS = {"hub", "revision", "config", "configs", "split", "splits", "path", "format", "tag", "files"}
 FEWSHOT_KEYS = {"split", "n", "by"}
 IMAGE_KEYS = {"pattern", "expr"}
 # `decision:` margins in points (null switches one off) and the error share before a row reads "incomplete".
@@ -56,6 +57,7 @@ class DataSource:
     path: str = ""
     format: str = ""
     tag: str = ""  # prefixes item ids and names the part; for several sources of one task (AIME 2024 + 2025)
+    files: Optional[RepoFiles] = None  # how a local copy holding the repo's own TSV + archive reads (repo_files.py)
 
     def describe(self) -> str:
         if self.path:
@@ -176,10 +178,11 @@ def _parse_source(path: Path, name: str, raw: Any) -> DataSource:
         if "split" not in raw and "splits" not in raw:
             raise ConfigError(path, f"{name}.split", "missing: which split to evaluate")
         splits = _str_list(path, f"{name}.splits", raw.get("splits", raw.get("split")))
-        return DataSource(hub=hub, revision=revision, configs=configs, splits=splits, tag=tag)
+        files = parse_repo_files(path, f"{name}.files", raw["files"]) if "files" in raw else None
+        return DataSource(hub=hub, revision=revision, configs=configs, splits=splits, tag=tag, files=files)
     file_path = _expect(path, f"{name}.path", raw["path"], str, "a file path")
-    if "config" in raw or "configs" in raw or "revision" in raw:
-        raise ConfigError(path, name, "config/revision apply to hub datasets only")
+    if {"config", "configs", "revision", "files"} & raw.keys():
+        raise ConfigError(path, name, "config/revision/files apply to hub datasets only")
     fmt = raw.get("format") or FORMATS.get(Path(file_path).suffix.lower())
     if fmt not in FORMATS.values():
         raise ConfigError(path, f"{name}.format", f"expected one of {', '.join(sorted(set(FORMATS.values())))}, "

@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -17,6 +18,14 @@ from ..errors import UserError
 
 # A VLMEvalKit image cell this short is the `index` of another row whose image it reuses.
 TSV_IMAGE_REF_MAX = 64
+
+
+@dataclass(frozen=True)
+class MissingMedia:
+    """A media cell whose data is not there (an archive without the row's member): building the item fails with
+    `reason`, which makes it a bad item rather than ending the task."""
+
+    reason: str
 
 
 class Table(abc.ABC):
