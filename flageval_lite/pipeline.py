@@ -211,6 +211,8 @@ class Pipeline:
         with RunLock(self.run_dir, self.run_id):
             store = Store(self.run_dir / "results.sqlite")
             try:
+                provenance.check_same_revisions((f"the stored run {self.run_id}", store.get_meta("provenance") or {}),
+                                                ("this rerun", self.provenance()), "start a new run id")
                 self.serve_and_ask(store)
                 self.score(store)
                 return self.report(store)

@@ -83,6 +83,7 @@ CASES = [
     Case("judge-unknown-key", "config", {"judge": {"base_url": "http://127.0.0.1:9/v1", "modle": "j"}},
          "run.yaml: judge.modle: unknown field"),
     Case("judge-retries-zero", "config", {"judge": {"max_retries": 0}}, "run.yaml: judge.max_retries:"),
+    Case("judge-runs-zero", "config", {"judge": {"runs": 0}}, "run.yaml: judge.runs: must be at least 1, got 0"),
     Case("judge-not-a-mapping", "config", {"judge": "http://127.0.0.1:9/v1"}, "run.yaml: judge:"),
     Case("judge-prompt-unknown", "config", {"judge": {"prompt": "gpt4"}}, "run.yaml: judge.prompt:"),
     Case("teacher-forced-top-k", "config", {"teacher_forced": {"top_k": 99}}, "run.yaml: teacher_forced.top_k:"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import yaml
 
 from flageval_lite.errors import UserError
 from flageval_lite.tasks import load_task
-from flageval_lite.tasks.provenance import COMMIT, items_hash, local_copy_revision, task_provenance
+from flageval_lite.tasks.provenance import (COMMIT, check_same_revisions, items_hash, local_copy_revision,
+                                           task_provenance)
 
 REPO = Path(__file__).resolve().parents[1]
 HUB = REPO / "tests/fixtures/hub"
@@ -64,7 +66,8 @@ def test_a_local_copy_of_another_commit_than_the_pinned_one_is_refused(tmp_path)
     assert task_provenance(pinned, str(tmp_path))[0]["revision"] == SHA_A
 
 
-# Hub sources no public file cites a commit of (docs/tasks.md, Revisions): they stay on `main` until pinned.
+# Hub sources no public file cites a commit of (docs/tasks.md, Revisions): they stay on `main` until pinned, and a
+# run of one records the commit it read.
 UNPINNED = {"m-a-p/CII-Bench", "lmms-lab/CMMMU", "MathLLMs/MathVision", "lmms-lab/mmau", "whyu/mm-vet-v2",
             "m-a-p/OmniBench"}
 
@@ -116,18 +119,18 @@ def write_task(folder: Path, questions: list[str]) -> Path:
     return path
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flageval_lite.cli", *args, "--runs-dir", str(tmp_path / "runs"),
                            "--reports-dir", str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
-def run(tmp_path: Path, run_id: str, task: Path, **fields) -> subprocess.CompletedProcess:
+def run(tmp_path: Path, run_id: str, task: Path, env=None, **fields) -> subprocess.CompletedProcess:
     stub = {"engine": "stub", "served_model_name": "stub", "warmup": False, "args": ["--answer-mode", "letter"]}
     config = tmp_path / f"{run_id}.yaml"
     config.write_text(yaml.safe_dump({"reference": {"name": "ref", **stub}, "candidate": {"name": "cand", **stub},
                                       "tasks": [str(task)], **fields}))
-    return cli(tmp_path, "run", "--config", str(config), "--run-id", run_id, "--quiet")
+    return cli(tmp_path, "run", "--config", str(config), "--run-id", run_id, "--quiet", env=env)
 
 
 QUESTIONS = [f"Question {k}: which letter?" for k in range(10)]
@@ -168,3 +171,125 @@ def test_a_resume_whose_data_changed_under_it_is_refused(tmp_path):
     assert resumed.stderr.strip().splitlines()[-1] == (
         "error: task plain: the run asked the reference 1 item(s) with different prompts (first: 'q3'); the data "
         "changed under a resumed run, start a new run id")
+
+
+# --------------------------------------------------------------------------- a branch resolved to the commit read
+
+HUB_ID = "flageval-test/TinyBench"
+SHA_C, SHA_D = "c" * 40, "d" * 40
+
+
+def write_hub_cache(cache: Path, commit: str, questions: list[str]) -> Path:
+    """The Arrow cache `datasets` leaves after loading HUB_ID's `test` split at `commit`, written by `datasets`
+    itself: `<org>___<name>/default/0.0.0/<commit>/` with its `dataset_info.json`.  The parquet builder refuses
+    local data files for a repo id, so the repo id and config id a hub load would give are set after it is made."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    rows = cache.parent / f"rows-{commit[:4]}.parquet"
+    pq.write_table(pa.table({"id": [f"q{k}" for k in range(len(questions))], "question": questions,
+                             "answer": ["A"] * len(questions)}), rows)
+    builder = Parquet(cache_dir=str(cache), dataset_name="tiny_bench", hash=commit, data_files={"test": str(rows)})
+    builder.repo_id, builder.config_id = HUB_ID, "default"
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+    return cache / "flageval-test___tiny_bench/default/0.0.0" / commit
+
+
+def write_hub_task(folder: Path, revision: str) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "title": "Tiny", "modality": "text",
+                                    "dataset": {"hub": HUB_ID, "revision": revision, "split": "test"},
+                                    "id_field": "id", "prompt": "{{ question }} Answer with A, B, C or D.",
+                                    "gold": "answer", "scorer": "choice"}))
+    return path
+
+
+@pytest.fixture
+def offline_cache(monkeypatch, tmp_path):
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_main_is_recorded_as_the_commit_datasets_read_from_the_offline_cache(offline_cache, tmp_path):
+    from flageval_lite.tasks import iter_items
+
+    write_hub_cache(offline_cache, SHA_C, QUESTIONS[:3])
+    spec = load_task(str(write_hub_task(tmp_path, "main")))
+    assert [item.item_id for item in iter_items(spec)] == ["q0", "q1", "q2"]  # the real loader reads the fixture
+    [record] = task_provenance(spec, None)
+    assert record == {"dataset": HUB_ID, "configs": [], "splits": ["test"], "revision": SHA_C,
+                      "revision_from": "main, as read by datasets"}
+
+
+def test_a_cache_that_names_no_commit_is_recorded_as_unresolved(offline_cache, tmp_path):
+    folder = write_hub_cache(offline_cache, SHA_C, QUESTIONS[:3])
+    folder.rename(folder.with_name("not-a-commit"))
+    [record] = task_provenance(load_task(str(write_hub_task(tmp_path, "main"))), None)
+    assert record["revision"] == "unresolved"
+    assert record["revision_from"] == "main: its datasets cache names no commit"
+
+
+def test_offline_a_pinned_source_whose_cache_holds_another_commit_is_refused(offline_cache, tmp_path):
+    """Offline, `datasets` reads the newest cached commit whatever revision is asked: that would be other data."""
+    from flageval_lite.tasks import iter_items
+
+    write_hub_cache(offline_cache, SHA_C, QUESTIONS[:3])
+    spec = load_task(str(write_hub_task(tmp_path, SHA_D)))
+    with pytest.raises(UserError) as info:
+        next(iter_items(spec))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"Tiny: dataset {HUB_ID} split 'test': the datasets cache holds commit {SHA_C}, but {spec.source} pins {SHA_D}")
+    assert f"--revision {SHA_D}" in message
+    write_hub_cache(offline_cache, SHA_D, QUESTIONS[:3])  # now the newest cached commit, and the pinned one
+    assert len(list(iter_items(spec))) == 3
+    assert task_provenance(spec, None)[0]["revision"] == SHA_D  # a pin is recorded as pinned, without a load
+
+
+def hub_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
+
+
+def test_runs_of_main_at_two_commits_are_not_compared_and_a_resume_at_another_is_refused(offline_cache, tmp_path):
+    task = write_hub_task(tmp_path, "main")
+    write_hub_cache(offline_cache, SHA_C, QUESTIONS)
+    assert run(tmp_path, "at_c", task, env=hub_env(tmp_path)).returncode in (0, 3)
+    manifest = json.loads((tmp_path / "runs/at_c/manifest.json").read_text())
+    assert manifest["provenance"]["tiny"]["sources"][0]["revision"] == SHA_C
+    assert f"- dataset revisions: {HUB_ID} @ {SHA_C}\n" in (tmp_path / "reports/at_c/report.md").read_text()
+
+    write_hub_cache(offline_cache, SHA_D, QUESTIONS)  # same rows, a newer commit: `main` moved
+    assert run(tmp_path, "at_d", task, env=hub_env(tmp_path)).returncode in (0, 3)
+    refused = cli(tmp_path, "compare", "at_c", "at_d", env=hub_env(tmp_path))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: task tiny: {HUB_ID} was read at revision {SHA_C} by at_c (reference) but {SHA_D} by at_d "
+        f"(candidate); compare runs of the same dataset commits")
+
+    resumed = run(tmp_path, "at_c", task, env=hub_env(tmp_path))
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"error: task tiny: {HUB_ID} was read at revision {SHA_C} by the stored run at_c but {SHA_D} by this "
+        f"rerun; start a new run id")
+
+
+def test_a_compare_with_an_unresolved_side_shows_both_revisions():
+    from flageval_lite.analysis.analyse import sides_provenance
+    from flageval_lite.report.facts import _revision_fact
+
+    source = {"dataset": HUB_ID, "configs": [], "splits": ["test"], "revision_from": "main, as read by datasets"}
+    side = {"items": {"reference": 3}, "items_hash": {"reference": "h"}}
+    merged = sides_provenance({"tiny": {**side, "sources": [{**source, "revision": SHA_C}]}},
+                              {"tiny": {**side, "sources": [{**source, "revision": "unresolved"}]}},
+                              "reference", "reference")
+    assert merged["tiny"]["sources"][0]["candidate_revision"] == "unresolved"
+    sources = {"tiny": merged["tiny"]["sources"]}
+    check_same_revisions(("a", sources), ("b", {"tiny": [{**source, "revision": "unresolved"}]}), "")  # not refused
+    assert _revision_fact({"provenance": merged}) == f"{HUB_ID} @ {SHA_C} (reference) / unresolved (candidate)"

@@ -124,6 +124,10 @@ def check_asked_alike(side_a: tuple[Store, str, str], side_b: tuple[Store, str, 
                       every_item: bool) -> None:
     """Refuse (UserError naming the task) to pair two sides that were asked different questions."""
     (store_a, run_a, role_a), (store_b, run_b, role_b) = side_a, side_b
+    if store_a is not store_b:  # the two roles of one run share its provenance
+        provenance.check_same_revisions((names[0], store_a.get_meta("provenance") or {}),
+                                        (names[1], store_b.get_meta("provenance") or {}),
+                                        "compare runs of the same dataset commits")
     for task in store_a.get_meta("task_specs", {}):
         provenance.check_same_items(task, (names[0], asked_items(store_a, run_a, role_a, task)),
                                     (names[1], asked_items(store_b, run_b, role_b, task)), every_item)
@@ -162,8 +166,18 @@ def error_kinds(store: Store, run_id: str) -> dict[tuple[str, str, str], int]:
 
 
 def sides_provenance(a: dict[str, Any], b: dict[str, Any], role_a: str, role_b: str) -> dict[str, Any]:
-    """Two runs' provenance as one, run A's side as the reference and run B's as the candidate."""
-    return {task: {"sources": row["sources"],
+    """Two runs' provenance as one, run A's side as the reference and run B's as the candidate; a source that run B
+    read at another revision (one not a commit, else the compare was refused) carries it as `candidate_revision`."""
+    revisions_b = provenance.source_revisions({task: row["sources"] for task, row in b.items()})
+
+    def sources(task: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for source in row["sources"]:
+            other = revisions_b.get((task, source.get("dataset", "")), source.get("revision", ""))
+            out.append(source if other == source.get("revision", "") else {**source, "candidate_revision": other})
+        return out
+
+    return {task: {"sources": sources(task, row),
                    "items": {"reference": row["items"][role_a], "candidate": b.get(task, {}).get("items", {}).get(role_b)},
                    "items_hash": {"reference": row["items_hash"][role_a],
                                   "candidate": b.get(task, {}).get("items_hash", {}).get(role_b)}}

@@ -61,6 +61,8 @@ class JudgeConfig:
     base_url: str = ""
     model: str = ""
     api_key: str = "EMPTY"
+    # Requests per judge call when the request itself fails (HTTP error, timeout): an infrastructure fault, never
+    # a score. A reply without a score is asked again by the prompt style's own rule (docs/scoring.md).
     max_retries: int = checked(3, low=1)
     timeout_s: float = checked(120.0, above=0)
     max_tokens: int = checked(256, low=1)
@@ -70,6 +72,8 @@ class JudgeConfig:
     prompt: str = checked("", choices=("own", "official", "flagevalmm"))
     source: str = ""
     prompt_file: str = ""
+    # Independent gradings per item (the official evaluator's --num_run), the score their mean
+    runs: int = checked(1, low=1)
 
 
 def _judge(value: dict[str, Any], source: str, where: str) -> dict[str, Any]:

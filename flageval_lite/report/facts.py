@@ -133,8 +133,27 @@ def run_facts(comparison: Comparison, manifest: Mapping[str, Any]) -> list[tuple
                                           f"({failure.get('base_url')}): {failure.get('error')}"))
     if config.get("compared"):
         facts.append(("stored runs compared", " vs ".join(map(str, config["compared"]))))
+    if revisions := _revision_fact(manifest):
+        facts.append(("dataset revisions", revisions))
     facts += _diagnosis_facts(manifest)
     return facts
+
+
+def revision_text(source: Mapping[str, Any]) -> str:
+    """A source's revision; both, when two compared runs read it at different ones."""
+    revision = str(source.get("revision", ""))
+    other = source.get("candidate_revision")
+    return f"{revision} (reference) / {other} (candidate)" if other is not None else revision
+
+
+def _revision_fact(manifest: Mapping[str, Any]) -> str:
+    """Each hub source once, at the revision the run read it (both when two compared runs differ)."""
+    seen: dict[str, str] = {}
+    for row in (manifest.get("provenance") or {}).values():
+        for source in row.get("sources") or ():
+            if "configs" in source:
+                seen.setdefault(str(source.get("dataset")), revision_text(source))
+    return "; ".join(f"{dataset} @ {revision}" for dataset, revision in seen.items())
 
 
 def _default_rule_text(comparison: Comparison) -> str:

@@ -10,7 +10,7 @@ from ..analysis.comparison import Comparison
 from ..records import ROLES
 from . import charts
 from .cells import Table, fmt_interval, fmt_number, fmt_p, fmt_percent, fmt_ratio, fmt_score, fmt_signed, fmt_small
-from .facts import side_label
+from .facts import revision_text, side_label
 
 PERF_ROWS = (  # (label, PerfSummary field, section of perf.perf_ratios)
     ("TTFT p50 (ms)", "ttft_ms_p50", "latency"),
@@ -137,14 +137,15 @@ def provenance_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Opt
         content = (next(iter(hashes))[:16] if len(hashes) == 1 else "differ") if hashes else ""
         for source in row.get("sources") or [{}]:
             rows.append([titles.get(task, task), source.get("dataset", ""), ", ".join(source.get("configs") or []),
-                         ", ".join(source.get("splits") or []), source.get("revision", ""),
+                         ", ".join(source.get("splits") or []), revision_text(source),
                          source.get("revision_from", ""), asked, content])
     return Table(
         title="Data provenance",
         headers=["task", "dataset", "configs", "splits", "revision", "revision from", "items asked (ref/cand)",
                  "content hash"],
         rows=rows,
-        note="Revision: as pinned in the task YAML, or the one a local copy (--data-dir) records.  Content hash: "
+        note="Revision: as pinned in the task YAML; for a branch (`main`) the commit datasets read, `unresolved` "
+             "when its cache names none; or the one a local copy (--data-dir) records.  Content hash: "
              "SHA-256 (first 16 hex digits; full in summary.json) over the sorted (item id, prompt hash) pairs asked; "
              "both sides, and two runs compared with `compare`, must agree or the comparison is refused.",
     )

@@ -150,11 +150,13 @@ def score_run(store: Store, run_id: str, judge_config: Optional[dict[str, Any]] 
 
 def judge_prompt_of(judge_config: dict[str, Any]) -> str:
     """Which MM-Vet judge prompt a run uses, for the manifest: an upstream evaluator's (file and content hash), the
-    user's prompt file (path and content hash) or our own wording (its version)."""
-    from .judge import resolve_prompt
+    user's prompt file (path and content hash) or our own wording (its version), its re-ask rule, and the runs."""
+    from .judge_prompts import resolve_prompt
 
-    return resolve_prompt(judge_config.get("prompt", ""), judge_config.get("source"),
-                          judge_config.get("prompt_file")).describe()
+    described = resolve_prompt(judge_config.get("prompt", ""), judge_config.get("source"),
+                               judge_config.get("prompt_file")).describe()
+    runs = judge_config.get("runs", 1)
+    return f"{described}; {runs} runs per item, scored by their mean" if runs > 1 else described
 
 
 def make_judge(judge_config: Optional[dict[str, Any]], store: Store) -> Any:

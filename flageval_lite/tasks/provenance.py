@@ -1,11 +1,13 @@
 """Where a task's items came from, and which items were asked: the run manifest's `provenance`.
 
-Per source: the dataset (hub id or file), configs, splits and the revision (as pinned in the task YAML; for a local
-copy read with --data-dir, the revision the copy records).  `huggingface-cli download --local-dir` leaves one
-`.cache/huggingface/download/<file>.metadata` per file whose first line is the commit it was downloaded at; a copy
-made otherwise may say so in a `REVISION` file at its top.  A source read from the repo's own files (`files:`)
-lists the ones it read, relative to the copy.  A YAML revision that is a commit hash and a copy that
-records another commit is refused: that copy holds other questions.
+Per source: the dataset (hub id or file), configs, splits and the revision: as pinned in the task YAML; for a
+source on a branch (`main`), the commit `datasets` actually read (sources.loaded_commit), or `unresolved` when
+its cache names none; for a local copy read with --data-dir, the revision the copy records.  `huggingface-cli
+download --local-dir` leaves one `.cache/huggingface/download/<file>.metadata` per file whose first line is the
+commit it was downloaded at; a copy made otherwise may say so in a `REVISION` file at its top.  A source read from
+the repo's own files (`files:`) lists the ones it read, relative to the copy.  A YAML revision that is a commit hash
+and a copy that records another commit is refused: that copy holds other questions.  So are a resume, and a compare
+of two runs, that read one source at two different commits.
 
 Per role, `items_hash` is SHA-256 over the sorted (item_id, prompt hash) pairs of the records actually asked (the
 first repeat), so two runs (or two sides of one run) asked the same questions exactly when their hashes agree.
@@ -13,7 +15,6 @@ first repeat), so two runs (or two sides of one run) asked the same questions ex
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -21,9 +22,10 @@ from typing import Any, Iterable, Optional
 from ..errors import UserError
 from ..records import Record
 from .repo_files import locate
+from .sources import COMMIT, hub_commits
 from .spec import DataSource, TaskSpec
 
-COMMIT = re.compile(r"[0-9a-f]{40}")
+UNRESOLVED = "unresolved"
 METADATA_DIR = Path(".cache/huggingface/download")
 
 
@@ -58,11 +60,43 @@ def source_provenance(spec: TaskSpec, source: DataSource, data_dir: Optional[str
                 for path in (locate(source.files, local, config, split) if source.files else None) or ()]
         if read:  # the copy is read in the repo's own layout, not through `datasets`
             record["files"] = read
+    elif not COMMIT.fullmatch(source.revision):
+        record.update(resolved_revision(spec, source, data_dir))
     return record
+
+
+def resolved_revision(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> dict[str, str]:
+    """A branch names no fixed data: the one commit `datasets` read every config and split at, else `unresolved`
+    and why."""
+    branch = source.revision or "main"
+    commits = sorted(set(hub_commits(spec, source, data_dir)))
+    if len(commits) == 1 and commits[0]:
+        return {"revision": commits[0], "revision_from": f"{branch}, as read by datasets"}
+    why = "its datasets cache names no commit" if "" in commits else f"parts read at {', '.join(commits)}"
+    return {"revision": UNRESOLVED, "revision_from": f"{branch}: {why}"}
 
 
 def task_provenance(spec: TaskSpec, data_dir: Optional[str]) -> list[dict[str, Any]]:
     return [source_provenance(spec, source, data_dir) for source in spec.sources]
+
+
+def source_revisions(provenance: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], str]:
+    """(task, hub id) -> the revision a run read it at (local files left out: items_hash covers them)."""
+    return {(task, source["dataset"]): source.get("revision", "") for task, sources in provenance.items()
+            for source in sources if "configs" in source}
+
+
+def check_same_revisions(side_a: tuple[str, dict[str, Any]], side_b: tuple[str, dict[str, Any]], ending: str) -> None:
+    """Two stored provenances (manifest `provenance` meta) that read one hub source at two different commits are
+    refused; a side whose revision is not a commit (`unresolved`, or `main` in a run stored before it was resolved)
+    cannot be told apart, and the report shows both."""
+    (name_a, a), (name_b, b) = side_a, side_b
+    revisions_b = source_revisions(b)
+    for (task, dataset), revision_a in source_revisions(a).items():
+        revision_b = revisions_b.get((task, dataset), "")
+        if COMMIT.fullmatch(revision_a) and COMMIT.fullmatch(revision_b) and revision_a != revision_b:
+            raise UserError(f"task {task}: {dataset} was read at revision {revision_a} by {name_a} but "
+                            f"{revision_b} by {name_b}; {ending}")
 
 
 def items_hash(pairs: Iterable[tuple[str, str]]) -> str:

@@ -1,10 +1,16 @@
 """Opening a task's sources as parts (source × config × split): a hub dataset through `datasets` (pinned
 revision, offline cache, or a local copy under `<data_dir>/<hub id>/`), a local copy holding the repo's own TSV +
 archive where the source says how to read them (`files:`, repo_files.py; those win over `datasets` in the same
-copy), or a local file, with one-line errors naming what is missing and how to get it."""
+copy), or a local file, with one-line errors naming what is missing and how to get it.
+
+`datasets` keeps a hub dataset's Arrow cache under `<org>___<name>/<config>/<version>/<commit>/`, online (the
+commit it resolved the revision to) and offline alike, so the cache files of a loaded split name the commit it was
+read at (`loaded_commit`).  Offline, `datasets` reads the newest cached commit whatever revision was asked, so a
+pinned source whose cache holds another commit is refused."""
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -14,6 +20,8 @@ from ..records import stable_hash
 from .repo_files import ArchiveTsvTable, locate
 from .spec import DataSource, TaskSpec
 from .tables import HFTable, JsonlTable, ListTable, ParquetTable, Table, TsvTable, first_line, plain_value
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -61,7 +69,7 @@ def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: 
     where = f"{spec.title}: dataset {target}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     try:
         with _quiet_datasets():
-            return datasets.load_dataset(target, config, split=split, revision=revision, cache_dir=cache_dir)
+            dataset = datasets.load_dataset(target, config, split=split, revision=revision, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError) as exc:
         if target == source.hub:
             raise UserError(_missing_hub_message(spec, source, data_dir)) from None
@@ -70,6 +78,33 @@ def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: 
         raise UserError(f"{where}: {first_line(exc)}") from None
     except RuntimeError as exc:  # `datasets` >= 4 refuses a revision that still holds a loading script
         raise UserError(f"{where}: {first_line(exc)}; use a copy of its parquet files (docs/tasks.md, Revisions)") from None
+    read = loaded_commit(dataset, source.hub) if target == source.hub else ""
+    if read and COMMIT.fullmatch(source.revision) and read != source.revision:
+        raise UserError(f"{where}: the datasets cache holds commit {read}, but {spec.source} pins {source.revision} "
+                        f"(offline, datasets reads the newest cached commit); download the pinned revision "
+                        f"(huggingface-cli download {source.hub} --repo-type dataset --revision {source.revision}) "
+                        f"and pass --data-dir, or load it once online")
+    return dataset
+
+
+def loaded_commit(dataset: Any, hub: str) -> str:
+    """The commit a split of `hub` was read at, from its cache files' folder (module doc); "" when they name none
+    (a dataset held in memory, a cache folder not keyed by a commit)."""
+    from datasets.naming import camelcase_to_snakecase
+
+    org, _, name = hub.rpartition("/")
+    folder_name = f"{org}___{camelcase_to_snakecase(name)}" if org else camelcase_to_snakecase(name)
+    for cache_file in getattr(dataset, "cache_files", None) or ():
+        folder = Path(cache_file["filename"]).parent
+        if COMMIT.fullmatch(folder.name) and folder.parents[2].name == folder_name:
+            return folder.name
+    return ""
+
+
+def hub_commits(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> list[str]:
+    """The commit each config × split of a hub source is read at ("" where it cannot be told)."""
+    return [loaded_commit(_load_hub(spec, source, config, split, data_dir), source.hub)
+            for config in source.configs for split in source.splits]
 
 
 def _local_copy(source: DataSource, data_dir: Optional[str]) -> Optional[Path]:
