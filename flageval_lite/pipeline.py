@@ -148,7 +148,8 @@ class Pipeline:
                             f"in the run config ({self.config.source})")
         if judged:
             judge_prompt_of(self.config.judge)  # an unreadable prompt source stops the run before any server starts
-        coded = [spec.title for spec in self.tasks if spec.scorer in ("livebench", "livebench_coding")]
+        coded = [spec.title for spec in self.tasks
+                 if spec.scorer in ("livebench", "livebench_coding", "livebench_bigcode")]
         if coded:  # scoring runs model-written code: a sandbox that cannot start here would error every such item
             from .scoring.sandbox import SandboxError, check_sandbox
             try:

@@ -214,6 +214,10 @@ ErrorKind = Literal["", "timeout", "connection", "http_4xx", "http_5xx", "rate_l
                     "wrong_model", "empty_choices", "bad_item"]
 # The error kind of an item whose data is at fault (Item.error at build time, a gold the scorer cannot read).
 BAD_ITEM = "bad_item"
+# ScoreResult.detail keys by which a scorer says that *it* failed, not the answer (judge unreachable, sandbox not
+# started, a library the benchmark's own scoring environment has missing from ours), and the error kind of each:
+# the Score's error reads "<kind>: <detail>".
+SCORER_FAULTS = {"judge_error": "judge", "sandbox_error": "sandbox", "environment_error": "environment"}
 
 
 @dataclass

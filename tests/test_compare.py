@@ -257,6 +257,21 @@ def test_livebench_headline_is_mean_of_category_means_of_task_means():
     assert sum(livebench_weights([g for g, _ in groups_values_ref])) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("errors_as_zero", [False, True])
+def test_livebench_row_names_the_tasks_it_could_not_score(errors_as_zero):
+    """A release with agentic_coding: every such item is a scorer error, so the headline is not LiveBench's."""
+    cells = ["coding/code_generation", "coding/code_generation", "coding/agentic_coding", "math/amps", "math/amps"]
+    ref = [score("reference", f"i{k}", 0.0 if "agentic" in g else 1.0, outcome="error" if "agentic" in g else None,
+                 group=g) for k, g in enumerate(cells)]
+    tc = compare_task("t", "LiveBench", ref, identical(ref, "candidate"), metric="livebench",
+                      errors_as_zero=errors_as_zero)
+    assert tc.unscored_groups == ["coding/agentic_coding"]
+    assert any("without coding/agentic_coding" in w and "not LiveBench's average" in w for w in tc.warnings)
+    complete = [s for s in ref if "agentic" not in s.group]
+    assert compare_task("t", "LiveBench", complete, identical(complete, "candidate"),
+                        metric="livebench").unscored_groups == []
+
+
 # --------------------------------------------------------------------------- drill-down and bad input
 
 

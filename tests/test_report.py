@@ -237,6 +237,21 @@ def test_a_macro_row_shows_micro_beside_it_in_its_group_table(tmp_path):
     assert summary["comparison"]["tasks"][0]["micro"] == pytest.approx(row.micro)
 
 
+def test_a_livebench_row_with_an_unscored_task_says_it_is_not_the_official_average(tmp_path):
+    ref, cand = _scores("livebench", 12, groups=("coding/code_generation", "math/AMPS_Hard", "coding/agentic_coding"))
+    for side in (ref, cand):
+        for s in side:
+            if s.group == "coding/agentic_coding":  # refused by the scorer: an error of that item on both sides
+                s.value, s.outcome, s.error = 0.0, "error", "bad_item: livebench scorer: task agentic_coding needs ..."
+    comparison = compare_run([{"task": "livebench", "title": "LiveBench", "metric": "livebench", "reference": ref,
+                               "candidate": cand}], margin=1.0, release_gate=5.0)
+    md = render_report(comparison, {"run_id": "r", "config": {}}, tmp_path)["md"].read_text()
+    assert "Not LiveBench's official average: coding/agentic_coding went unscored" in md
+    assert "LiveBench: headline without coding/agentic_coding" in md  # among the run's warnings too
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["comparison"]["tasks"][0]["unscored_groups"] == ["coding/agentic_coding"]
+
+
 def test_a_server_that_is_not_row_invariant_is_flagged(tmp_path):
     """The warning a server's /version carries (here a real stub reporting the embedded server's batching block)
     goes through the lifecycle's evidence into report.md, report.html and summary.json."""

@@ -89,6 +89,16 @@ def test_host_files_are_not_visible():
     assert out == "False False False\n"
 
 
+def test_libraries_of_the_harness_environment_are_importable_only_when_asked_for():
+    """numpy is installed in the harness's environment (not in Debian's /usr): it loads, read-only, with
+    `libraries`; without, the sandbox has the standard library only."""
+    probe = "import importlib.util as u; print(u.find_spec('numpy') is not None)"
+    assert run(probe) == "False\n"
+    finished = run_python("import numpy, os; print(float(numpy.arange(4).sum()), "
+                          "os.access(os.path.dirname(numpy.__file__), os.W_OK))", b"", libraries=True)
+    assert finished.stdout.decode() == "6.0 False\n", finished.stderr.decode()
+
+
 def test_memory_hog_is_refused():
     out = run("""
 try:

@@ -169,6 +169,7 @@ def test_get_scorer_unknown_name_lists_the_known_ones():
 def test_registry_and_argument_validation():
     assert set(SCORERS) == {
         "choice", "mmmu", "cmmmu", "ocrbench", "mathvision", "aime", "gpqa", "mmlu", "musr", "livebench", "livebench_coding",
+        "livebench_bigcode",
         "mmvet_judge", "exact_integer", "wer", "cer",
     }
     assert all("compat" in scorer_args(name) for name in SCORERS)

@@ -111,8 +111,10 @@ def test_livebench(meta, gold, reply, extracted, value, parsed):
 @pytest.mark.parametrize(
     "meta,message",
     [
-        ({"task": "code_generation", "category": "coding"}, "only LCB_generation and coding_completion"),
-        ({"task": "agentic_coding"}, "only LCB_generation and coding_completion"),
+        ({"task": "code_generation", "category": "coding"}, "no unittest `TestCases`"),
+        ({"task": "agentic_coding"}, "needs Docker, the mini-SWE-agent images and network access"),
+        ({"task": "python", "category": "agentic_coding_v2"}, "task python \\(agentic coding\\) needs Docker"),
+        ({"task": "code_review", "category": "coding"}, "not one LiveBench scores"),
         ({"task": "story_generation", "category": "instruction_following"}, "IFEval"),
         ({"task": "zebra_puzzle"}, "livebench_release_date"),
         ({"task": "math_comp", "subtask": "amc_12a_2023"}, "question_text"),

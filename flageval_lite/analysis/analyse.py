@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Iterator, Optional
 
-from ..records import AA_ROLE, BAD_ITEM, ENDPOINTS_META, PERF_TASK_PREFIX, ROLES, Record
+from ..records import AA_ROLE, BAD_ITEM, ENDPOINTS_META, PERF_TASK_PREFIX, ROLES, SCORER_FAULTS, Record
 from ..runner.store import Store, StoredItems
 from ..runner.teacher_forced import META_KEY
 from ..tasks import provenance
@@ -153,11 +153,14 @@ def analyse(store: Store, run_id: str) -> Any:
 
 def error_kinds(store: Store, run_id: str) -> dict[tuple[str, str, str], int]:
     """(role, task, error kind) -> records that failed for good; `bad_item` counts items instead, those the runner
-    stored as such and those whose gold the scorer could not read (their records are answers)."""
+    stored as such and those whose gold the scorer could not read (their records are answers), and so do the
+    scorer's own faults (`judge`, `sandbox`, `environment`: answers it could not score)."""
     counts = {key: n for key, n in store.error_counts(run_id).items() if key[2] != BAD_ITEM}
+    score_kinds = (BAD_ITEM, *SCORER_FAULTS.values())
     for score in store.scores(run_id):
-        if score.error.startswith(BAD_ITEM + ":"):
-            key = (score.role, score.task, BAD_ITEM)
+        kind = score.error.partition(":")[0] if score.outcome == "error" else ""
+        if kind in score_kinds:
+            key = (score.role, score.task, kind)
             counts[key] = counts.get(key, 0) + 1
     return counts
 

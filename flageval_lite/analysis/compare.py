@@ -70,6 +70,9 @@ class PairedTaskComparison(TaskComparison):
     lower_is_better: bool = False
     # A `macro` row's micro accuracy (plain mean over the paired items), points: {reference, candidate, delta}
     micro: dict[str, float] = field(default_factory=dict)
+    # A `livebench` row's "category/task" cells with no item scored on both sides (agentic_coding, refused): the
+    # headline is then not LiveBench's average over all its tasks
+    unscored_groups: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -118,6 +121,15 @@ def _statistic_values(values: Sequence[float], groups: Sequence[str], metric: st
     n = len(values)
     weights = livebench_weights(groups) if metric == "livebench" else macro_weights(groups)
     return [float(Fraction(v) * n * w) for v, w in zip(values, weights)]
+
+
+def unscored_cells(pairs: Sequence[Pair], ref_all: Mapping[str, Score], cand_all: Mapping[str, Score]) -> list[str]:
+    """Groups of the task's items of which no pair was scored without an error on both sides: the headline leaves
+    them out (or, with errors_as_zero, counts them 0)."""
+    every = {s.group for s in (*ref_all.values(), *cand_all.values()) if s.group}
+    scored = {p.reference.group or p.candidate.group for p in pairs
+              if "error" not in (p.reference.outcome, p.candidate.outcome)}
+    return sorted(every - scored)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -199,6 +211,10 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
     if only_ref or only_cand:
         warnings.append(f"{len(only_ref)} item(s) scored on the reference only and {len(only_cand)} on the "
                         f"candidate only were left out of the paired statistics")
+    unscored = unscored_cells(pairs, ref_all, cand_all) if metric == "livebench" else []
+    if unscored:
+        warnings.append(f"headline without {', '.join(unscored)} (no item scored on both sides): not LiveBench's "
+                        "average over all the release's tasks")
     excluded_errors = 0
     if not errors_as_zero:
         kept = [p for p in pairs if "error" not in (p.reference.outcome, p.candidate.outcome)]
@@ -241,6 +257,7 @@ def compare_task(task: str, title: str, ref_scores: Iterable[Score], cand_scores
         warnings=warnings,
         paired_items=frozenset(p.item_id for p in pairs),
         differing_outputs=differing,
+        unscored_groups=unscored,
     )
     row.plan = plan.plan_row(row)
     return row

@@ -378,7 +378,8 @@ def _noise_test_cell(test: Mapping[str, Any]) -> str:
 def group_tables(comparison: Comparison) -> list[Table]:
     out = []
     for t in comparison.tasks:
-        if len(t.groups) < 2:
+        unscored = getattr(t, "unscored_groups", None)  # a LiveBench release with tasks we cannot score
+        if len(t.groups) < 2 and not unscored:
             continue
         rows = [[name, str(int(g["n"])), fmt_number(g["reference"]), fmt_number(g["candidate"]), fmt_signed(g["delta"]),
                  f"{int(g['flips_ref_only'])}/{int(g['flips_cand_only'])}"] for name, g in t.groups.items()]
@@ -387,6 +388,9 @@ def group_tables(comparison: Comparison) -> list[Table]:
             note = (f"Headline: macro average, the mean of these {len(t.groups)} group scores.  Micro (mean over all "
                     f"{t.n} items): {fmt_number(t.micro['reference'])} vs {fmt_number(t.micro['candidate'])}, "
                     f"Δ {fmt_signed(t.micro['delta'])}.")
+        if unscored:
+            note = (f"Not LiveBench's official average: {', '.join(unscored)} went unscored (no item scored on both "
+                    "sides) and is left out of the headline.")
         out.append(Table(title=f"{t.title} by group", headers=["group", "n", "reference", "candidate", "Δ",
                                                                 "flips (−/+)"], rows=rows, note=note))
     return out

@@ -17,6 +17,7 @@ from .common import strip_reasoning
 from .integer import aime, exact_integer
 from .judge import JudgeClient, JudgeError, mmvet_judge
 from .livebench import livebench
+from .livebench_bigcode import livebench_bigcode
 from .livebench_coding import livebench_coding
 from .mathvision import mathvision
 from .mmmu import mmmu
@@ -37,6 +38,7 @@ SCORERS: dict[str, Scorer] = {
     "musr": musr,
     "livebench": livebench,
     "livebench_coding": livebench_coding,
+    "livebench_bigcode": livebench_bigcode,
     "mmvet_judge": mmvet_judge,
     "exact_integer": exact_integer,
     "wer": wer,

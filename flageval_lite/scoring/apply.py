@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from ..errors import UserError
 from ..interop.lmeval import SCORER as LMEVAL_SCORER
-from ..records import BAD_ITEM, REPEAT_AGGREGATES, Record, Score, ScoreResult, stable_hash
+from ..records import BAD_ITEM, REPEAT_AGGREGATES, SCORER_FAULTS, Record, Score, ScoreResult, stable_hash
 from ..runner.store import Store
 from . import get_scorer, strip_reasoning
 
@@ -30,10 +30,6 @@ def _gold_text(gold: Any) -> str:
     if isinstance(gold, (list, tuple)):
         return " | ".join(str(g) for g in gold)
     return "" if gold is None else str(gold)
-
-
-# detail keys by which a scorer reports that *it* failed (judge unreachable, sandbox not started), not the answer
-SCORER_FAULTS = {"judge_error": "judge", "sandbox_error": "sandbox"}
 
 
 def _scorer_fault(result: ScoreResult) -> str:

@@ -4,9 +4,9 @@ Every task keeps LiveBench's extraction order and partial credit.  Departures (d
 are stripped of reasoning and surrounding whitespace first; sympy equivalence (AMPS_Hard,
 integrals_with_game) goes through our safe parser, and where LiveBench would ask an OpenAI model to break
 a tie we score 0 and say so in the detail; instruction following (IFEval-style releases) is scored by
-`livebench_if`; LCB_generation and coding_completion run their tests in a sandbox (`livebench_coding`);
-the other coding tasks (code_generation/code_completion, agentic_coding) and IFBench-style instruction
-following are refused.
+`livebench_if`; LCB_generation and coding_completion run their tests in a sandbox (`livebench_coding`), and so
+do code_generation and code_completion, as unittest suites (`livebench_bigcode`); agentic_coding and
+IFBench-style instruction following are refused, item by item.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..records import ScoreResult
 from . import livebench_if, livebench_tables as tables
 from .common import UNPARSED, answer_text
+from .livebench_bigcode import livebench_bigcode
 from .livebench_coding import livebench_coding
 from .livebench_common import Outcome
 from .livebench_language import connections, connections_before_2024_11_25, plot_unscrambling, typos
@@ -25,8 +26,11 @@ from .livebench_reasoning import (house_traversal, logic_with_navigation, spatia
                                   web_of_lies_v2, web_of_lies_v3, zebra_puzzle, zebra_puzzle_before_2024_11_25)
 
 IFBENCH_RELEASE = "2025-11-25"  # instruction following switched from IFEval- to IFBench-style checkers
-CODING_TASKS = {"LCB_generation", "coding_completion", "code_generation", "code_completion", "agentic_coding"}
 SANDBOXED_CODING_TASKS = {"LCB_generation", "coding_completion"}  # LiveCodeBench-style tests we can run
+UNITTEST_CODING_TASKS = {"code_generation", "code_completion"}  # BigCodeBench-style suites (releases >= 2025-04-25)
+AGENTIC_CATEGORIES = {"agentic_coding", "agentic_coding_v2"}  # LiveBench's AGENTIC_CODING_CATEGORIES (2025-05-30 on)
+AGENTIC_REFUSAL = ("needs Docker, the mini-SWE-agent images and network access to run the repository's tests, "
+                   "which we do not run")
 
 
 def _release_date(meta: dict, task: str, why: str = "its scorer changed over releases") -> str:
@@ -86,8 +90,8 @@ def _if_instructions(task: str, meta: dict) -> list[tuple[str, dict]]:
 
 
 def livebench(response: str, gold: Any, meta: dict, compat: bool = False) -> ScoreResult:
-    """Dispatch on meta["category"]/meta["task"]/meta["subtask"]; refuses the coding tasks we cannot run and
-    IFBench-style questions."""
+    """Dispatch on meta["category"]/meta["task"]/meta["subtask"]; refuses agentic_coding and IFBench-style
+    questions (a UserError: the scoring stage makes it that item's error)."""
     task = str(meta.get("task") or "")
     if not task:
         raise UserError("livebench scorer: meta has no 'task'")
@@ -95,9 +99,13 @@ def livebench(response: str, gold: Any, meta: dict, compat: bool = False) -> Sco
     category = str(meta.get("category") or "")
     if task in SANDBOXED_CODING_TASKS:
         return livebench_coding(response, gold, meta)
-    if category == "coding" or task in CODING_TASKS or subtask in CODING_TASKS:
-        raise UserError(f"livebench scorer: task {task} (coding) needs BigCodeBench tests or Docker, which we do not "
-                        "run; only LCB_generation and coding_completion are scored")
+    if task in UNITTEST_CODING_TASKS:
+        return livebench_bigcode(response, gold, meta)
+    if category in AGENTIC_CATEGORIES or "agentic_coding" in (task, subtask):
+        raise UserError(f"livebench scorer: task {task} (agentic coding) {AGENTIC_REFUSAL}")
+    if category == "coding":
+        raise UserError(f"livebench scorer: coding task {task!r} is not one LiveBench scores (LCB_generation, "
+                        "coding_completion, code_generation, code_completion, agentic_coding)")
     # Bad rows fail whatever the reply, so both checks come before the empty-reply shortcut.
     if category == "instruction_following":
         instructions = _if_instructions(task, meta)

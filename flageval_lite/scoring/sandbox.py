@@ -18,6 +18,7 @@ import resource
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -84,15 +85,18 @@ def _system_mounts() -> list[str]:
     return args
 
 
-def _reachable_by_others(path: str) -> bool:
-    """Every directory above `path` can be searched, and the file read, by a user who owns none of them."""
+def _reachable_by_others(path: str, directory: bool = False) -> bool:
+    """Every directory above `path` can be searched, and the file read (the directory listed and searched), by a
+    user who owns none of them."""
     parts = Path(path).parents
-    return all(os.stat(p).st_mode & 0o001 for p in parts) and bool(os.stat(path).st_mode & 0o004)
+    need = 0o005 if directory else 0o004
+    return all(os.stat(p).st_mode & 0o001 for p in parts) and os.stat(path).st_mode & need == need
 
 
 def sandbox_python() -> tuple[str, str]:
     """(interpreter, prefix to mount): this harness's Python, or where the sandbox user (uid 65534 when we run
-    as root) cannot reach it, Debian's /usr/bin/python3.  The sandbox offers the standard library only."""
+    as root) cannot reach it, Debian's /usr/bin/python3.  The sandbox offers the standard library, and with
+    `libraries` the harness's site-packages (library_paths)."""
     interpreter, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
     if os.geteuid() != 0 or _reachable_by_others(interpreter):
         return interpreter, prefix
@@ -101,6 +105,17 @@ def sandbox_python() -> tuple[str, str]:
         return system, "/usr"
     raise SandboxError(f"no Python the sandbox user (uid {NOBODY}) can run: {interpreter} is not reachable and "
                        "/usr/bin/python3 is missing")
+
+
+def library_paths(interpreter: str) -> list[str]:
+    """The harness environment's site-packages, for programs that import third-party libraries (numpy, pandas,
+    ...): those the sandbox user can read, and only when the sandbox's interpreter is this Python or the same
+    minor version (the libraries' compiled extensions must load in it)."""
+    ours = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if interpreter != os.path.realpath(sys.executable) and os.path.basename(interpreter) != ours:
+        return []
+    paths = [os.path.realpath(p) for p in site.getsitepackages() if os.path.isdir(p)]
+    return [p for p in dict.fromkeys(paths) if os.geteuid() != 0 or _reachable_by_others(p, directory=True)]
 
 
 def _limit_and_drop(limits: Limits):
@@ -116,12 +131,14 @@ def _limit_and_drop(limits: Limits):
     return preexec
 
 
-def run_python(script: str, stdin: bytes, limits: Limits = Limits()) -> Finished:
-    """Run `script` (Python source) in the sandbox with `stdin` as its standard input."""
+def run_python(script: str, stdin: bytes, limits: Limits = Limits(), libraries: bool = False) -> Finished:
+    """Run `script` (Python source) in the sandbox with `stdin` as its standard input; with `libraries`, the
+    harness environment's site-packages are mounted read-only and importable too."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise SandboxError("bubblewrap (bwrap) is not installed; `apt-get install bubblewrap` to score code")
     interpreter, prefix = sandbox_python()
+    extra = library_paths(interpreter) if libraries else []
     with tempfile.TemporaryDirectory(prefix="flageval-sandbox-") as host_dir:
         host = Path(host_dir)
         (host / "script.py").write_text(script, encoding="utf-8")
@@ -133,6 +150,7 @@ def run_python(script: str, stdin: bytes, limits: Limits = Limits()) -> Finished
                    "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
                    "--setenv", "HOME", SANDBOX_DIR, "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
                    *_system_mounts(), *([] if prefix == "/usr" else ["--ro-bind", prefix, prefix]),
+                   *[arg for path in extra for arg in ("--ro-bind", path, path)],
                    "--ro-bind-data", str(script_fd), SCRIPT_PATH,
                    "--proc", "/proc", "--dev", "/dev",
                    "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
@@ -142,6 +160,9 @@ def run_python(script: str, stdin: bytes, limits: Limits = Limits()) -> Finished
                    interpreter, "-I", "-c",
                    f"import sys; sys.stdout.buffer.write({READY!r}); sys.stdout.flush(); "
                    f"sys.argv = [{SCRIPT_PATH!r}]; "
+                   # ahead of the interpreter's own site-/dist-packages: the harness's versions of a library win
+                   f"sys.path[next((i for i, p in enumerate(sys.path) if p.endswith('-packages')), len(sys.path)):0]"
+                   f" = {extra!r}; "
                    f"exec(compile(open({SCRIPT_PATH!r}).read(), {SCRIPT_PATH!r}, 'exec'))"]
         start = time.monotonic()
         try:
