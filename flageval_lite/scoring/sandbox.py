@@ -30,6 +30,7 @@ from typing import Optional
 NOBODY = 65534
 SANDBOX_DIR = "/sandbox"
 SCRIPT_PATH = "/sandbox_script.py"
+LIBRARIES_DIR = "/sandbox_libraries"  # the harness's site-packages, read-only, with `libraries`
 # The sandbox writes this line first; a run that never printed it did not start (a sandbox fault).
 READY = b"flageval-sandbox-ready\n"
 
@@ -139,6 +140,8 @@ def run_python(script: str, stdin: bytes, limits: Limits = Limits(), libraries: 
         raise SandboxError("bubblewrap (bwrap) is not installed; `apt-get install bubblewrap` to score code")
     interpreter, prefix = sandbox_python()
     extra = library_paths(interpreter) if libraries else []
+    # Mounted at fixed places of their own: a venv under /tmp would be hidden by the sandbox's fresh /tmp.
+    mounted = [f"{LIBRARIES_DIR}/{index}" for index in range(len(extra))]
     with tempfile.TemporaryDirectory(prefix="flageval-sandbox-") as host_dir:
         host = Path(host_dir)
         (host / "script.py").write_text(script, encoding="utf-8")
@@ -149,11 +152,12 @@ def run_python(script: str, stdin: bytes, limits: Limits = Limits(), libraries: 
         command = [bwrap, "--info-fd", str(info_fd),
                    "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
                    "--setenv", "HOME", SANDBOX_DIR, "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+                   # /tmp first: an interpreter installed under /tmp is then bound on top of it, not hidden
+                   "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
                    *_system_mounts(), *([] if prefix == "/usr" else ["--ro-bind", prefix, prefix]),
-                   *[arg for path in extra for arg in ("--ro-bind", path, path)],
+                   *[arg for path, target in zip(extra, mounted) for arg in ("--ro-bind", path, target)],
                    "--ro-bind-data", str(script_fd), SCRIPT_PATH,
                    "--proc", "/proc", "--dev", "/dev",
-                   "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
                    "--size", str(limits.tmpfs_bytes), "--tmpfs", SANDBOX_DIR, "--chdir", SANDBOX_DIR,
                    "--remount-ro", "/",  # bwrap's own root (where /etc, /sandbox_script.py live) read-only too
                    "--uid", str(NOBODY), "--gid", str(NOBODY),
@@ -162,7 +166,7 @@ def run_python(script: str, stdin: bytes, limits: Limits = Limits(), libraries: 
                    f"sys.argv = [{SCRIPT_PATH!r}]; "
                    # ahead of the interpreter's own site-/dist-packages: the harness's versions of a library win
                    f"sys.path[next((i for i, p in enumerate(sys.path) if p.endswith('-packages')), len(sys.path)):0]"
-                   f" = {extra!r}; "
+                   f" = {mounted!r}; "
                    f"exec(compile(open({SCRIPT_PATH!r}).read(), {SCRIPT_PATH!r}, 'exec'))"]
         start = time.monotonic()
         try:
