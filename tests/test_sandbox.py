@@ -1,6 +1,8 @@
 """scoring/sandbox.py with real bubblewrap sandboxes: what the sandboxed code can and cannot reach."""
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +50,9 @@ def test_loopback_server_on_the_host_is_unreachable():
     port = server.getsockname()[1]
     try:
         out = run(f"""
+import shutil
 import socket
+import tempfile
 for host in ("127.0.0.1", "1.1.1.1"):
     try:
         socket.create_connection((host, {port}), timeout=2)
@@ -97,6 +101,24 @@ def test_libraries_of_the_harness_environment_are_importable_only_when_asked_for
     finished = run_python("import numpy, os; print(float(numpy.arange(4).sum()), "
                           "os.access(os.path.dirname(numpy.__file__), os.W_OK))", b"", libraries=True)
     assert finished.stdout.decode() == "6.0 False\n", finished.stderr.decode()
+
+
+def test_a_harness_environment_under_tmp_stays_importable(monkeypatch):
+    """The sandbox's /tmp is a fresh tmpfs: site-packages of a checkout under /tmp (as CI's may be) must still be
+    seen, so they are mounted at places of their own."""
+    import site
+
+    folder = Path(tempfile.mkdtemp(prefix="flageval-site-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        (folder / "probe_module_under_tmp.py").write_text("VALUE = 42\n")
+        (folder / "probe_module_under_tmp.py").chmod(0o644)
+        real = site.getsitepackages()
+        monkeypatch.setattr(site, "getsitepackages", lambda: [*real, str(folder)])
+        finished = run_python("import probe_module_under_tmp as m; print(m.VALUE)", b"", libraries=True)
+        assert finished.stdout.decode() == "42\n", finished.stderr.decode()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_memory_hog_is_refused():
