@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 from ..errors import UserError
 from ..records import Record
 from .repo_files import locate
-from .sources import COMMIT, hub_commits
+from .sources import COMMIT, hub_commits, local_copy
 from .spec import DataSource, TaskSpec
 
 UNRESOLVED = "unresolved"
@@ -48,8 +48,8 @@ def source_provenance(spec: TaskSpec, source: DataSource, data_dir: Optional[str
         return {"dataset": source.path, "format": source.format, "revision": "", "revision_from": "local file"}
     record = {"dataset": source.hub, "configs": [c for c in source.configs if c is not None],
               "splits": list(source.splits), "revision": source.revision, "revision_from": "task yaml"}
-    local = Path(data_dir) / source.hub if data_dir else None
-    if local is not None and local.is_dir():
+    local = local_copy(source, data_dir)
+    if local is not None:
         recorded = local_copy_revision(local)
         if COMMIT.fullmatch(source.revision) and COMMIT.fullmatch(recorded) and recorded != source.revision:
             raise UserError(f"{spec.title}: local copy {local} records revision {recorded}, but {spec.source} pins "

@@ -63,9 +63,9 @@ def _missing_hub_message(spec: TaskSpec, source: DataSource, data_dir: Optional[
 def _load_hub(spec: TaskSpec, source: DataSource, config: Optional[str], split: str, data_dir: Optional[str]) -> Any:
     import datasets
 
-    local = Path(data_dir) / source.hub if data_dir else None
-    target, revision = (str(local), None) if local and local.is_dir() else (source.hub, source.revision or None)
-    cache_dir = _local_cache_dir(local) if target != source.hub else None  # type: ignore[arg-type]
+    local = local_copy(source, data_dir)
+    target, revision = (str(local), None) if local else (source.hub, source.revision or None)
+    cache_dir = _local_cache_dir(local) if local else None
     where = f"{spec.title}: dataset {target}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     try:
         with _quiet_datasets():
@@ -107,7 +107,8 @@ def hub_commits(spec: TaskSpec, source: DataSource, data_dir: Optional[str]) -> 
             for config in source.configs for split in source.splits]
 
 
-def _local_copy(source: DataSource, data_dir: Optional[str]) -> Optional[Path]:
+def local_copy(source: DataSource, data_dir: Optional[str]) -> Optional[Path]:
+    """`<data_dir>/<hub id>/` when that folder exists: the local copy read instead of the hub."""
     local = Path(data_dir) / source.hub if data_dir else None
     return local if local is not None and local.is_dir() else None
 
@@ -115,7 +116,7 @@ def _local_copy(source: DataSource, data_dir: Optional[str]) -> Optional[Path]:
 def repo_files_table(source: DataSource, config: Optional[str], split: str,
                      data_dir: Optional[str]) -> Optional[ArchiveTsvTable]:
     """The part read from the repo's own TSV + archive, when the source says how and its local copy holds them."""
-    local = _local_copy(source, data_dir)
+    local = local_copy(source, data_dir)
     if source.files is None or local is None:
         return None
     found = locate(source.files, local, config, split)
@@ -127,7 +128,7 @@ def _hub_table(spec: TaskSpec, source: DataSource, config: Optional[str], split:
     table = repo_files_table(source, config, split, data_dir)
     if table is not None:
         return table
-    local = _local_copy(source, data_dir)
+    local = local_copy(source, data_dir)
     try:
         dataset = _load_hub(spec, source, config, split, data_dir)
     except UserError as exc:
