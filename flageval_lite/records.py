@@ -218,6 +218,8 @@ BAD_ITEM = "bad_item"
 # started, a library the benchmark's own scoring environment has missing from ours), and the error kind of each:
 # the Score's error reads "<kind>: <detail>".
 SCORER_FAULTS = {"judge_error": "judge", "sandbox_error": "sandbox", "environment_error": "environment"}
+# What the report counts of an LLM judge's work per side and task (scoring/judge.py tally_judging).
+JUDGING_COUNTS = ("graded", "runs", "reasked", "gave_up", "faults", "no_verdict")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Optional
 from ..analysis import plan
 from ..analysis.compare import PairedTaskComparison
 from ..analysis.comparison import Comparison
-from ..records import ROLES
+from ..records import JUDGING_COUNTS, ROLES
 from . import charts
 from .cells import Table, fmt_interval, fmt_number, fmt_p, fmt_percent, fmt_ratio, fmt_score, fmt_signed, fmt_small
 from .facts import revision_text, side_label
@@ -184,7 +184,7 @@ def judging_table(comparison: Comparison, manifest: Mapping[str, Any]) -> Option
     """What the LLM judge did per side and judged task (manifest `judging`), when a task was judged."""
     judging = manifest.get("judging") or {}
     rows = _side_task_rows(comparison, manifest, judging, lambda row: [
-        str(row[name]) for name in ("graded", "runs", "reasked", "gave_up", "faults", "no_verdict")])
+        str(row[name]) for name in JUDGING_COUNTS])
     if not rows:
         return None
     return Table(

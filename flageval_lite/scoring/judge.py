@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import openai
 
 from ..errors import UserError
-from ..records import ScoreResult
+from ..records import JUDGING_COUNTS, ScoreResult
 from .common import UNPARSED, answer_text
 from .judge_prompts import resolve_prompt
 
@@ -221,9 +221,6 @@ def mmvet_judge(
         return ScoreResult(0.0, "", parsed=False, detail={"judge_error": str(exc)})
     return ScoreResult(grading.score, text, detail={"judge": judge.identity, "cached": grading.cached,
                                                     "runs": [verdict.detail() for verdict in grading.runs]})
-
-
-JUDGING_COUNTS = ("graded", "runs", "reasked", "gave_up", "faults", "no_verdict")
 
 
 def tally_judging(details: Iterable[dict[str, Any]]) -> dict[str, int]:
